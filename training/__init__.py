@@ -1,0 +1,1 @@
+"""Drafter training, calibration and acceptance evaluation."""
