@@ -10,13 +10,16 @@ from typing import Any
 
 import torch
 
+from models.dspark import load_drafter
 from models.loader import load_model
+from scheduler import make_policy
 
 from .batcher import ContinuousBatcher
 from .block_manager import KVCacheManager
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
 from .sampler import Sampler
+from .speculative import SpecConfig, verify
 from .sampling_params import SamplingParams
 from .sequence import Sequence, SequenceStatus
 
@@ -70,7 +73,18 @@ class LLMEngine:
         self.model_name = loaded.name
         self.eos_token_ids = set(loaded.eos_token_ids)
         self.max_model_len = min(max_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings)
-        self.runner = ModelRunner(loaded, cfg.block_size, cfg.kv_cache_memory, self.device)
+        self.spec = SpecConfig.from_dict(cfg.speculative_config)
+        drafter = None
+        self.gamma = 0
+        if self.spec.enabled:
+            drafter = load_drafter(self.spec.model, target=loaded.model, dtype=next(loaded.model.parameters()).dtype,
+                                   device=self.device)
+            self.gamma = self.spec.num_speculative_tokens or drafter.config.block_size
+            if self.gamma > drafter.config.block_size:
+                raise ValueError(f"num_speculative_tokens {self.gamma} exceeds the drafter's block_size {drafter.config.block_size}")
+        self.policy = make_policy(self.spec.verification, self.gamma) if drafter is not None else None
+        self.runner = ModelRunner(loaded, cfg.block_size, cfg.kv_cache_memory, self.device, drafter, self.gamma)
+        self.proposer = self.runner.proposer
         self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size)
         self.batcher = ContinuousBatcher(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.sampler = Sampler()
@@ -143,28 +157,111 @@ class LLMEngine:
     # ------------------------------------------------------------ the step
 
     def step(self) -> list[RequestOutput]:
-        batch = self.batcher.schedule()
+        caps = self._draft_caps() if self.proposer is not None else None
+        batch = self.batcher.schedule(caps)
         self.stats.preemptions += len(batch.preempted)
         if not batch:
             return []
         t0 = time.monotonic()
-        logits, sampling = self.runner.execute(batch.entries)
+        drafts, draft_info = self._draft(batch) if caps else ({}, {})
+        logits, sampling = self.runner.execute(batch.entries, drafts)
+        fed: dict[int, int] = {}
         for seq, n in batch.entries:
+            n_fed = min(n, seq.num_pending_tokens) + len(drafts.get(id(seq), ()))
+            fed[id(seq)] = n_fed
             if seq.num_preemptions == 0:
-                self.stats.prompt_tokens += max(0, min(n, seq.num_prompt_tokens - seq.num_computed_tokens))
-            seq.num_computed_tokens += n
-        result = self.sampler(logits, sampling) if sampling else None
+                self.stats.prompt_tokens += max(0, min(n_fed, seq.num_prompt_tokens - seq.num_computed_tokens))
+            seq.num_computed_tokens += n_fed
+        # Plain rows: one batched sample. Drafted rows: verification per request.
+        plain = [(seq, row) for seq, row, nrows in sampling if id(seq) not in drafts]
+        result = self.sampler(logits[[r for _, r in plain]], [s for s, _ in plain]) if plain else None
         now = time.monotonic()
-        self.stats.record_step(batch.num_tokens, len(batch.entries), now - t0)
+        self.stats.record_step(sum(fed.values()), len(batch.entries), now - t0)
+        emitted: dict[int, list[tuple[int, object]]] = {}
+        for i, (seq, _) in enumerate(plain):
+            emitted[id(seq)] = [(result.token_ids[i], result.logprobs[i])]
+        for seq, row, nrows in sampling:
+            if id(seq) in drafts:
+                emitted[id(seq)] = self._verify(seq, logits[row:row + nrows], drafts[id(seq)], draft_info[id(seq)])
         outputs = []
-        for i, seq in enumerate(sampling):
-            lp = result.logprobs[i]
-            self._append_token(seq, result.token_ids[i], lp, now)
+        for seq, n in batch.entries:
+            if seq.block_table.num_tokens > seq.num_computed_tokens:
+                # unused speculative slots and rejected drafts: roll the KV back
+                self.kv.truncate(seq.block_table, seq.num_computed_tokens)
+        for seq, _, _ in sampling:
+            for token, lp in emitted[id(seq)]:
+                if self._append_token(seq, token, lp, now):
+                    break
             outputs.append(self._make_output(seq))
             if seq.finished:
                 self.batcher.remove(seq)
                 self.seqs.pop(seq.request_id, None)
         return outputs
+
+    # ------------------------------------------------------------ speculation
+
+    def _draft_caps(self) -> dict:
+        """Most drafts each decoding request may verify this step (0: none)."""
+        caps = {}
+        for seq in self.batcher.running:
+            if seq.num_pending_tokens != 1:
+                continue
+            p = seq.params
+            cap = self.gamma if p.max_draft_tokens is None else min(self.gamma, p.max_draft_tokens)
+            if p.has_penalties:
+                cap = 0  # penalties depend on every previous token, drafts included
+            if p.max_tokens is not None:
+                cap = min(cap, p.max_tokens - seq.num_output_tokens - 1)
+            cap = min(cap, self.max_model_len - len(seq.token_ids) - 1)
+            if cap > 0:
+                caps[seq] = cap
+        return caps
+
+    def _draft(self, batch) -> tuple[dict, dict]:
+        """One drafter pass for every decoding request with room for drafts; the policy picks lengths."""
+        dec = [(seq, n - 1) for seq, n in batch.entries if seq.num_pending_tokens == 1 and n > 1]
+        if not dec:
+            return {}, {}
+        seqs = [s for s, _ in dec]
+        gamma = max(c for _, c in dec)
+        d = self.proposer.propose(seqs, self.kv.block_size, gamma)
+        lengths = self.policy.plan(d.confidences.tolist(), [c for _, c in dec])
+        st = self.stats
+        drafts, info = {}, {}
+        for i, (seq, l) in enumerate(zip(seqs, lengths)):
+            st.spec_num_proposed_tokens += gamma
+            st.spec_verify_length_counts[l] = st.spec_verify_length_counts.get(l, 0) + 1
+            if l <= 0:
+                continue
+            drafts[id(seq)] = d.tokens[i, :l].tolist()
+            info[id(seq)] = d.probs[i, :l] if d.probs is not None and not seq.params.greedy else None
+        return drafts, info
+
+    def _verify(self, seq: Sequence, logits, draft_tokens: list[int], draft_probs) -> list[tuple[int, object]]:
+        """Accept a prefix of the drafts; returns the emitted (token, logprob) list and fixes the KV length."""
+        a, nxt = verify(seq.params, logits, draft_tokens, draft_probs, seq.generator)
+        st = self.stats
+        st.spec_num_drafts += 1
+        st.spec_num_draft_tokens += len(draft_tokens)
+        st.spec_num_accepted_tokens += a
+        if len(st.spec_accepted_per_pos) < len(draft_tokens):
+            st.spec_accepted_per_pos.extend([0] * (len(draft_tokens) - len(st.spec_accepted_per_pos)))
+        for k in range(a):
+            st.spec_accepted_per_pos[k] += 1
+        # KV holds the anchor and the accepted drafts; `nxt` is the next anchor.
+        seq.num_computed_tokens -= len(draft_tokens) - a
+        tokens = draft_tokens[:a] + [nxt]
+        lps: list = [None] * len(tokens)
+        k = seq.params.logprobs
+        if k is not None:
+            logp = logits[: len(tokens)].float().log_softmax(dim=-1)
+            for j, t in enumerate(tokens):
+                top = {}
+                if k:
+                    vals, idx = logp[j].topk(k)
+                    top = dict(zip(idx.tolist(), vals.tolist()))
+                lps[j] = (float(logp[j, t]), top)
+        return list(zip(tokens, lps))
 
     def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> bool:
         """Append one sampled token and apply every stop rule; True when it finished the request."""

@@ -10,6 +10,7 @@ from models.attention import AttentionMetadata
 from models.loader import LoadedModel
 
 from .sequence import Sequence
+from .speculative import DraftProposer
 
 log = logging.getLogger(__name__)
 
@@ -17,14 +18,18 @@ GiB = 1 << 30
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, block_size: int, kv_cache_memory: int | None, device: torch.device):
+    def __init__(self, loaded: LoadedModel, block_size: int, kv_cache_memory: int | None, device: torch.device,
+                 drafter=None, gamma: int = 0):
         self.model = loaded.model
         self.config = loaded.config
         self.device = device
         self.block_size = block_size
         self.dtype = next(self.model.parameters()).dtype
         cfg = self.config
-        bytes_per_block = cfg.kv_bytes_per_token(self.dtype.itemsize) * block_size
+        per_token = cfg.kv_bytes_per_token(self.dtype.itemsize)
+        if drafter is not None:  # the drafter's context pool shares the block tables
+            per_token += DraftProposer.bytes_per_token(drafter, self.dtype)
+        bytes_per_block = per_token * block_size
         if kv_cache_memory is None:
             kv_cache_memory = self._default_kv_memory()
         self.num_blocks = int(kv_cache_memory // bytes_per_block)
@@ -38,6 +43,9 @@ class ModelRunner:
             dtype=self.dtype, device=device,
         )
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(cfg.num_layers)]
+        self.proposer = (
+            DraftProposer(drafter, self.num_blocks * block_size, self.dtype, device, gamma) if drafter is not None else None
+        )
         log.info(
             "KV cache: %d blocks x %d tokens (%.2f GiB, %s)",
             self.num_blocks, block_size, self.num_blocks * bytes_per_block / GiB, self.dtype,
@@ -49,23 +57,42 @@ class ModelRunner:
             return int(free * 0.85)
         return 1 * GiB
 
-    def execute(self, entries: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run one forward over the batch; returns logits of the sequences that sample next."""
+    def execute(
+        self, entries: list[tuple[Sequence, int]], drafts: dict[int, list[int]] | None = None
+    ) -> tuple[torch.Tensor, list[tuple[Sequence, int, int]]]:
+        """Run ONE forward over the batch.
+
+        Each entry feeds its pending tokens (capped at n); a sequence with
+        drafts (keyed by id(seq)) feeds its anchor followed by them and gets a
+        logits row per fed token. Returns the logits and, for every sequence
+        that samples, (seq, first logits row, number of rows).
+        """
+        drafts = drafts or {}
         ids: list[int] = []
         qlens, clens, tables = [], [], []
         logits_rows: list[int] = []
-        sampling: list[Sequence] = []
+        sampling: list[tuple[Sequence, int, int]] = []
         for seq, n in entries:
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + n])
-            qlens.append(n)
-            clens.append(start + n)
+            extra = drafts.get(id(seq))
+            toks = seq.token_ids[start:start + min(n, seq.num_pending_tokens)]
+            if extra:
+                toks = toks + extra
+                sampling.append((seq, len(logits_rows), len(toks)))
+                logits_rows.extend(range(len(ids), len(ids) + len(toks)))
+            elif start + len(toks) == len(seq.token_ids):
+                sampling.append((seq, len(logits_rows), 1))
+                logits_rows.append(len(ids) + len(toks) - 1)
+            ids.extend(toks)
+            qlens.append(len(toks))
+            clens.append(start + len(toks))
             tables.append(seq.block_table.blocks)
-            if start + n == len(seq.token_ids):
-                logits_rows.append(len(ids) - 1)
-                sampling.append(seq)
         meta = AttentionMetadata(qlens, clens, tables, self.block_size, device=self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
-        logits, _ = self.model(input_ids, meta.positions(), meta, self.kv_caches, logits_indices=rows)
+        positions = meta.positions()
+        aux_ids = self.proposer.layer_ids if self.proposer is not None else ()
+        logits, aux = self.model(input_ids, positions, meta, self.kv_caches, logits_indices=rows, aux_layer_ids=aux_ids)
+        if self.proposer is not None:
+            self.proposer.write_context(aux, positions, meta.slot_mapping())
         return logits, sampling

@@ -79,3 +79,24 @@ def tiny_llama_dir(tmp_path_factory, default_tokenizer):
     make_tiny_model(path, "llama", default_tokenizer, num_hidden_layers=2, hidden_size=32,
                     intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
     return str(path)
+
+
+def make_random_drafter(target_dir_or_model, path, seed: int = 0, **kw):
+    """Save a random-weight DSpark drafter (DeepSpec format) shaped for a target."""
+    from models.dspark import DSparkDrafter, random_drafter_config, save_drafter
+    from models.loader import load_model
+
+    target = target_dir_or_model
+    if isinstance(target, str):
+        target = load_model(target, dtype="float32").model
+    torch.manual_seed(seed)
+    cfg = random_drafter_config(target.config, **kw)
+    drafter = DSparkDrafter(cfg)
+    drafter.attach_target(target)
+    save_drafter(drafter, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_drafter_dir(tmp_path_factory, tiny_llama_dir):
+    return make_random_drafter(tiny_llama_dir, tmp_path_factory.mktemp("tiny-drafter"), block_size=7, markov_rank=16)

@@ -1,0 +1,410 @@
+"""The DSpark drafter: parallel backbone with KV injection + sequential (Markov) head + confidence head.
+
+REFERENCE.md section 2. For a request whose last sampled token (the anchor)
+sits at position p, the backbone runs one block of `gamma` tokens,
+[anchor, mask, ..., mask] at positions p..p+gamma-1, through N Qwen3-style
+layers. Each layer's keys/values are its projections of the cached context
+features (target hidden states of positions < p, `fc` + `hidden_norm`)
+followed by its projections of the block; the block attends to all of them,
+bidirectionally within the block. The sequential stage then samples x1..xg
+left to right from softmax(U_k + B_k(x_{k-1})), and the confidence head scores
+each position. Embedding and lm_head are the target's, shared, never copied.
+
+Checkpoints use the DeepSpec `Qwen3DSparkModel` format (REFERENCE.md
+section 6), so released drafters load and ours can be loaded elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .llama import RMSNorm, apply_rope
+
+MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
+
+
+@dataclass
+class DSparkConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int  # draft layers
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    block_size: int  # gamma: tokens drafted per round
+    mask_token_id: int
+    target_layer_ids: list[int]
+    num_target_layers: int
+    markov_rank: int = 256
+    markov_head_type: str = "vanilla"  # vanilla | gated | rnn | none
+    enable_markov_head: bool = True
+    enable_confidence_head: bool = True
+    confidence_head_with_markov: bool = True
+    attention_bias: bool = False
+    num_anchors: int = 512
+    rope_theta: float = 1000000.0
+    rope_parameters: dict | None = None
+    max_position_embeddings: int = 32768
+    extra: dict = field(default_factory=dict)  # every other field of config.json, written back on save
+
+    _OWN = (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "vocab_size", "rms_norm_eps", "block_size", "mask_token_id", "target_layer_ids",
+        "num_target_layers", "markov_rank", "markov_head_type", "enable_confidence_head",
+        "confidence_head_with_markov", "attention_bias", "num_anchors", "max_position_embeddings",
+    )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DSparkConfig":
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "block_size", "mask_token_id", "target_layer_ids") if k not in d]
+        if missing:
+            raise ValueError(f"drafter config.json lacks {missing}")
+        heads = d["num_attention_heads"]
+        rope_params = d.get("rope_parameters") or d.get("rope_scaling")
+        theta = d.get("rope_theta") or (rope_params or {}).get("rope_theta") or 1000000.0
+        head_type = d.get("markov_head_type", "vanilla")
+        rank = d.get("markov_rank", 256)
+        return cls(
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads", heads),
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            vocab_size=d["vocab_size"],
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            block_size=d["block_size"],
+            mask_token_id=d["mask_token_id"],
+            target_layer_ids=list(d["target_layer_ids"]),
+            num_target_layers=d.get("num_target_layers", 0),
+            markov_rank=rank,
+            markov_head_type=head_type,
+            enable_markov_head=bool(rank) and head_type != "none",
+            enable_confidence_head=d.get("enable_confidence_head", True),
+            confidence_head_with_markov=d.get("confidence_head_with_markov", True),
+            attention_bias=d.get("attention_bias", False),
+            num_anchors=d.get("num_anchors", 512),
+            rope_theta=float(theta),
+            rope_parameters=rope_params,
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            extra={k: v for k, v in d.items() if k not in cls._OWN},
+        )
+
+    def to_dict(self) -> dict:
+        d = dict(self.extra)
+        for k in self._OWN:
+            d[k] = getattr(self, k)
+        d["markov_rank"] = self.markov_rank if self.enable_markov_head else 0
+        d.setdefault("architectures", ["Qwen3DSparkModel"])
+        d.setdefault("model_type", "qwen3")
+        d["tie_word_embeddings"] = False
+        d["rope_theta"] = self.rope_theta
+        if self.rope_parameters:
+            d["rope_parameters"] = self.rope_parameters
+        return d
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, cfg: DSparkConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        d = cfg.hidden_size
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.scale = self.head_dim**-0.5
+
+    def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (normed, rotated) and values of `x` [N, d] -> [N, Hkv, D] each."""
+        n = x.shape[0]
+        k = self.k_norm(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        return apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, ctx_k, ctx_v, ctx_mask):
+        """x: [R, g, d] block; ctx_k/v: [R, C, Hkv, D]; ctx_mask: [R, C] valid context entries."""
+        r, g, d = x.shape
+        flat = x.reshape(r * g, d)
+        q = self.q_norm(self.q_proj(flat).view(r * g, self.num_heads, self.head_dim))
+        q = apply_rope(q, cos, sin).view(r, g, self.num_heads, self.head_dim)
+        k, v = self.kv(flat, cos, sin)
+        k = torch.cat([ctx_k, k.view(r, g, self.num_kv_heads, self.head_dim)], dim=1)
+        v = torch.cat([ctx_v, v.view(r, g, self.num_kv_heads, self.head_dim)], dim=1)
+        mask = torch.cat([ctx_mask, ctx_mask.new_ones(r, g)], dim=1)  # the block sees itself whole
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask[:, None, None, :], scale=self.scale,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(r, g, self.num_heads * self.head_dim))
+
+
+class DraftMLP(nn.Module):
+    def __init__(self, cfg: DSparkConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, cfg: DSparkConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = DraftAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = DraftMLP(cfg)
+
+    def forward(self, h, cos, sin, ctx_k, ctx_v, ctx_mask):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx_k, ctx_v, ctx_mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class MarkovHead(nn.Module):
+    """B_k: a bias on the draft logits from the previous token (and, for rnn, a running state)."""
+
+    def __init__(self, cfg: DSparkConfig):
+        super().__init__()
+        r, d, v = cfg.markov_rank, cfg.hidden_size, cfg.vocab_size
+        self.kind = cfg.markov_head_type
+        if self.kind not in MARKOV_HEAD_TYPES:
+            raise ValueError(f"markov_head_type must be one of {MARKOV_HEAD_TYPES}, got {self.kind!r}")
+        self.rank = r
+        self.markov_w1 = nn.Embedding(v, r)
+        self.markov_w2 = nn.Linear(r, v, bias=False)
+        if self.kind == "gated":
+            self.gate_proj = nn.Linear(d + r, r, bias=True)
+        if self.kind == "rnn":
+            self.joint_proj = nn.Linear(2 * r + d, 3 * r, bias=True)
+
+    def step(self, prev_emb: torch.Tensor, h: torch.Tensor, state: torch.Tensor | None):
+        """One position: prev_emb = W1[x_{k-1}] [..., r], h = h_k [..., d] -> (B_k [..., V], new state)."""
+        if self.kind == "vanilla":
+            return self.markov_w2(prev_emb), state
+        if self.kind == "gated":
+            gate = torch.sigmoid(self.gate_proj(torch.cat([h, prev_emb], dim=-1)))
+            return self.markov_w2(gate * prev_emb), state
+        if state is None:
+            state = prev_emb.new_zeros(prev_emb.shape)
+        g, c, o = self.joint_proj(torch.cat([state, prev_emb, h], dim=-1)).chunk(3, dim=-1)
+        sg = torch.sigmoid(g)
+        state = sg * state + (1 - sg) * torch.tanh(c)
+        return self.markov_w2(torch.tanh(o)), state
+
+
+class ConfidenceHead(nn.Module):
+    def __init__(self, cfg: DSparkConfig):
+        super().__init__()
+        self.with_markov = cfg.confidence_head_with_markov and cfg.enable_markov_head
+        self.proj = nn.Linear(cfg.hidden_size + (cfg.markov_rank if self.with_markov else 0), 1, bias=True)
+
+    def forward(self, h: torch.Tensor, prev_emb: torch.Tensor | None) -> torch.Tensor:
+        """Confidence logit (before the sigmoid) of position k."""
+        x = torch.cat([h, prev_emb], dim=-1) if self.with_markov else h
+        return self.proj(x).squeeze(-1)
+
+
+def check_compatible(cfg: DSparkConfig, tc) -> None:
+    """A drafter/target mismatch is a start-up error with every problem named."""
+    problems = []
+    if cfg.hidden_size != tc.hidden_size:
+        problems.append(f"hidden size {cfg.hidden_size} vs target {tc.hidden_size}")
+    if cfg.vocab_size != tc.vocab_size:
+        problems.append(f"vocab size {cfg.vocab_size} vs target {tc.vocab_size}")
+    if cfg.head_dim != tc.head_dim:
+        problems.append(f"head_dim {cfg.head_dim} vs target {tc.head_dim}")
+    bad_ids = [i for i in cfg.target_layer_ids if not -1 <= i < tc.num_layers]
+    if bad_ids:
+        problems.append(f"target_layer_ids {bad_ids} outside the target's {tc.num_layers} layers")
+    if cfg.num_target_layers and cfg.num_target_layers != tc.num_layers:
+        problems.append(f"num_target_layers {cfg.num_target_layers} vs target {tc.num_layers}")
+    if not 0 <= cfg.mask_token_id < tc.vocab_size:
+        problems.append(f"mask_token_id {cfg.mask_token_id} outside the vocabulary")
+    if problems:
+        raise ValueError("drafter does not match the target model: " + "; ".join(problems))
+
+
+class DSparkDrafter(nn.Module):
+    def __init__(self, cfg: DSparkConfig):
+        super().__init__()
+        self.config = cfg
+        d = cfg.hidden_size
+        m = len(cfg.target_layer_ids)
+        self.fc = nn.Linear(m * d, d, bias=False)
+        self.hidden_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.markov_head = MarkovHead(cfg) if cfg.enable_markov_head else None
+        self.confidence_head = ConfidenceHead(cfg) if cfg.enable_confidence_head else None
+        # The target's embedding, lm_head and RoPE tables, attached (not owned) by `attach_target`.
+        object.__setattr__(self, "_embed", None)
+        object.__setattr__(self, "_lm_head_weight", None)
+        object.__setattr__(self, "rotary", None)
+
+    # ---------------------------------------------------------------- wiring
+
+    def attach_target(self, target) -> None:
+        """Share the target's embedding, lm_head and RoPE tables; check that the pair fits."""
+        check_compatible(self.config, target.config)
+        # Plain attributes, not submodules: the target owns them (no copy, no second state_dict entry).
+        object.__setattr__(self, "_embed", target.embed_tokens)
+        object.__setattr__(self, "_lm_head_weight", target.lm_head_weight)
+        # DeepSpec drafters copy the target's config, RoPE included: share its tables.
+        object.__setattr__(self, "rotary", target.rotary)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._embed(ids)
+
+    def base_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self._lm_head_weight)
+
+    # ---------------------------------------------------------------- compute
+
+    def context_features(self, aux_hidden: list[torch.Tensor]) -> torch.Tensor:
+        """H_ctx = hidden_norm(fc([H(l1); ...; H(lm)])) for target positions [N, d]."""
+        return self.hidden_norm(self.fc(torch.cat(aux_hidden, dim=-1)))
+
+    def context_kv(self, h_ctx: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per draft layer, the K/V of context positions (what the drafter's pool caches)."""
+        cos, sin = self.rotary(positions, h_ctx.dtype)
+        return [layer.self_attn.kv(h_ctx, cos, sin) for layer in self.layers]
+
+    def backbone(
+        self,
+        anchors: torch.Tensor,  # [R] token ids
+        anchor_pos: torch.Tensor,  # [R] positions
+        ctx_kv: list[tuple[torch.Tensor, torch.Tensor]],  # per layer [R, C, Hkv, D]
+        ctx_mask: torch.Tensor,  # [R, C] bool
+        gamma: int | None = None,
+    ) -> torch.Tensor:
+        """The block's hidden states h_1..h_gamma after the final norm: [R, gamma, d]."""
+        g = gamma or self.config.block_size
+        r = anchors.shape[0]
+        ids = torch.full((r, g), self.config.mask_token_id, dtype=torch.long, device=anchors.device)
+        ids[:, 0] = anchors
+        h = self.embed(ids)
+        pos = anchor_pos[:, None] + torch.arange(g, device=anchors.device)[None, :]
+        cos, sin = self.rotary(pos.reshape(-1), h.dtype)
+        for layer, (ck, cv) in zip(self.layers, ctx_kv):
+            h = layer(h, cos, sin, ck, cv, ctx_mask)
+        return self.norm(h)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], target=None) -> None:
+        """DeepSpec tensor names in; copies of the target's embedding / lm_head are skipped
+        (checked against the target when given). Unknown or missing tensors are errors."""
+        params = dict(self.named_parameters())
+        loaded, unknown = set(), []
+        for name, t in weights:
+            if name.startswith("model."):
+                name = name[len("model."):]
+            if name in ("embed_tokens.weight", "lm_head.weight"):
+                if target is not None:
+                    ref = target.embed_tokens.weight if name == "embed_tokens.weight" else target.lm_head_weight
+                    if tuple(ref.shape) != tuple(t.shape):
+                        raise ValueError(f"drafter {name} has shape {tuple(t.shape)}, target's is {tuple(ref.shape)}")
+                continue  # shared with the target, never duplicated
+            if name not in params:
+                unknown.append(name)
+                continue
+            p = params[name]
+            if tuple(p.shape) != tuple(t.shape):
+                raise ValueError(f"shape mismatch for drafter tensor {name}: checkpoint {tuple(t.shape)} vs model {tuple(p.shape)}")
+            with torch.no_grad():
+                p.copy_(t)
+            loaded.add(name)
+        if unknown:
+            raise ValueError(f"drafter checkpoint has unknown tensors: {sorted(unknown)[:8]}")
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"drafter checkpoint lacks tensors: {missing[:8]}")
+
+
+def load_drafter(path: str | Path, target=None, dtype: torch.dtype | None = None, device="cpu") -> DSparkDrafter:
+    """Load a DeepSpec-format drafter directory (config.json + model.safetensors)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"no config.json in drafter directory {path}")
+    cfg = DSparkConfig.from_dict(json.loads(cfg_file.read_text()))
+    if target is not None:
+        check_compatible(cfg, target.config)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in drafter directory {path}")
+    with torch.device("meta"):
+        drafter = DSparkDrafter(cfg)
+    drafter = drafter.to_empty(device="cpu")
+
+    def tensors():
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    yield k, sf.get_tensor(k)
+
+    drafter.load_weights(tensors(), target)
+    drafter = drafter.to(device=device, dtype=dtype or torch.float32).eval()
+    if target is not None:
+        drafter.attach_target(target)
+    return drafter
+
+
+def save_drafter(drafter: DSparkDrafter, path: str | Path, include_shared: bool = False) -> None:
+    """Write config.json + model.safetensors in the DeepSpec format.
+
+    `include_shared` also writes the target's embedding and lm_head (as released
+    DeepSpec checkpoints do); by default they are left out to keep files small."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(drafter.config.to_dict(), indent=2) + "\n")
+    sd = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
+    if include_shared:
+        sd["embed_tokens.weight"] = drafter._embed.weight.detach().cpu().contiguous()
+        sd["lm_head.weight"] = drafter._lm_head_weight.detach().cpu().clone().contiguous()
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def random_drafter_config(target_cfg, num_layers: int = 1, block_size: int = 7, target_layer_ids=None,
+                          markov_rank: int = 64, markov_head_type: str = "vanilla", mask_token_id: int | None = None,
+                          **overrides) -> DSparkConfig:
+    """A drafter config shaped for `target_cfg` (a models.ModelConfig), for tests and training."""
+    n = target_cfg.num_layers
+    if target_layer_ids is not None:
+        ids = list(target_layer_ids)
+    elif n > 3:  # spread over the depth, never the last layer (its output feeds the final norm)
+        ids = sorted({max(1, n // 8), n // 3, (2 * n) // 3, n - 2})
+    else:
+        ids = list(range(n - 1)) or [-1]
+    d = dict(
+        hidden_size=target_cfg.hidden_size, intermediate_size=target_cfg.intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=target_cfg.num_heads,
+        num_key_value_heads=target_cfg.num_kv_heads, head_dim=target_cfg.head_dim,
+        vocab_size=target_cfg.vocab_size, rms_norm_eps=target_cfg.rms_norm_eps, block_size=block_size,
+        mask_token_id=mask_token_id if mask_token_id is not None else target_cfg.vocab_size - 1,
+        target_layer_ids=list(ids), num_target_layers=n, markov_rank=markov_rank,
+        markov_head_type=markov_head_type, enable_confidence_head=True, confidence_head_with_markov=True,
+        max_position_embeddings=target_cfg.max_position_embeddings,
+    )
+    d.update(overrides)
+    return DSparkConfig.from_dict(d)

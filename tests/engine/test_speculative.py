@@ -1,0 +1,167 @@
+"""Speculative decoding is lossless: greedy token-identical, oracle drafters, KV consistency."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.speculative import Drafts
+
+
+def _engine(model, drafter=None, gamma=7, **kw):
+    spec = {"method": "dspark", "model": drafter, "num_speculative_tokens": gamma} if drafter else None
+    cfg = dict(model=model, dtype="float32", num_threads=1, seed=0, speculative_config=spec)
+    cfg.update(kw)
+    return LLMEngine(EngineConfig(**cfg))
+
+
+def _run(engine, requests, arrivals=None):
+    """requests: list of (id, ids, params); arrivals: {step index: [request indices]} (the rest at once)."""
+    arrivals = arrivals or {0: list(range(len(requests)))}
+    done, step = {}, 0
+    pending = dict(arrivals)
+    while pending or engine.has_unfinished_requests():
+        for i in pending.pop(step, []):
+            rid, ids, p = requests[i]
+            engine.add_request(rid, params=p, prompt_token_ids=ids)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        step += 1
+    return done
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_llama_dir, tiny_drafter_dir):
+    return tiny_llama_dir, tiny_drafter_dir
+
+
+def _reqs(n=6, max_tokens=40, **kw):
+    return [(f"q{i}", list(range(20 + 3 * i, 40 + 11 * i)), SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw))
+            for i in range(n)]
+
+
+def test_oracle_drafter_accepts_everything(tiny_pair, monkeypatch):
+    model, drafter = tiny_pair
+    reqs = _reqs()
+    ref = _run(_engine(model), reqs)
+    eng = _engine(model, drafter, gamma=4)
+    by_prompt = {tuple(ids): ref[rid].outputs[0].token_ids for rid, ids, _ in reqs}
+
+    def oracle(seqs, block_size, gamma):
+        toks = []
+        for s in seqs:
+            cont = by_prompt[tuple(s.prompt_token_ids)]
+            k = s.num_output_tokens  # the anchor is output k-1; drafts are outputs k..k+gamma-1
+            row = cont[k:k + gamma]
+            toks.append(row + [0] * (gamma - len(row)))
+        return Drafts(torch.tensor(toks), torch.ones(len(seqs), gamma), None)
+
+    monkeypatch.setattr(eng.proposer, "propose", oracle)
+    got = _run(eng, reqs)
+    for rid, _, _ in reqs:
+        assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
+    st = eng.stats
+    # every round accepts all it verified: tau = l + 1, and l = gamma except where max_tokens caps it
+    assert st.spec_num_accepted_tokens == st.spec_num_draft_tokens
+    assert st.spec_verify_length_counts.get(4, 0) >= 6 * 6
+    assert eng.kv.num_used_blocks == 0
+
+
+def test_wrong_drafter_accepts_nothing_and_changes_nothing(tiny_pair, monkeypatch):
+    model, drafter = tiny_pair
+    reqs = _reqs()
+    ref = _run(_engine(model), reqs)
+    eng = _engine(model, drafter, gamma=4)
+    by_prompt = {tuple(ids): ref[rid].outputs[0].token_ids for rid, ids, _ in reqs}
+
+    def wrong(seqs, block_size, gamma):
+        toks = []
+        for s in seqs:
+            cont = by_prompt[tuple(s.prompt_token_ids)] + [0] * 8
+            k = s.num_output_tokens
+            toks.append([(t + 1) % 1000 for t in cont[k:k + gamma]])
+        return Drafts(torch.tensor(toks), torch.ones(len(seqs), gamma), None)
+
+    monkeypatch.setattr(eng.proposer, "propose", wrong)
+    got = _run(eng, reqs)
+    for rid, _, _ in reqs:
+        assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
+    st = eng.stats
+    assert st.spec_num_drafts > 0 and st.spec_num_accepted_tokens == 0  # tau = 1 every round
+
+
+def test_kv_and_drafter_context_equal_a_fresh_prefill(tiny_pair):
+    model, drafter = tiny_pair
+    eng = _engine(model, drafter, gamma=7)
+    eng.add_request("k", params=SamplingParams(temperature=0, max_tokens=200, ignore_eos=True),
+                    prompt_token_ids=list(range(30, 75)))
+    for _ in range(25):  # many rounds, with rejections (random drafter)
+        eng.step()
+    seq = eng.seqs["k"]
+    assert eng.stats.spec_num_draft_tokens > eng.stats.spec_num_accepted_tokens  # rejections happened
+    n = seq.num_computed_tokens
+    assert seq.block_table.num_tokens == n
+
+    def slots(s, count, bs):
+        return torch.tensor([s.block_table.blocks[p // bs] * bs + p % bs for p in range(count)])
+
+    bs = eng.kv.block_size
+    got_kv = eng.runner.kv[:, :, slots(seq, n, bs)]
+    got_ctx = eng.runner.proposer.pool[:, :, slots(seq, n, bs)]
+    fresh = _engine(model, drafter, gamma=7)
+    fresh.add_request("f", params=SamplingParams(temperature=0, max_tokens=5), prompt_token_ids=seq.token_ids[:n])
+    fresh.step()
+    fseq = fresh.seqs["f"]
+    want_kv = fresh.runner.kv[:, :, slots(fseq, n, bs)]
+    want_ctx = fresh.runner.proposer.pool[:, :, slots(fseq, n, bs)]
+    torch.testing.assert_close(got_kv, want_kv, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_ctx, want_ctx, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_with_random_drafter_is_token_identical_tiny(tiny_pair):
+    model, drafter = tiny_pair
+    reqs = _reqs(n=8, max_tokens=64)
+    ref = _run(_engine(model), reqs)
+    got = _run(_engine(model, drafter, gamma=7), reqs, arrivals={0: [0, 1, 2], 3: [3, 4], 9: [5, 6, 7]})
+    for rid, _, _ in reqs:
+        assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
+
+
+def test_stop_inside_an_accepted_run_ends_at_the_right_token(tiny_pair, monkeypatch):
+    model, drafter = tiny_pair
+    reqs = _reqs(n=1, max_tokens=30)
+    ref = _run(_engine(model), reqs)["q0"].outputs[0].token_ids
+    stop_tok = ref[10]
+    first = ref.index(stop_tok)
+    p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop_token_ids=[stop_tok])
+    eng = _engine(model, drafter, gamma=7)
+
+    def oracle(seqs, block_size, gamma):
+        s = seqs[0]
+        k = s.num_output_tokens
+        row = (ref + [0] * 10)[k:k + gamma]
+        return Drafts(torch.tensor([row]), torch.ones(1, gamma), None)
+
+    monkeypatch.setattr(eng.proposer, "propose", oracle)
+    out = _run(eng, [("q0", reqs[0][1], p)])["q0"].outputs[0]
+    assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop"
+    assert eng.kv.num_used_blocks == 0
+
+
+def test_speculative_config_errors(tiny_llama_dir, tmp_path):
+    from conftest import make_random_drafter
+
+    with pytest.raises(ValueError, match="unknown speculative_config"):
+        _engine(tiny_llama_dir, speculative_config={"method": "dspark", "model": "x", "bogus": 1})
+    import json
+
+    bad = make_random_drafter(tiny_llama_dir, tmp_path / "bad")
+    cfg = json.loads((tmp_path / "bad" / "config.json").read_text())
+    cfg["target_layer_ids"] = [0, 7]  # the tiny target has 2 layers
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not match the target"):
+        _engine(tiny_llama_dir, bad)
+    none = _engine(tiny_llama_dir, speculative_config={"method": "none"})
+    assert none.proposer is None
