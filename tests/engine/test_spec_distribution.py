@@ -1,0 +1,137 @@
+"""Sampled output with speculation follows the target's own distribution (toy vocabulary, chi-square).
+
+A toy target (8-token vocabulary, peaky random weights) and a random drafter
+that disagrees with it strongly. Thousands of seeded requests generate a few
+tokens each; the empirical joint distribution of output tokens 2 and 3 (the
+first ones produced by verification rounds) is compared with the exact one,
+computed by enumerating every prefix through the target.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import engine.engine as engine_mod
+from conftest import make_random_drafter, make_tiny_model
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.sampler import warp_probs
+from models.attention import AttentionMetadata
+
+VOCAB = 8
+PROMPT = [3, 5, 2, 7, 4]
+N = 2500
+
+
+def _toy_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("toy-target")
+    make_tiny_model(path, "llama", _toy_tokenizer(), vocab_size=VOCAB, num_hidden_layers=2, hidden_size=32,
+                    intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, eos_token_id=1)
+    # Peaky but not degenerate distributions: scale the final norm.
+    f = next(path.glob("*.safetensors"))
+    sd = load_file(str(f))
+    sd["model.norm.weight"] = sd["model.norm.weight"] * 6.0
+    save_file(sd, str(f), metadata={"format": "pt"})
+    dpath = tmp_path_factory.mktemp("toy-drafter")
+    make_random_drafter(str(path), dpath, seed=5, block_size=7, markov_rank=8, mask_token_id=0)
+    sd = load_file(str(dpath / "model.safetensors"))
+    sd["norm.weight"] = torch.full_like(sd["norm.weight"], 8.0)
+    sd["markov_head.markov_w2.weight"] = sd["markov_head.markov_w2.weight"] * 4.0
+    save_file(sd, str(dpath / "model.safetensors"), metadata={"format": "pt"})
+    return str(path), str(dpath)
+
+
+def _exact_joint(engine, top_p):
+    """P(t2, t3) under the target's own (warped) sampling, by enumerating t1, t2."""
+    model = engine.runner.model
+    cfg = model.config
+
+    def dist(prefixes):
+        n = len(prefixes)
+        L = len(prefixes[0])
+        blocks_per = -(-L // 16)
+        pool = [(torch.zeros(n * blocks_per * 16, cfg.num_kv_heads, cfg.head_dim),
+                 torch.zeros(n * blocks_per * 16, cfg.num_kv_heads, cfg.head_dim)) for _ in range(cfg.num_layers)]
+        tables = [list(range(i * blocks_per, (i + 1) * blocks_per)) for i in range(n)]
+        meta = AttentionMetadata([L] * n, [L] * n, tables, 16)
+        ids = torch.tensor([t for p in prefixes for t in p])
+        rows = torch.arange(n) * L + L - 1
+        logits, _ = model(ids, meta.positions(), meta, pool, logits_indices=rows)
+        one = torch.ones(n)
+        return warp_probs(logits.float(), one, torch.zeros(n, dtype=torch.long), one * top_p, one * 0)
+
+    p1 = dist([PROMPT])[0]
+    p2 = dist([PROMPT + [a] for a in range(VOCAB)])  # [a, b]
+    pairs = list(itertools.product(range(VOCAB), range(VOCAB)))
+    p3 = dist([PROMPT + [a, b] for a, b in pairs]).view(VOCAB, VOCAB, VOCAB)  # [a, b, c]
+    joint = torch.einsum("a,ab,abc->bc", p1, p2, p3)
+    return joint.flatten().double()
+
+
+def _empirical(engine, gamma, top_p):
+    params = [SamplingParams(temperature=1.0, top_p=top_p, seed=i, max_tokens=gamma + 2, ignore_eos=True) for i in range(N)]
+    counts = torch.zeros(VOCAB * VOCAB, dtype=torch.float64)
+    for i, p in enumerate(params):
+        engine.add_request(f"s{i}", params=p, prompt_token_ids=PROMPT)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                t = out.outputs[0].token_ids
+                counts[t[1] * VOCAB + t[2]] += 1
+    return counts
+
+
+def _pvalue(counts, probs):
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
+
+
+def _engine(toy, gamma):
+    target, drafter = toy
+    return LLMEngine(EngineConfig(model=target, dtype="float32", num_threads=1, max_num_seqs=256,
+                                  max_num_batched_tokens=4096, speculative_config={
+                                      "method": "dspark", "model": drafter, "num_speculative_tokens": gamma}))
+
+
+@pytest.mark.parametrize("gamma,top_p", [(1, 1.0), (3, 1.0), (7, 1.0), (7, 0.8)])
+def test_sampled_output_matches_target_distribution(toy, gamma, top_p):
+    eng = _engine(toy, gamma)
+    counts = _empirical(eng, gamma, top_p)
+    st = eng.stats
+    # the drafter disagrees strongly: many rejections, yet some acceptances
+    assert 0 < st.spec_num_accepted_tokens < 0.8 * st.spec_num_draft_tokens
+    pv = _pvalue(counts, _exact_joint(eng, top_p))
+    assert pv > 0.01
+
+
+def test_the_check_has_power_accepting_every_draft_is_caught(toy, monkeypatch):
+    """A verifier that accepts every draft outputs the drafter's distribution: the test must see it."""
+
+    def accept_all(params, logits, draft_tokens, draft_probs, generator):
+        return len(draft_tokens), int(torch.multinomial(torch.softmax(logits[-1].float(), -1), 1, generator=generator))
+
+    monkeypatch.setattr(engine_mod, "verify", accept_all)
+    eng = _engine(toy, 3)
+    counts = _empirical(eng, 3, 1.0)
+    assert _pvalue(counts, _exact_joint(eng, 1.0)) < 1e-3
