@@ -165,3 +165,17 @@ def test_speculative_config_errors(tiny_llama_dir, tmp_path):
         _engine(tiny_llama_dir, bad)
     none = _engine(tiny_llama_dir, speculative_config={"method": "none"})
     assert none.proposer is None
+
+
+@pytest.mark.parametrize("head_type", ["gated", "rnn"])
+def test_every_sequential_head_variant_runs_losslessly(tiny_llama_dir, tmp_path, head_type):
+    from conftest import make_random_drafter
+
+    drafter = make_random_drafter(tiny_llama_dir, tmp_path / head_type, markov_head_type=head_type, markov_rank=8)
+    reqs = _reqs(n=3, max_tokens=24)
+    ref = _run(_engine(tiny_llama_dir), reqs)
+    eng = _engine(tiny_llama_dir, drafter, gamma=5)
+    got = _run(eng, reqs)
+    for rid, _, _ in reqs:
+        assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
+    assert eng.stats.spec_num_drafts > 0
