@@ -50,6 +50,10 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self.model_name = self.engine.model_name
         self.max_model_len = self.engine.max_model_len
+        self.vocab_size = self.engine.model_config.vocab_size
+        self.dtype = str(self.engine.runner.dtype).replace("torch.", "")
+        self.device = str(self.engine.device)
+        self.speculative_method = self.engine.spec.method
         # Bound on requests waiting for admission (None: 4x max_num_seqs).
         self.max_waiting = max_waiting if max_waiting is not None else 4 * self.engine.config.max_num_seqs
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -86,7 +90,9 @@ class AsyncEngine:
             prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         self.validate_prompt(prompt_token_ids)
         with self._lock:
-            if self.num_waiting + self._pending >= self.max_waiting:
+            # Requests beyond the free running slots wait; bound those.
+            free_slots = max(0, self.engine.config.max_num_seqs - self.engine.num_running)
+            if self.num_waiting + self._pending - free_slots >= self.max_waiting:
                 raise QueueFullError(f"{self.max_waiting} requests are already waiting")
             self._pending += 1
         loop = asyncio.get_running_loop()
@@ -109,16 +115,8 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
-        """Raise RequestError for a prompt the engine would refuse (checked before queueing)."""
-        eng = self.engine
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise RequestError("the prompt is empty", "prompt")
-        if n >= eng.max_model_len:
-            raise RequestError(
-                f"the prompt has {n} tokens; this model's maximum context length is {eng.max_model_len}",
-                "messages", "context_length_exceeded",
-            )
+        """Raise RequestError for a prompt the engine would refuse, before it is queued."""
+        self.engine.validate_prompt(prompt_token_ids)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -177,8 +175,11 @@ class AsyncEngine:
                     self._deliver(cmd.request_id, e, True)
             else:
                 _, rid = cmd
-                if eng.abort_request(rid):
+                seq = eng.abort_request(rid)
+                if seq is not None:
                     log.debug("aborted %s", rid)
+                    # whoever still listens gets a final output with finish_reason "abort"
+                    self._deliver(rid, eng._make_output(seq), True)
                 self._streams.pop(rid, None)
 
     def _run(self) -> None:

@@ -112,6 +112,14 @@ class LLMEngine:
             if prompt is None:
                 raise RequestError("a prompt or prompt_token_ids is required", "prompt")
             prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        self.validate_prompt(prompt_token_ids)
+        seq = Sequence(request_id, prompt_token_ids, params, self.tokenizer, prompt, arrival_time, self.device)
+        self.seqs[request_id] = seq
+        self.batcher.add(seq)
+        return seq
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        """Raise RequestError for a prompt this engine cannot take."""
         if not prompt_token_ids:
             raise RequestError("the prompt is empty", "prompt")
         vocab = self.model_config.vocab_size
@@ -127,21 +135,19 @@ class LLMEngine:
             raise RequestError(
                 f"the prompt has {n} tokens, more than the KV cache can hold", "messages", "context_length_exceeded"
             )
-        seq = Sequence(request_id, prompt_token_ids, params, self.tokenizer, prompt, arrival_time, self.device)
-        self.seqs[request_id] = seq
-        self.batcher.add(seq)
-        return seq
 
-    def abort_request(self, request_id: str) -> bool:
+    def abort_request(self, request_id: str) -> Sequence | None:
+        """Stop a request and free its blocks; returns it (finish_reason "abort"), or None if unknown."""
         seq = self.seqs.pop(request_id, None)
         if seq is None:
-            return False
+            return None
         self.batcher.remove(seq)
         if not seq.finished:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "abort"
+            seq.finish_time = time.monotonic()
             self.stats.aborted += 1
-        return True
+        return seq
 
     def has_unfinished_requests(self) -> bool:
         return self.batcher.has_work()

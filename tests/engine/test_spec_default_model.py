@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CHAT_PROMPTS, make_random_drafter
+from dspark_testing import CHAT_PROMPTS, make_random_drafter
 from engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
 
 MAX_TOKENS = 128

@@ -16,7 +16,7 @@ import torch
 from scipy.stats import chisquare
 
 import engine.engine as engine_mod
-from conftest import make_random_drafter, make_tiny_model
+from dspark_testing import make_random_drafter, make_tiny_model
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.sampler import warp_probs
 from models.attention import AttentionMetadata

@@ -151,7 +151,7 @@ def test_stop_inside_an_accepted_run_ends_at_the_right_token(tiny_pair, monkeypa
 
 
 def test_speculative_config_errors(tiny_llama_dir, tmp_path):
-    from conftest import make_random_drafter
+    from dspark_testing import make_random_drafter
 
     with pytest.raises(ValueError, match="unknown speculative_config"):
         _engine(tiny_llama_dir, speculative_config={"method": "dspark", "model": "x", "bogus": 1})
@@ -169,7 +169,7 @@ def test_speculative_config_errors(tiny_llama_dir, tmp_path):
 
 @pytest.mark.parametrize("head_type", ["gated", "rnn"])
 def test_every_sequential_head_variant_runs_losslessly(tiny_llama_dir, tmp_path, head_type):
-    from conftest import make_random_drafter
+    from dspark_testing import make_random_drafter
 
     drafter = make_random_drafter(tiny_llama_dir, tmp_path / head_type, markov_head_type=head_type, markov_rank=8)
     reqs = _reqs(n=3, max_tokens=24)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import CHAT_PROMPTS
+from dspark_testing import CHAT_PROMPTS
 from engine import SamplingParams, apply_chat_template
 from models.attention import AttentionMetadata
 from models.loader import default_model_path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from dspark_testing import make_tiny_model
 from models.attention import AttentionMetadata
 from models.loader import load_model
 

@@ -1,0 +1,174 @@
+"""Prometheus metrics: request latencies measured here, engine counters read at scrape time.
+
+Every app owns its CollectorRegistry (tests build several apps in one
+process; the global registry would reject the second). Engine-side numbers
+(queue sizes, KV blocks, token and speculation counters) are not copied
+into prometheus objects as they change: `EngineCollector` reads one
+`engine.stats()` snapshot per scrape, so they cannot drift from the engine.
+docs/metrics.md documents every family; a test checks the two agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from engine import RequestOutput
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+_E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0)
+_TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+# Verification lengths are small integers (0 = plain decoding step, up to the draft length).
+_VERIFY_LENGTH_BUCKETS = tuple(range(0, 17)) + (24, 32)
+
+
+class ServerMetrics:
+    def __init__(self, engine, info: dict[str, str]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_errors = Counter(
+            "dspark_request_errors", "HTTP requests answered with an error, by HTTP status", ["code"], registry=r,
+        )
+        self.ttft = Histogram(
+            "dspark_time_to_first_token_seconds", "Time from arrival to the first output token",
+            buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.itl = Histogram(
+            "dspark_inter_token_latency_seconds",
+            "Time between consecutive outputs of a request, divided by the tokens the later one carries (one sample per token)",
+            buckets=_TOKEN_LATENCY_BUCKETS, registry=r,
+        )
+        self.tpot = Histogram(
+            "dspark_time_per_output_token_seconds",
+            "Per finished request: (finish - first token) / (output tokens - 1)",
+            buckets=_TOKEN_LATENCY_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "dspark_e2e_request_latency_seconds", "Per finished request: time from arrival to the last token",
+            buckets=_E2E_BUCKETS, registry=r,
+        )
+        self.request_prompt_tokens = Histogram(
+            "dspark_request_prompt_tokens", "Prompt length of finished requests",
+            buckets=_TOKEN_COUNT_BUCKETS, registry=r,
+        )
+        self.request_generation_tokens = Histogram(
+            "dspark_request_generation_tokens", "Output length of finished requests",
+            buckets=_TOKEN_COUNT_BUCKETS, registry=r,
+        )
+        Info("dspark_model", "The served model and how it runs", registry=r).info(info)
+        r.register(EngineCollector(engine))
+
+    def count_error(self, status: int) -> None:
+        self.request_errors.labels(code=str(status)).inc()
+
+    def request_timer(self) -> "RequestTimer":
+        return RequestTimer(self)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Latency bookkeeping of one engine request, fed with each output as it arrives."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.m = metrics
+        self._last_output: float | None = None
+
+    def on_output(self, out: RequestOutput, now: float) -> None:
+        comp = out.outputs[0]
+        n = len(comp.delta_token_ids)
+        if n:
+            if self._last_output is None:
+                t = out.metrics.get("first_token_time")
+                start = out.metrics.get("arrival_time")
+                if t is not None and start is not None:
+                    self.m.ttft.observe(max(0.0, t - start))
+            else:
+                # A speculative step can emit several tokens at once: spread the gap over them.
+                per_token = (now - self._last_output) / n
+                for _ in range(n):
+                    self.m.itl.observe(per_token)
+            self._last_output = now
+        if out.finished and comp.finish_reason in ("stop", "length"):
+            m = out.metrics
+            arrival, first, finish = m.get("arrival_time"), m.get("first_token_time"), m.get("finish_time")
+            num_out = len(comp.token_ids)
+            if arrival is not None and finish is not None:
+                self.m.e2e.observe(max(0.0, finish - arrival))
+            if first is not None and finish is not None and num_out > 1:
+                self.m.tpot.observe(max(0.0, finish - first) / (num_out - 1))
+            self.m.request_prompt_tokens.observe(len(out.prompt_token_ids))
+            self.m.request_generation_tokens.observe(num_out)
+
+
+class EngineCollector:
+    """Exposes one `engine.stats()` snapshot per scrape as gauges, counters and a histogram."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        s: dict[str, Any] = self.engine.stats()
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, value=value)
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, value=value)
+
+        used, total = s["kv_used_blocks"], s["kv_total_blocks"]
+        yield gauge("dspark_num_requests_running", "Requests in the running batch", s["num_running"])
+        yield gauge("dspark_num_requests_waiting", "Requests waiting for admission", s["num_waiting"])
+        yield gauge("dspark_kv_cache_used_blocks", "KV cache blocks in use", used)
+        yield gauge("dspark_kv_cache_total_blocks", "KV cache blocks in the pool", total)
+        yield gauge("dspark_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", used / total if total else 0.0)
+
+        success = CounterMetricFamily(
+            "dspark_request_success", "Engine requests finished, by finish reason", labels=["finish_reason"],
+        )
+        finished = dict(s.get("finished", {}))
+        for reason in ("stop", "length"):
+            finished.setdefault(reason, 0)
+        finished["abort"] = s.get("aborted", 0)
+        for reason, count in sorted(finished.items()):
+            success.add_metric([reason], count)
+        yield success
+
+        yield counter("dspark_prompt_tokens", "Prompt tokens prefilled (recomputation after preemption excluded)",
+                      s["prompt_tokens"])
+        yield counter("dspark_generation_tokens", "Output tokens generated", s["generation_tokens"])
+        yield counter("dspark_engine_preemptions", "Requests preempted (KV blocks freed, recomputed later)",
+                      s["preemptions"])
+
+        yield counter("dspark_spec_decode_num_drafts", "Speculative verification rounds, summed over requests",
+                      s.get("spec_num_drafts", 0))
+        yield counter("dspark_spec_decode_num_proposed_tokens", "Tokens proposed by the drafter",
+                      s.get("spec_num_proposed_tokens", 0))
+        yield counter("dspark_spec_decode_num_draft_tokens", "Drafted tokens sent to verification",
+                      s.get("spec_num_draft_tokens", 0))
+        yield counter("dspark_spec_decode_num_accepted_tokens", "Drafted tokens accepted by verification",
+                      s.get("spec_num_accepted_tokens", 0))
+        per_pos = CounterMetricFamily(
+            "dspark_spec_decode_num_accepted_tokens_per_pos", "Accepted drafted tokens by draft position (1-based)",
+            labels=["position"],
+        )
+        for k, count in enumerate(s.get("spec_accepted_per_pos", [])):
+            per_pos.add_metric([str(k + 1)], count)
+        yield per_pos
+
+        counts = {int(k): v for k, v in s.get("spec_verify_length_counts", {}).items()}
+        buckets = [(str(float(le)), sum(v for length, v in counts.items() if length <= le))
+                   for le in _VERIFY_LENGTH_BUCKETS]  # cumulative, as Prometheus buckets are
+        total_rounds = sum(counts.values())
+        buckets.append(("+Inf", total_rounds))
+        yield HistogramMetricFamily(
+            "dspark_spec_decode_verify_length", "Drafted tokens verified per round (the scheduler's l_r)",
+            buckets=buckets, sum_value=sum(length * v for length, v in counts.items()),
+        )

@@ -1,0 +1,203 @@
+"""The OpenAI wire format: request models (validated strictly) and response/chunk builders.
+
+Requests are pydantic models in strict mode, so `"temperature": "0.5"` or
+`"stream": 1` is a 400 rather than a silent coercion; unknown fields are
+accepted and ignored, as OpenAI clients send fields we do not implement.
+Responses are plain dicts built by the functions at the bottom: the schema
+mixes fields that must appear as null (`finish_reason`, `logprobs`) with
+fields that must be absent (`delta.role` after the first chunk), which is
+clearer to write out than to express with exclusion rules.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 8  # choices per request
+MAX_PROMPTS = 32  # prompts in one /v1/completions batch
+MAX_TOP_LOGPROBS = 20
+MAX_SEED = 2**63 - 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class SamplingFields(_Strict):
+    """Fields shared by chat and text completions (OpenAI's, plus vLLM's common extensions)."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=-(2**63), le=MAX_SEED - MAX_N)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    user: str | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @property
+    def output_limit(self) -> int | None:
+        # max_completion_tokens is the newer name; it wins when both are given.
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Engine `logprobs`: None (off), 0 (the chosen token only) or k alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+# ---------------------------------------------------------------- responses
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _finite(lp: float) -> float:
+    # JSON has no -Infinity; a token with zero probability gets a very low finite value.
+    return lp if math.isfinite(lp) else -9999.0
+
+
+class TokenText:
+    """Token id -> its text for logprobs, cached (the same ids recur across requests)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        s = self._cache.get(token_id)
+        if s is None:
+            s = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._cache[token_id] = s
+        return s
+
+
+def chat_logprobs(entries: list[dict], token_text: TokenText, top_n: int) -> dict:
+    """Engine logprob entries -> OpenAI chat `logprobs` ({"content": [...]})."""
+
+    def item(tid: int, lp: float) -> dict:
+        s = token_text(tid)
+        return {"token": s, "logprob": _finite(lp), "bytes": list(s.encode("utf-8"))}
+
+    content = []
+    for e in entries:
+        top = sorted(e["top"].items(), key=lambda kv: -kv[1])[:top_n]
+        content.append({**item(e["token_id"], e["logprob"]), "top_logprobs": [item(t, lp) for t, lp in top]})
+    return {"content": content}
+
+
+def completion_logprobs(entries: list[dict], token_text: TokenText, text_offset: int) -> dict:
+    """Engine logprob entries -> OpenAI legacy completions `logprobs`; offsets start at `text_offset`."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for e in entries:
+        s = token_text(e["token_id"])
+        tokens.append(s)
+        lps.append(_finite(e["logprob"]))
+        tops.append({token_text(t): _finite(lp) for t, lp in sorted(e["top"].items(), key=lambda kv: -kv[1])})
+        offsets.append(text_offset)
+        text_offset += len(s)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_response(rid: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": usage_}
+
+
+def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text},
+            "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_chunk(rid: str, created: int, model: str, choices: list[dict], usage_: dict | None = None,
+               with_usage_field: bool = False) -> dict:
+    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+    if with_usage_field:  # stream_options.include_usage: every chunk has "usage", null until the last
+        chunk["usage"] = usage_
+    return chunk
+
+
+def chat_chunk_choice(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_response(rid: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage_}
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_chunk(rid: str, created: int, model: str, choices: list[dict], usage_: dict | None = None,
+                     with_usage_field: bool = False) -> dict:
+    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+    if with_usage_field:
+        chunk["usage"] = usage_
+    return chunk

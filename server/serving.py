@@ -1,0 +1,394 @@
+"""The two generation endpoints: /v1/chat/completions and /v1/completions.
+
+A request goes: parse (strict pydantic) -> check the model name -> build the
+prompt token ids -> check lengths -> one SamplingParams per choice (seed+k
+for choice k) -> a GenerationJob (admission errors become 400/429 before
+any byte is sent) -> either one JSON answer or an SSE stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from typing import AsyncIterator, Callable
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from engine import RequestOutput, SamplingParams, apply_chat_template
+
+from . import protocol as P
+from .errors import APIError, from_engine_error, from_validation_errors
+from .generation import GenerationJob, JobAborted, SubRequest
+from .lifecycle import Lifecycle
+from .metrics import ServerMetrics
+from .middleware import AccessRecord, access_record
+
+MAX_STOP_STRINGS = 16
+
+
+class SSEResponse(StreamingResponse):
+    """text/event-stream whose job is closed however the response ends.
+
+    The body generator's own `finally` does not run if the client leaves
+    before the first chunk (the generator never started), so the response
+    closes the job itself as well.
+    """
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+_DONE = "data: [DONE]\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, engine, model_name: str, metrics: ServerMetrics, lifecycle: Lifecycle,
+                 queue_retry_after: int = 1):
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = metrics
+        self.lifecycle = lifecycle
+        self.queue_retry_after = queue_retry_after
+        self.tokenizer = engine.tokenizer
+        self.token_text = P.TokenText(engine.tokenizer)
+        self.vocab_size = engine.vocab_size
+
+    # ------------------------------------------------------------ chat
+
+    async def chat(self, request: Request):
+        rec = access_record(request)
+        self.lifecycle.check_admitting()
+        req = await self._parse(request, P.ChatCompletionRequest)
+        self._note(rec, req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs", code="invalid_value")
+        messages = [self._message_dict(m, i) for i, m in enumerate(req.messages)]
+        prompt_ids = await asyncio.to_thread(self._chat_prompt, messages)
+        self._check_length(len(prompt_ids), req.output_limit, "messages")
+        rec.prompt_tokens = len(prompt_ids)
+        params = self._sampling_params(req, req.num_logprobs)
+        subs = [SubRequest(k, f"chatcmpl-{rec.request_id}-{k}", prompt_ids, self._seeded(params, k))
+                for k in range(req.n)]
+        job = await self._start(subs, "messages")
+        rid, created = f"chatcmpl-{rec.request_id}", P.now()
+        if req.stream:
+            events = self._chat_events(job, req, rid, created, len(prompt_ids), rec)
+            return SSEResponse(self._sse_stream(events, job, rec), job.close)
+        finals = await self._wait(request, job)
+        choices, completion_tokens = [], 0
+        for k in range(req.n):
+            comp = finals[k].outputs[0]
+            completion_tokens += len(comp.token_ids)
+            lp = P.chat_logprobs(comp.logprobs or [], self.token_text, req.top_logprobs or 0) if req.logprobs else None
+            choices.append(P.chat_choice(k, comp.text, comp.finish_reason, lp))
+        self._note_finish(rec, finals, completion_tokens)
+        return JSONResponse(P.chat_response(rid, created, self.model_name, choices,
+                                            P.usage(len(prompt_ids), completion_tokens)))
+
+    async def _chat_events(self, job: GenerationJob, req: P.ChatCompletionRequest, rid: str, created: int,
+                           prompt_tokens: int, rec: AccessRecord) -> AsyncIterator[dict]:
+        with_usage = req.include_usage
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+            return P.chat_chunk(rid, created, self.model_name, choices, usage, with_usage)
+
+        # The first chunk of each choice carries the role, as OpenAI's do.
+        for k in range(req.n):
+            yield chunk([P.chat_chunk_choice(k, {"role": "assistant", "content": ""})])
+        completion_tokens = 0
+        finals: dict[int, RequestOutput] = {}
+        async for k, out in job.outputs():
+            comp = self._checked(out).outputs[0]
+            completion_tokens += len(comp.delta_token_ids)
+            lp = None
+            if req.logprobs and comp.delta_logprobs:
+                lp = P.chat_logprobs(comp.delta_logprobs, self.token_text, req.top_logprobs or 0)
+            finish = comp.finish_reason if out.finished else None
+            if out.finished:
+                finals[k] = out
+            if not comp.delta_text and lp is None and finish is None:
+                continue  # e.g. a token that completes no character yet
+            delta = {"content": comp.delta_text} if comp.delta_text or finish is None else {}
+            yield chunk([P.chat_chunk_choice(k, delta, finish, lp)])
+        self._note_finish(rec, finals, completion_tokens)
+        if with_usage:
+            yield chunk([], P.usage(prompt_tokens, completion_tokens))
+
+    # ------------------------------------------------------------ completions
+
+    async def completions(self, request: Request):
+        rec = access_record(request)
+        self.lifecycle.check_admitting()
+        req = await self._parse(request, P.CompletionRequest)
+        self._note(rec, req)
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo together with logprobs is not supported (no prompt logprobs)",
+                           param="echo", code="unsupported")
+        prompts = await asyncio.to_thread(self._completion_prompts, req.prompt)
+        for _, ids in prompts:
+            self._check_length(len(ids), req.output_limit, "prompt")
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        rec.prompt_tokens = prompt_tokens
+        params = self._sampling_params(req, req.num_logprobs)
+        subs, n = [], req.n
+        for p, (_, ids) in enumerate(prompts):
+            for k in range(n):
+                i = p * n + k  # OpenAI's order: all choices of prompt 0, then prompt 1...
+                subs.append(SubRequest(i, f"cmpl-{rec.request_id}-{i}", ids, self._seeded(params, k)))
+        echo_texts = {s.index: self._prompt_text(prompts[s.index // n]) for s in subs} if req.echo else {}
+        job = await self._start(subs, "prompt")
+        rid, created = f"cmpl-{rec.request_id}", P.now()
+        if req.stream:
+            events = self._completion_events(job, req, rid, created, prompt_tokens, len(subs), echo_texts, rec)
+            return SSEResponse(self._sse_stream(events, job, rec), job.close)
+        finals = await self._wait(request, job)
+        choices, completion_tokens = [], 0
+        for i in range(len(subs)):
+            comp = finals[i].outputs[0]
+            completion_tokens += len(comp.token_ids)
+            lp = None
+            if req.logprobs is not None:
+                lp = P.completion_logprobs(comp.logprobs or [], self.token_text, 0)
+            choices.append(P.completion_choice(i, echo_texts.get(i, "") + comp.text, comp.finish_reason, lp))
+        self._note_finish(rec, finals, completion_tokens)
+        return JSONResponse(P.completion_response(rid, created, self.model_name, choices,
+                                                  P.usage(prompt_tokens, completion_tokens)))
+
+    async def _completion_events(self, job: GenerationJob, req: P.CompletionRequest, rid: str, created: int,
+                                 prompt_tokens: int, num_choices: int, echo_texts: dict[int, str],
+                                 rec: AccessRecord) -> AsyncIterator[dict]:
+        with_usage = req.include_usage
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+            return P.completion_chunk(rid, created, self.model_name, choices, usage, with_usage)
+
+        emitted = {i: 0 for i in range(num_choices)}  # characters sent per choice (logprob text offsets)
+        for i, text in echo_texts.items():
+            yield chunk([P.completion_choice(i, text, None, None)])
+            emitted[i] = len(text)
+        completion_tokens = 0
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in job.outputs():
+            comp = self._checked(out).outputs[0]
+            completion_tokens += len(comp.delta_token_ids)
+            lp = None
+            if req.logprobs is not None and comp.delta_logprobs:
+                lp = P.completion_logprobs(comp.delta_logprobs, self.token_text, emitted[i])
+            finish = comp.finish_reason if out.finished else None
+            if out.finished:
+                finals[i] = out
+            if not comp.delta_text and lp is None and finish is None:
+                continue
+            emitted[i] += len(comp.delta_text)
+            yield chunk([P.completion_choice(i, comp.delta_text, finish, lp)])
+        self._note_finish(rec, finals, completion_tokens)
+        if with_usage:
+            yield chunk([], P.usage(prompt_tokens, completion_tokens))
+
+    # ------------------------------------------------------------ shared steps
+
+    async def _parse(self, request: Request, model: type[BaseModel]):
+        body = await request.body()
+        try:
+            return model.model_validate_json(body)
+        except ValidationError as e:
+            raise from_validation_errors(e.errors(include_url=False)) from None
+
+    def _note(self, rec: AccessRecord, req: P.SamplingFields) -> None:
+        rec.model, rec.stream, rec.n, rec.user = req.model, req.stream, req.n, req.user
+        if req.model is not None and req.model != self.model_name:
+            raise APIError(404, f"the model `{req.model}` does not exist; this server serves `{self.model_name}`",
+                           type="invalid_request_error", param="model", code="model_not_found")
+
+    @staticmethod
+    def _note_finish(rec: AccessRecord, finals: dict[int, RequestOutput], completion_tokens: int) -> None:
+        rec.completion_tokens = completion_tokens
+        reasons = sorted({out.outputs[0].finish_reason or "" for out in finals.values()})
+        rec.finish_reason = ",".join(reasons) or None
+
+    @staticmethod
+    def _message_dict(m: P.ChatMessage, i: int) -> dict:
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"messages.{i}.content: only text content parts are supported "
+                                        f"(got type {part.type!r})", param="messages", code="unsupported")
+                texts.append(part.text)
+            content = "".join(texts)
+        # The chat template knows the classic roles; "developer" is OpenAI's new name for "system".
+        role = "system" if m.role == "developer" else m.role
+        return {"role": role, "content": content or ""}
+
+    def _chat_prompt(self, messages: list[dict]) -> list[int]:
+        try:
+            return apply_chat_template(self.tokenizer, messages)
+        except Exception as e:  # jinja raises for conversations the template refuses
+            raise APIError(400, f"the chat template cannot render these messages: {e}",
+                           param="messages", code="invalid_value") from None
+
+    def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
+        """The request's prompt(s) as (text or None, token ids)."""
+        if isinstance(prompt, str):
+            items: list = [prompt]
+        elif prompt and all(isinstance(t, int) for t in prompt):
+            items = [prompt]  # one prompt given as token ids
+        else:
+            items = list(prompt)
+        if not items:
+            raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+        if len(items) > P.MAX_PROMPTS:
+            raise APIError(400, f"at most {P.MAX_PROMPTS} prompts per request", param="prompt", code="invalid_value")
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                # Same tokenization as the engine applies to a text prompt.
+                out.append((item, self.tokenizer.encode(item, add_special_tokens=False)))
+            else:
+                if any(t < 0 or t >= self.vocab_size for t in item):
+                    raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})",
+                                   param="prompt", code="invalid_value")
+                out.append((None, list(item)))
+        return out
+
+    def _prompt_text(self, prompt: tuple[str | None, list[int]]) -> str:
+        text, ids = prompt
+        return text if text is not None else self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _check_length(self, num_prompt: int, max_tokens: int | None, param: str) -> None:
+        limit = self.engine.max_model_len
+        if num_prompt == 0:
+            raise APIError(400, "the prompt is empty", param=param, code="invalid_value")
+        if num_prompt >= limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens, "
+                                f"but the prompt has {num_prompt} tokens", param=param, code="context_length_exceeded")
+        if max_tokens is not None and num_prompt + max_tokens > limit:
+            raise APIError(400, f"this model's maximum context length is {limit} tokens, but {num_prompt + max_tokens} "
+                                f"were requested ({num_prompt} in the prompt, {max_tokens} for the completion)",
+                           param="max_tokens", code="context_length_exceeded")
+
+    def _sampling_params(self, req: P.SamplingFields, num_logprobs: int | None) -> SamplingParams:
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > MAX_STOP_STRINGS:
+            raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop", code="invalid_value")
+        max_tokens = req.output_limit  # None: up to max_model_len - prompt length (the engine stops there)
+        if max_tokens is not None and req.min_tokens > max_tokens:
+            raise APIError(400, "min_tokens must not exceed max_tokens", param="min_tokens", code="invalid_value")
+        try:
+            return SamplingParams(
+                n=1,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=req.top_k or 0,
+                min_p=req.min_p or 0.0,
+                seed=req.seed,
+                max_tokens=max_tokens,
+                min_tokens=req.min_tokens,
+                stop=stop,
+                stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos,
+                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                logprobs=num_logprobs,
+                skip_special_tokens=req.skip_special_tokens,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+            )
+        except Exception as e:  # SamplingParamsError names the parameter
+            raise from_engine_error(e) from None
+
+    @staticmethod
+    def _seeded(params: SamplingParams, k: int) -> SamplingParams:
+        # Choice k of a seeded request samples with seed + k: reproducible, yet not n copies.
+        return params if params.seed is None or k == 0 else replace(params, seed=params.seed + k)
+
+    async def _start(self, subs: list[SubRequest], prompt_param: str) -> GenerationJob:
+        job = GenerationJob(self.engine, subs, self.metrics)
+        self.lifecycle.register(job)
+        try:
+            await job.start()
+        except Exception as e:
+            err = from_engine_error(e, self.queue_retry_after)
+            if err.param == "messages":
+                err.param = prompt_param
+            raise err from None
+        return job
+
+    async def _wait(self, request: Request, job: GenerationJob) -> dict[int, RequestOutput]:
+        """Non-streaming: all final outputs, aborting the job if the client disconnects meanwhile."""
+        watcher = asyncio.create_task(self._abort_on_disconnect(request, job))
+        try:
+            finals = await job.final_outputs()
+            for out in finals.values():
+                self._checked(out)
+            return finals
+        except JobAborted as e:
+            rec = access_record(request)
+            rec.finish_reason, rec.error = "abort", e.reason
+            raise APIError(e.status, e.reason, code="shutting_down" if e.status == 503 else "client_disconnected") from None
+        except APIError:
+            raise
+        except Exception as e:
+            raise from_engine_error(e) from None
+        finally:
+            watcher.cancel()
+            job.close()
+
+    @staticmethod
+    async def _abort_on_disconnect(request: Request, job: GenerationJob) -> None:
+        # The body is read already, so the next ASGI message can only be the disconnect.
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                job.abort("the client closed the connection", 499)
+                return
+
+    @staticmethod
+    def _checked(out: RequestOutput) -> RequestOutput:
+        """Raise for an output that ended in an engine failure rather than a finish."""
+        reason = out.outputs[0].finish_reason
+        if out.finished and reason not in ("stop", "length"):
+            if reason == "abort":
+                raise APIError(503, "the request was aborted by the engine", code="aborted")
+            raise APIError(500, f"generation failed: {out.error or reason}", code="engine_error")
+        return out
+
+    async def _sse_stream(self, events: AsyncIterator[dict], job: GenerationJob,
+                          rec: AccessRecord) -> AsyncIterator[str]:
+        """Serialize events as SSE; an error after the 200 is sent becomes a final error event."""
+        try:
+            async for obj in events:
+                yield _sse(obj)
+            yield _DONE
+        except JobAborted as e:
+            rec.finish_reason, rec.error, rec.stream_error_status = "abort", e.reason, e.status
+            if e.status != 499:  # else nobody is left to tell
+                yield _sse(APIError(e.status, e.reason, code="shutting_down").body())
+                yield _DONE
+        except asyncio.CancelledError:  # Starlette cancels the body when the client disconnects
+            rec.finish_reason, rec.error, rec.stream_error_status = "abort", "client disconnected", 499
+            raise
+        except Exception as e:
+            err = from_engine_error(e)
+            rec.error, rec.stream_error_status = err.message, err.status
+            yield _sse(err.body())
+            yield _DONE
+        finally:
+            job.close()
