@@ -65,6 +65,8 @@ class SamplingFields(_Strict):
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # dspark extension: cap this request's speculative drafts (0: plain decoding for it).
+    max_draft_tokens: int | None = Field(None, ge=0, le=64)
 
     @property
     def include_usage(self) -> bool:

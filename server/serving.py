@@ -310,6 +310,7 @@ class OpenAIServing:
                 logprobs=num_logprobs,
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
+                max_draft_tokens=req.max_draft_tokens,
             )
         except Exception as e:  # SamplingParamsError names the parameter
             raise from_engine_error(e) from None

@@ -1,0 +1,59 @@
+"""A server with DSpark speculation on: same greedy answers, real speculation metrics, per-request cap."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from dspark_testing import make_random_drafter
+from server_helpers import ServerProcess, chat_body, metric_value
+
+
+@pytest.fixture(scope="module")
+def spec_server(tmp_path_factory):
+    from models.loader import load_model
+
+    drafter = make_random_drafter(load_model(None, dtype="float32").model, tmp_path_factory.mktemp("drafter"), block_size=4)
+    log = tmp_path_factory.mktemp("spec-server") / "server.log"
+    srv = ServerProcess(
+        ["--max-model-len", "1024", "--max-num-seqs", "8", "--kv-cache-memory", "128MiB", "--dtype", "float32",
+         "--speculative-config", f'{{"method": "dspark", "model": "{drafter}", "num_speculative_tokens": 4}}'],
+        log,
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _spec_counters(c: httpx.Client) -> dict:
+    text = c.get("/metrics").text
+    return {
+        "drafts": metric_value(text, "dspark_spec_decode_num_drafts_total"),
+        "draft_tokens": metric_value(text, "dspark_spec_decode_num_draft_tokens_total"),
+        "proposed": metric_value(text, "dspark_spec_decode_num_proposed_tokens_total"),
+        "accepted": metric_value(text, "dspark_spec_decode_num_accepted_tokens_total"),
+    }
+
+
+def test_speculation_runs_and_is_counted(spec_server):
+    with httpx.Client(base_url=spec_server.url, timeout=120) as c:
+        info = c.get("/metrics").text
+        assert 'speculative_method="dspark"' in info
+        before = _spec_counters(c)
+        body = chat_body("Count from one to ten.", max_tokens=24, temperature=0, ignore_eos=True)
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        after = _spec_counters(c)
+        assert after["drafts"] > before["drafts"]
+        assert after["draft_tokens"] - before["draft_tokens"] <= 4 * (after["drafts"] - before["drafts"])
+        assert after["proposed"] >= after["draft_tokens"]
+        assert r.json()["usage"]["completion_tokens"] == 24
+        # the request-level cap: 0 means no drafts for it
+        mid = _spec_counters(c)
+        r = c.post("/v1/chat/completions", json={**body, "max_draft_tokens": 0})
+        assert r.status_code == 200
+        assert _spec_counters(c)["drafts"] == mid["drafts"]
+        bad = c.post("/v1/chat/completions", json={**body, "max_draft_tokens": "many"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_draft_tokens"
