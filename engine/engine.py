@@ -12,14 +12,13 @@ import torch
 
 from models.dspark import load_drafter
 from models.loader import load_model
-from scheduler import make_policy
 
 from .batcher import ContinuousBatcher
 from .block_manager import KVCacheManager
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
 from .sampler import Sampler
-from .speculative import SpecConfig, verify
+from .speculative import SpecConfig, SpeculativeDecoder, verify
 from .sampling_params import SamplingParams
 from .sequence import Sequence, SequenceStatus
 
@@ -39,6 +38,8 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes for the KV pool; None: 1 GiB on CPU, 85% of free on GPU
     num_threads: int | None = None  # torch CPU threads; None: all cores
     speculative_config: dict[str, Any] | None = None
+    cost_table: str | None = None  # SPS(B) JSON to load (or save after profiling); default: in the cache dir
+    record_acceptance: str | None = None  # JSONL of verification rounds, for `dspark calibrate`
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved_device(self) -> torch.device:
@@ -82,7 +83,6 @@ class LLMEngine:
             self.gamma = self.spec.num_speculative_tokens or drafter.config.block_size
             if self.gamma > drafter.config.block_size:
                 raise ValueError(f"num_speculative_tokens {self.gamma} exceeds the drafter's block_size {drafter.config.block_size}")
-        self.policy = make_policy(self.spec.verification, self.gamma) if drafter is not None else None
         self.runner = ModelRunner(loaded, cfg.block_size, cfg.kv_cache_memory, self.device, drafter, self.gamma)
         self.proposer = self.runner.proposer
         self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size)
@@ -90,6 +90,13 @@ class LLMEngine:
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
+        self.speculative = None
+        if drafter is not None:
+            table = self._cost_table() if self.spec.verification in ("scheduled", "async") or self.spec.draft_skipping else None
+            self.speculative = SpeculativeDecoder(
+                self.spec, self.proposer, self.gamma, self.stats, self.max_model_len, cost_table=table,
+                drafter_dir=self.spec.model, record_path=cfg.record_acceptance,
+            )
         log.info(
             "engine ready: %s (%s, %s) in %.1fs, max_model_len=%d",
             self.model_name, self.runner.dtype, self.device, time.monotonic() - t0, self.max_model_len,
@@ -142,6 +149,8 @@ class LLMEngine:
         if seq is None:
             return None
         self.batcher.remove(seq)
+        if self.speculative is not None:
+            self.speculative.finished(seq)
         if not seq.finished:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "abort"
@@ -163,13 +172,18 @@ class LLMEngine:
     # ------------------------------------------------------------ the step
 
     def step(self) -> list[RequestOutput]:
-        caps = self._draft_caps() if self.proposer is not None else None
+        spec = self.speculative
+        caps = spec.caps(self.batcher.running) if spec is not None else None
         batch = self.batcher.schedule(caps)
         self.stats.preemptions += len(batch.preempted)
         if not batch:
             return []
         t0 = time.monotonic()
-        drafts, draft_info = self._draft(batch) if caps else ({}, {})
+        drafts, draft_info = {}, {}
+        if caps:
+            self.stats.spec_last_realised_tokens = 0
+            prefill_tokens = sum(n for seq, n in batch.entries if seq.num_pending_tokens > 1)
+            drafts, draft_info = spec.draft(batch.entries, self.kv.block_size, prefill_tokens)
         logits, sampling = self.runner.execute(batch.entries, drafts)
         fed: dict[int, int] = {}
         for seq, n in batch.entries:
@@ -183,6 +197,8 @@ class LLMEngine:
         result = self.sampler(logits[[r for _, r in plain]], [s for s, _ in plain]) if plain else None
         now = time.monotonic()
         self.stats.record_step(sum(fed.values()), len(batch.entries), now - t0)
+        if spec is not None:
+            spec.observe_step(sum(fed.values()), now - t0)
         emitted: dict[int, list[tuple[int, object]]] = {}
         for i, (seq, _) in enumerate(plain):
             emitted[id(seq)] = [(result.token_ids[i], result.logprobs[i])]
@@ -202,58 +218,65 @@ class LLMEngine:
             if seq.finished:
                 self.batcher.remove(seq)
                 self.seqs.pop(seq.request_id, None)
+                if spec is not None:
+                    spec.finished(seq)
         return outputs
 
     # ------------------------------------------------------------ speculation
 
-    def _draft_caps(self) -> dict:
-        """Most drafts each decoding request may verify this step (0: none)."""
-        caps = {}
-        for seq in self.batcher.running:
-            if seq.num_pending_tokens != 1:
-                continue
-            p = seq.params
-            cap = self.gamma if p.max_draft_tokens is None else min(self.gamma, p.max_draft_tokens)
-            if p.has_penalties:
-                cap = 0  # penalties depend on every previous token, drafts included
-            if p.max_tokens is not None:
-                cap = min(cap, p.max_tokens - seq.num_output_tokens - 1)
-            cap = min(cap, self.max_model_len - len(seq.token_ids) - 1)
-            if cap > 0:
-                caps[seq] = cap
-        return caps
+    def _cost_table(self):
+        """SPS(B) of this machine: loaded from --cost-table / the cache, else profiled now and saved."""
+        from scheduler import CostTable, profile_cost_table
 
-    def _draft(self, batch) -> tuple[dict, dict]:
-        """One drafter pass for every decoding request with room for drafts; the policy picks lengths."""
-        dec = [(seq, n - 1) for seq, n in batch.entries if seq.num_pending_tokens == 1 and n > 1]
-        if not dec:
-            return {}, {}
-        seqs = [s for s, _ in dec]
-        gamma = max(c for _, c in dec)
-        d = self.proposer.propose(seqs, self.kv.block_size, gamma)
-        lengths = self.policy.plan(d.confidences.tolist(), [c for _, c in dec])
-        st = self.stats
-        drafts, info = {}, {}
-        for i, (seq, l) in enumerate(zip(seqs, lengths)):
-            st.spec_num_proposed_tokens += gamma
-            st.spec_verify_length_counts[l] = st.spec_verify_length_counts.get(l, 0) + 1
-            if l <= 0:
-                continue
-            drafts[id(seq)] = d.tokens[i, :l].tolist()
-            info[id(seq)] = d.probs[i, :l] if d.probs is not None and not seq.params.greedy else None
-        return drafts, info
+        from models.loader import cache_dir
 
-    def _verify(self, seq: Sequence, logits, draft_tokens: list[int], draft_probs) -> list[tuple[int, object]]:
+        key = {"model": self.loaded.path, "dtype": str(self.runner.dtype), "device": str(self.device),
+               "threads": torch.get_num_threads(), "gamma": self.gamma}
+        path = self.config.cost_table
+        if path is None:
+            slug = "".join(c if c.isalnum() else "-" for c in f"{self.model_name}-{key['dtype']}-{key['device']}-t{key['threads']}")
+            path = cache_dir() / "cost_tables" / f"{slug}-g{self.gamma}.json"
+        table = CostTable.load(path, key)
+        if table is not None:
+            log.info("cost table loaded from %s", path)
+            return table
+        t0 = time.monotonic()
+        max_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * (self.gamma + 1))
+        table = profile_cost_table(self._profile_forward, max_tokens=max_tokens, repeats=2, smooth=True)
+        log.info("cost table profiled in %.1fs over %d points", time.monotonic() - t0, len(table.points))
+        try:
+            table.save(path, key)
+        except OSError as e:
+            log.warning("cannot save the cost table to %s: %s", path, e)
+        return table
+
+    def _profile_forward(self, num_tokens: int) -> None:
+        """One speculative step's work with `num_tokens` in the verify forward: decoding requests
+        at a realistic context, each drafting gamma tokens and verifying up to gamma + 1."""
+        block = self.gamma + 1
+        nreq = max(1, -(-num_tokens // block))
+        room = self.kv.num_free_blocks * self.kv.block_size // nreq - 2 * self.kv.block_size
+        ctx = max(1, min(256, self.max_model_len - block - 1, room - block))
+        seqs = []
+        try:
+            for i in range(nreq):
+                seq = Sequence(f"__profile{i}", [0] * ctx, SamplingParams(temperature=0), None, device=self.device)
+                q = min(block, num_tokens - i * block) if i < nreq - 1 else num_tokens - (nreq - 1) * block
+                q = max(1, q)
+                self.kv.grow(seq.block_table, ctx + q)
+                seq.num_computed_tokens = ctx - 1
+                seq.token_ids = seq.token_ids[:ctx]
+                seqs.append((seq, q))
+            self.proposer.propose([s for s, _ in seqs], self.kv.block_size, self.gamma)
+            self.runner.execute([(s, 1) for s, _ in seqs], {id(s): [0] * (q - 1) for s, q in seqs if q > 1})
+        finally:
+            for s, _ in seqs:
+                self.kv.free(s.block_table)
+
+    def _verify(self, seq: Sequence, logits, draft_tokens: list[int], info: dict) -> list[tuple[int, object]]:
         """Accept a prefix of the drafts; returns the emitted (token, logprob) list and fixes the KV length."""
-        a, nxt = verify(seq.params, logits, draft_tokens, draft_probs, seq.generator)
-        st = self.stats
-        st.spec_num_drafts += 1
-        st.spec_num_draft_tokens += len(draft_tokens)
-        st.spec_num_accepted_tokens += a
-        if len(st.spec_accepted_per_pos) < len(draft_tokens):
-            st.spec_accepted_per_pos.extend([0] * (len(draft_tokens) - len(st.spec_accepted_per_pos)))
-        for k in range(a):
-            st.spec_accepted_per_pos[k] += 1
+        a, nxt = verify(seq.params, logits, draft_tokens, info["probs"], seq.generator)
+        self.speculative.verified(seq, len(draft_tokens), a, info)
         # KV holds the anchor and the accepted drafts; `nxt` is the next anchor.
         seq.num_computed_tokens -= len(draft_tokens) - a
         tokens = draft_tokens[:a] + [nxt]
@@ -398,6 +421,11 @@ class EngineStats:
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: list = field(default_factory=list)  # index k: accepted at draft position k+1
     spec_verify_length_counts: dict = field(default_factory=dict)  # verify length -> rounds
+    spec_last_expected_tokens: float = 0.0  # last step: tokens the plan expected (1 + sum of a_j per request)
+    spec_last_realised_tokens: int = 0  # last step: tokens the drafted requests actually produced
+    spec_last_planned_tokens: int = 0  # last step: B, tokens in the verify forward the plan chose
+    spec_last_sps: float = 0.0  # cost-table SPS(B) at that B
+    spec_capacity: int = 0  # async policy: the capacity K of this step
 
     def record_step(self, tokens: int, seqs: int, seconds: float) -> None:
         self.steps += 1

@@ -13,6 +13,7 @@ the target KV because both are indexed by the same block table.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,21 +24,30 @@ from models.dspark import DSparkDrafter
 from .sampler import warp_probs
 
 
+VERIFICATION_POLICIES = ("scheduled", "async", "threshold", "fixed", "off")
+
+
 @dataclass
 class SpecConfig:
     method: str = "none"  # "dspark" | "none"
     model: str | None = None  # drafter directory
     num_speculative_tokens: int | None = None  # gamma; default: the drafter's block_size
-    verification: str = "fixed"  # fixed | off (the scheduler adds load-aware policies)
+    verification: str = "scheduled"  # scheduled | async | threshold | fixed | off
+    threshold: float = 0.5  # for "threshold"
+    draft_skipping: bool = True  # stop drafting for requests whose drafts do not pay (probed again later)
+    online_calibration: bool = True  # refit the confidence temperatures from live verification outcomes
+    calibration: str | None = None  # calibration.json (default: the one beside the drafter, if any)
+
+    KEYS = ("method", "model", "num_speculative_tokens", "verification", "threshold", "draft_skipping",
+            "online_calibration", "calibration")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "SpecConfig":
         if not d:
             return cls()
-        known = {"method", "model", "num_speculative_tokens", "verification"}
-        unknown = set(d) - known
+        unknown = set(d) - set(cls.KEYS)
         if unknown:
-            raise ValueError(f"unknown speculative_config keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(f"unknown speculative_config keys {sorted(unknown)}; known: {list(cls.KEYS)}")
         method = d.get("method", "dspark" if d.get("model") else "none")
         if method not in ("dspark", "none"):
             raise ValueError(f"speculative_config method must be 'dspark' or 'none', got {method!r}")
@@ -46,7 +56,12 @@ class SpecConfig:
         n = d.get("num_speculative_tokens")
         if n is not None and (not isinstance(n, int) or n < 1):
             raise ValueError("num_speculative_tokens must be a positive integer")
-        return cls(method, d.get("model"), n, d.get("verification", "fixed"))
+        verification = d.get("verification", "scheduled")
+        if verification not in VERIFICATION_POLICIES:
+            raise ValueError(f"verification must be one of {VERIFICATION_POLICIES}, got {verification!r}")
+        return cls(method, d.get("model"), n, verification, float(d.get("threshold", 0.5)),
+                   bool(d.get("draft_skipping", True)), bool(d.get("online_calibration", True)),
+                   d.get("calibration"))
 
     @property
     def enabled(self) -> bool:
@@ -56,7 +71,7 @@ class SpecConfig:
 @dataclass
 class Drafts:
     tokens: torch.Tensor  # [R, g] long
-    confidences: torch.Tensor  # [R, g] conditional c_k in (0, 1); ones without a confidence head
+    confidence_logits: torch.Tensor | None  # [R, g] confidence-head logits; None without a confidence head
     probs: torch.Tensor | None  # [R, g, V] warped draft distributions (None rows for greedy requests)
 
 
@@ -125,7 +140,7 @@ class DraftProposer:
         warp_args = _params_tensors([seqs[i].params for i in stochastic], dev) if stochastic else None
         gens = [seqs[i].generator for i in stochastic]
         tokens = torch.empty(r, gamma, dtype=torch.long, device=dev)
-        conf = torch.ones(r, gamma, device=dev)
+        conf = torch.zeros(r, gamma, device=dev) if d.confidence_head is not None else None
         probs = torch.zeros(r, gamma, base.shape[-1], device=dev) if stochastic else None
         prev = anchors
         state = None
@@ -137,7 +152,7 @@ class DraftProposer:
                 bias, state = d.markov_head.step(prev_emb, h[:, k], state)
                 logits = logits + bias.float()
             if d.confidence_head is not None:
-                conf[:, k] = torch.sigmoid(d.confidence_head(h[:, k], prev_emb).float())
+                conf[:, k] = d.confidence_head(h[:, k], prev_emb).float()
             x = logits.argmax(dim=-1)
             if stochastic:
                 p = warp_probs(logits[stochastic], *warp_args)
@@ -185,3 +200,140 @@ def verify(
             residual = p[k]
         return k, int(torch.multinomial(residual / residual.sum(), 1, generator=generator)[0])
     return l, int(torch.multinomial(p[l], 1, generator=generator)[0])
+
+
+class SpeculativeDecoder:
+    """Everything speculation needs around the step: per-request caps, draft skipping,
+    calibrated confidences, the verification-length policy with its cost table, and
+    the bookkeeping after verification (statistics, online calibration, the
+    acceptance log that `dspark calibrate` reads)."""
+
+    def __init__(self, spec: SpecConfig, proposer: DraftProposer, gamma: int, stats, max_model_len: int,
+                 cost_table=None, drafter_dir: str | None = None, record_path: str | None = None):
+        from pathlib import Path
+
+        from scheduler import DraftSkipper, OnlineCalibrator, STSCalibrator, make_policy
+
+        self.spec = spec
+        self.proposer = proposer
+        self.gamma = gamma
+        self.stats = stats
+        self.max_model_len = max_model_len
+        self.cost_table = cost_table
+        options = {"threshold": spec.threshold} if spec.verification == "threshold" else {}
+        self.policy = make_policy(spec.verification, gamma, cost_table=cost_table, **options)
+        cal_path = spec.calibration or (Path(drafter_dir) / "calibration.json" if drafter_dir else None)
+        self.calibrator = STSCalibrator.from_json(cal_path) if cal_path and Path(cal_path).exists() else None
+        # The online fit starts from the file's temperatures (or T = 1) and refits in the background.
+        self.online = OnlineCalibrator(gamma, initial=self.calibrator, background=True) if spec.online_calibration else None
+        self.skipper = DraftSkipper() if spec.draft_skipping else None
+        self._record = open(record_path, "a", buffering=1) if record_path else None
+
+    # ---------------------------------------------------------------- before the forward
+
+    def caps(self, running) -> dict:
+        """Most drafts each decoding request may verify this step (absent: none)."""
+        decoding = [s for s in running if s.num_pending_tokens == 1]
+        if self.skipper is not None and decoding:
+            keep = self.skipper.select([s.request_id for s in decoding])
+            decoding = [s for s, k in zip(decoding, keep) if k]
+        caps = {}
+        for seq in decoding:
+            p = seq.params
+            cap = self.gamma if p.max_draft_tokens is None else min(self.gamma, p.max_draft_tokens)
+            if p.has_penalties:
+                cap = 0  # penalties depend on every previous token, drafts included
+            if p.max_tokens is not None:
+                cap = min(cap, p.max_tokens - seq.num_output_tokens - 1)
+            cap = min(cap, self.max_model_len - len(seq.token_ids) - 1)
+            if cap > 0:
+                caps[seq] = cap
+        return caps
+
+    def confidences(self, logits: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """Calibrated conditional confidences c_k (ones without a confidence head)."""
+        if logits is None:
+            return torch.ones(rows, self.gamma)
+        if self.online is not None:
+            return torch.as_tensor(self.online.apply(logits.cpu()), dtype=torch.float32)
+        if self.calibrator is not None:
+            return torch.as_tensor(self.calibrator.apply(logits.cpu()), dtype=torch.float32)
+        return torch.sigmoid(logits.float().cpu())
+
+    def draft(self, entries, block_size: int, base_tokens: int) -> tuple[dict, dict]:
+        """One drafter pass for every decoding request with room for drafts; the policy picks lengths."""
+        dec = [(seq, n - 1) for seq, n in entries if seq.num_pending_tokens == 1 and n > 1]
+        if not dec:
+            return {}, {}
+        seqs = [s for s, _ in dec]
+        caps = [c for _, c in dec]
+        gamma = max(caps)
+        d = self.proposer.propose(seqs, block_size, gamma)
+        conf = self.confidences(d.confidence_logits, len(seqs))
+        if hasattr(self.policy, "plan_with_stats"):
+            plan = self.policy.plan_with_stats(conf, caps, base_tokens)
+            lengths = list(plan.lengths)
+            self.stats.spec_last_expected_tokens = float(plan.expected_tokens)
+            self.stats.spec_last_planned_tokens = int(plan.num_tokens)
+            if self.cost_table is not None:
+                self.stats.spec_last_sps = float(self.cost_table.sps(plan.num_tokens))
+            self.stats.spec_capacity = int(getattr(self.policy, "capacity", 0) or 0)
+        else:
+            lengths = self.policy.plan(conf, caps, base_tokens)
+            surv = torch.cumprod(conf[:, :gamma], dim=1)
+            self.stats.spec_last_expected_tokens = float(
+                sum(1 + float(surv[i, :l].sum()) for i, l in enumerate(lengths)))
+        st = self.stats
+        drafts, info = {}, {}
+        survival = torch.cumprod(conf, dim=1)
+        for i, (seq, l) in enumerate(zip(seqs, lengths)):
+            st.spec_num_proposed_tokens += gamma
+            st.spec_verify_length_counts[l] = st.spec_verify_length_counts.get(l, 0) + 1
+            if l <= 0:
+                if self.skipper is not None:
+                    self.skipper.record(seq.request_id, 0, expected_gain=0.0)
+                continue
+            drafts[id(seq)] = d.tokens[i, :l].tolist()
+            info[id(seq)] = {
+                "probs": d.probs[i, :l] if d.probs is not None and not seq.params.greedy else None,
+                "logits": None if d.confidence_logits is None else d.confidence_logits[i, :gamma].tolist(),
+                "expected_gain": float(survival[i, :l].sum()),
+            }
+        return drafts, info
+
+    # ---------------------------------------------------------------- after verification
+
+    def verified(self, seq, num_verified: int, num_accepted: int, info: dict) -> None:
+        st = self.stats
+        st.spec_num_drafts += 1
+        st.spec_num_draft_tokens += num_verified
+        st.spec_num_accepted_tokens += num_accepted
+        st.spec_last_realised_tokens += num_accepted + 1
+        if len(st.spec_accepted_per_pos) < num_verified:
+            st.spec_accepted_per_pos.extend([0] * (num_verified - len(st.spec_accepted_per_pos)))
+        for k in range(num_accepted):
+            st.spec_accepted_per_pos[k] += 1
+        if self.skipper is not None:
+            self.skipper.record(seq.request_id, num_accepted, expected_gain=info["expected_gain"])
+        logits = info["logits"]
+        if logits is not None:
+            if self.online is not None:
+                self.online.record(logits, num_verified, num_accepted)
+            if self._record is not None:
+                self._record.write(json.dumps({"logits": logits, "verified": num_verified, "accepted": num_accepted}) + "\n")
+
+    def finished(self, seq) -> None:
+        if self.skipper is not None:
+            self.skipper.forget(seq.request_id)
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        if self.cost_table is not None and num_tokens > 0:
+            self.cost_table.observe(num_tokens, seconds)
+
+    def calibration_report(self) -> dict:
+        """Live calibration quality, for metrics and /v1/dspark/calibration."""
+        out = {"gamma": self.gamma, "file": self.calibrator.to_dict() if self.calibrator is not None else None}
+        if self.online is not None:
+            out["online"] = self.online.stats()
+            out["reliability"] = {k: self.online.reliability(k) for k in range(1, self.gamma + 1)}
+        return out

@@ -101,7 +101,8 @@ def bf16_divergence(target_model, drafter_dir, gamma, new_tokens, threads):
     for r in reqs:
         alone.update(_drive(plain, [r]))
     plain_batch_diverged = sum(1 for rid, _, _ in reqs if alone[rid] != ref[rid])
-    spec_cfg = {"method": "dspark", "model": drafter_dir, "num_speculative_tokens": gamma}
+    spec_cfg = {"method": "dspark", "model": drafter_dir, "num_speculative_tokens": gamma, "verification": "fixed",
+                "draft_skipping": False}
     spec = LLMEngine(EngineConfig(model=target_model, dtype="bfloat16", num_threads=threads, speculative_config=spec_cfg))
     got = _drive(spec, reqs)
     diverged = {}
@@ -120,7 +121,7 @@ def bf16_divergence(target_model, drafter_dir, gamma, new_tokens, threads):
             cont = by_prompt[tuple(s.prompt_token_ids)] + [0] * (g + 1)
             k = s.num_output_tokens
             rows.append(cont[k:k + g])
-        return Drafts(torch.tensor(rows), torch.ones(len(seqs), g), None)
+        return Drafts(torch.tensor(rows), None, None)
 
     oracle_eng.proposer.propose = oracle
     oracle_out = _drive(oracle_eng, reqs)
@@ -156,7 +157,8 @@ def main(argv=None) -> int:
     tmp = tempfile.mkdtemp()
     drafter = args.drafter or _random_drafter(load_model(args.model, "float32").model, Path(tmp) / "drafter", args.gamma)
     eng = LLMEngine(EngineConfig(model=args.model, dtype="auto", num_threads=args.threads, max_num_batched_tokens=8192,
-                                 speculative_config={"method": "dspark", "model": drafter, "num_speculative_tokens": args.gamma}))
+                                 speculative_config={"method": "dspark", "model": drafter, "num_speculative_tokens": args.gamma,
+                                                     "verification": "fixed", "draft_skipping": False}))
     dtype = str(eng.runner.dtype).replace("torch.", "")
     overhead = [drafting_overhead(eng, b, args.context, args.gamma) for b in (1, 16)]
     del eng

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -88,6 +90,17 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/dspark/calibration")
+    async def calibration() -> dict:
+        # Reliability data of the drafter's confidences: temperatures, ECE per position before/after
+        # calibration, and per-bin confidence vs accuracy (for reliability diagrams).
+        report_fn = getattr(engine, "calibration_report", None)
+        report = await asyncio.to_thread(report_fn) if report_fn is not None else None
+        if report is None:
+            raise APIError(404, "speculative decoding is off: no drafter confidences to calibrate",
+                           code="speculation_off")
+        return report
 
     @app.get("/version")
     async def server_version() -> dict:

@@ -53,7 +53,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache pool size, bytes or with a unit (2GiB); default 1GiB on CPU, 85%% of free GPU memory")
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     g.add_argument("--speculative-config", type=parse_json_dict, default=None,
-                   help='JSON, e.g. {"method": "dspark", "model": PATH, "num_speculative_tokens": 7}')
+                   help='JSON, e.g. {"method": "dspark", "model": PATH, "num_speculative_tokens": 7, '
+                        '"verification": "scheduled"}; see README')
+    g.add_argument("--cost-table", default=None,
+                   help="SPS(B) cost table JSON to load, or to write after profiling (default: in the cache dir)")
+    g.add_argument("--record-acceptance", default=None,
+                   help="append every verification round (confidence logits, verified, accepted) to this JSONL")
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -64,7 +69,8 @@ def engine_config_from_args(args: argparse.Namespace):
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         kv_cache_memory=args.kv_cache_memory, num_threads=args.num_threads,
-        speculative_config=args.speculative_config,
+        speculative_config=args.speculative_config, cost_table=args.cost_table,
+        record_acceptance=args.record_acceptance,
     )
 
 
@@ -81,6 +87,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Build the cost table SPS(B) offline (what `dspark serve` would profile at start-up) and save it."""
+    from engine.engine import LLMEngine
+
+    cfg = engine_config_from_args(args)
+    if not (cfg.speculative_config or {}).get("model"):
+        print("dspark profile needs --speculative-config with a drafter: SPS(B) includes its cost", file=sys.stderr)
+        return 2
+    eng = LLMEngine(cfg)
+    table = eng.speculative.cost_table if eng.speculative is not None else None
+    if table is None:
+        print("this verification policy uses no cost table", file=sys.stderr)
+        return 2
+    for b, sps in sorted(table.points.items()):
+        print(f"B={int(b):5d}  SPS={sps:9.2f} steps/s  ({1000.0 / sps:8.2f} ms)")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit STS temperatures from a --record-acceptance log and write calibration.json."""
+    import numpy as np
+
+    from scheduler import STSCalibrator
+
+    logits, accepted, verified = [], [], []
+    with open(args.input) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                logits.append(r["logits"])
+                accepted.append(r["accepted"])
+                verified.append(r["verified"])
+    if not logits:
+        print(f"{args.input} holds no verification rounds", file=sys.stderr)
+        return 2
+    gamma = max(len(x) for x in logits)
+    L = np.array([x + [0.0] * (gamma - len(x)) for x in logits], dtype=np.float64)
+    cal = STSCalibrator().fit(L, np.array(accepted), np.array(verified))
+    out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.input)), "calibration.json")
+    cal.to_json(out)
+    print(f"{len(logits)} rounds, gamma {gamma}: temperatures {[round(t, 3) for t in cal.temperatures]} -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark", description="dspark-serve: DSpark speculative decoding inference server")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -93,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--sample-seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
+
+    prof = sub.add_parser("profile", help="profile the cost table SPS(B) of this machine and save it")
+    add_engine_args(prof)
+    prof.set_defaults(func=cmd_profile)
+
+    cal = sub.add_parser("calibrate", help="fit drafter confidence temperatures (STS) from a --record-acceptance log")
+    cal.add_argument("input", help="JSONL written by --record-acceptance")
+    cal.add_argument("--output", default=None, help="calibration.json path (default: beside the input)")
+    cal.set_defaults(func=cmd_calibrate)
 
     try:
         from .serve import add_serve_parser

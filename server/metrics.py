@@ -163,6 +163,29 @@ class EngineCollector:
             per_pos.add_metric([str(k + 1)], count)
         yield per_pos
 
+        yield gauge("dspark_spec_decode_expected_tokens", "Tokens the verification plan expected in the last "
+                    "speculative step (sum over requests of 1 + the survival probabilities verified)",
+                    s.get("spec_last_expected_tokens", 0.0))
+        yield gauge("dspark_spec_decode_realised_tokens", "Tokens the drafted requests produced in the last "
+                    "speculative step (accepted drafts + 1 each)", s.get("spec_last_realised_tokens", 0))
+        yield gauge("dspark_spec_decode_planned_batch_tokens", "Tokens B in the verify forward chosen by the "
+                    "last plan", s.get("spec_last_planned_tokens", 0))
+        yield gauge("dspark_spec_decode_cost_table_sps", "Cost-table steps per second SPS(B) at the chosen B",
+                    s.get("spec_last_sps", 0.0))
+        yield gauge("dspark_spec_decode_capacity", "Verification capacity K of the async policy this step",
+                    s.get("spec_capacity", 0))
+        cal = s.get("spec_calibration_ece") or {}
+        if True:  # always exposed (empty without speculation), so dashboards never see it vanish
+            ece = GaugeMetricFamily("dspark_spec_decode_calibration_ece",
+                                    "Expected calibration error of the survival probability a_k on recent "
+                                    "verification rounds, raw or after (online) temperature scaling",
+                                    labels=["position", "kind"])
+            for kind in ("before", "after"):
+                for k, v in enumerate(cal.get(kind) or [], start=1):
+                    if v is not None:
+                        ece.add_metric([str(k), "raw" if kind == "before" else "calibrated"], v)
+            yield ece
+
         counts = {int(k): v for k, v in s.get("spec_verify_length_counts", {}).items()}
         buckets = [(str(float(le)), sum(v for length, v in counts.items() if length <= le))
                    for le in _VERIFY_LENGTH_BUCKETS]  # cumulative, as Prometheus buckets are

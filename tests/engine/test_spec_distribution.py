@@ -107,16 +107,18 @@ def _pvalue(counts, probs):
     return chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
 
 
-def _engine(toy, gamma):
+def _engine(toy, gamma, policy="fixed"):
     target, drafter = toy
     return LLMEngine(EngineConfig(model=target, dtype="float32", num_threads=1, max_num_seqs=256,
                                   max_num_batched_tokens=4096, speculative_config={
-                                      "method": "dspark", "model": drafter, "num_speculative_tokens": gamma}))
+                                      "method": "dspark", "model": drafter, "num_speculative_tokens": gamma,
+                                      "verification": policy, "draft_skipping": False}))
 
 
-@pytest.mark.parametrize("gamma,top_p", [(1, 1.0), (3, 1.0), (7, 1.0), (7, 0.8)])
-def test_sampled_output_matches_target_distribution(toy, gamma, top_p):
-    eng = _engine(toy, gamma)
+@pytest.mark.parametrize("gamma,top_p,policy", [(1, 1.0, "fixed"), (3, 1.0, "fixed"), (7, 1.0, "fixed"),
+                                                (7, 0.8, "fixed"), (7, 1.0, "scheduled"), (7, 1.0, "async")])
+def test_sampled_output_matches_target_distribution(toy, gamma, top_p, policy):
+    eng = _engine(toy, gamma, policy)
     counts = _empirical(eng, gamma, top_p)
     st = eng.stats
     # the drafter disagrees strongly: many rejections, yet some acceptances

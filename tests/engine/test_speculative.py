@@ -9,8 +9,9 @@ from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.speculative import Drafts
 
 
-def _engine(model, drafter=None, gamma=7, **kw):
-    spec = {"method": "dspark", "model": drafter, "num_speculative_tokens": gamma} if drafter else None
+def _engine(model, drafter=None, gamma=7, verification="fixed", **kw):
+    spec = {"method": "dspark", "model": drafter, "num_speculative_tokens": gamma, "verification": verification,
+            "draft_skipping": False} if drafter else None
     cfg = dict(model=model, dtype="float32", num_threads=1, seed=0, speculative_config=spec)
     cfg.update(kw)
     return LLMEngine(EngineConfig(**cfg))
@@ -56,7 +57,7 @@ def test_oracle_drafter_accepts_everything(tiny_pair, monkeypatch):
             k = s.num_output_tokens  # the anchor is output k-1; drafts are outputs k..k+gamma-1
             row = cont[k:k + gamma]
             toks.append(row + [0] * (gamma - len(row)))
-        return Drafts(torch.tensor(toks), torch.ones(len(seqs), gamma), None)
+        return Drafts(torch.tensor(toks), torch.full((len(seqs), gamma), 10.0), None)
 
     monkeypatch.setattr(eng.proposer, "propose", oracle)
     got = _run(eng, reqs)
@@ -82,7 +83,7 @@ def test_wrong_drafter_accepts_nothing_and_changes_nothing(tiny_pair, monkeypatc
             cont = by_prompt[tuple(s.prompt_token_ids)] + [0] * 8
             k = s.num_output_tokens
             toks.append([(t + 1) % 1000 for t in cont[k:k + gamma]])
-        return Drafts(torch.tensor(toks), torch.ones(len(seqs), gamma), None)
+        return Drafts(torch.tensor(toks), torch.full((len(seqs), gamma), 10.0), None)
 
     monkeypatch.setattr(eng.proposer, "propose", wrong)
     got = _run(eng, reqs)
@@ -120,11 +121,12 @@ def test_kv_and_drafter_context_equal_a_fresh_prefill(tiny_pair):
     torch.testing.assert_close(got_ctx, want_ctx, atol=1e-4, rtol=1e-4)
 
 
-def test_greedy_with_random_drafter_is_token_identical_tiny(tiny_pair):
+@pytest.mark.parametrize("policy", ["fixed", "scheduled", "async", "threshold"])
+def test_greedy_with_random_drafter_is_token_identical_tiny(tiny_pair, policy):
     model, drafter = tiny_pair
     reqs = _reqs(n=8, max_tokens=64)
     ref = _run(_engine(model), reqs)
-    got = _run(_engine(model, drafter, gamma=7), reqs, arrivals={0: [0, 1, 2], 3: [3, 4], 9: [5, 6, 7]})
+    got = _run(_engine(model, drafter, gamma=7, verification=policy), reqs, arrivals={0: [0, 1, 2], 3: [3, 4], 9: [5, 6, 7]})
     for rid, _, _ in reqs:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
 
@@ -142,7 +144,7 @@ def test_stop_inside_an_accepted_run_ends_at_the_right_token(tiny_pair, monkeypa
         s = seqs[0]
         k = s.num_output_tokens
         row = (ref + [0] * 10)[k:k + gamma]
-        return Drafts(torch.tensor([row]), torch.ones(1, gamma), None)
+        return Drafts(torch.tensor([row]), torch.full((1, gamma), 10.0), None)
 
     monkeypatch.setattr(eng.proposer, "propose", oracle)
     out = _run(eng, [("q0", reqs[0][1], p)])["q0"].outputs[0]

