@@ -14,6 +14,7 @@ the target KV because both are indexed by the same block table.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,6 +228,8 @@ class SpeculativeDecoder:
         # The online fit starts from the file's temperatures (or T = 1) and refits in the background.
         self.online = OnlineCalibrator(gamma, initial=self.calibrator, background=True) if spec.online_calibration else None
         self.skipper = DraftSkipper() if spec.draft_skipping else None
+        self._draft_seconds = 0.0  # drafter pass of the current step
+        self._draft_share = None  # EMA of the drafter's share of a step
         self._record = open(record_path, "a", buffering=1) if record_path else None
 
     # ---------------------------------------------------------------- before the forward
@@ -268,7 +271,9 @@ class SpeculativeDecoder:
         seqs = [s for s, _ in dec]
         caps = [c for _, c in dec]
         gamma = max(caps)
+        t0 = time.perf_counter()
         d = self.proposer.propose(seqs, block_size, gamma)
+        self._draft_seconds = time.perf_counter() - t0
         conf = self.confidences(d.confidence_logits, len(seqs))
         if hasattr(self.policy, "plan_with_stats"):
             plan = self.policy.plan_with_stats(conf, caps, base_tokens)
@@ -291,7 +296,7 @@ class SpeculativeDecoder:
             st.spec_verify_length_counts[l] = st.spec_verify_length_counts.get(l, 0) + 1
             if l <= 0:
                 if self.skipper is not None:
-                    self.skipper.record(seq.request_id, 0, expected_gain=0.0)
+                    self.skipper.record(seq.request_id, 0)
                 continue
             drafts[id(seq)] = d.tokens[i, :l].tolist()
             info[id(seq)] = {
@@ -314,7 +319,9 @@ class SpeculativeDecoder:
         for k in range(num_accepted):
             st.spec_accepted_per_pos[k] += 1
         if self.skipper is not None:
-            self.skipper.record(seq.request_id, num_accepted, expected_gain=info["expected_gain"])
+            # realised acceptance, not the confidences' promise: an uncalibrated (or untrained)
+            # confidence head must not keep a useless drafter running
+            self.skipper.record(seq.request_id, num_accepted)
         logits = info["logits"]
         if logits is not None:
             if self.online is not None:
@@ -329,6 +336,13 @@ class SpeculativeDecoder:
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         if self.cost_table is not None and num_tokens > 0:
             self.cost_table.observe(num_tokens, seconds)
+        if self.skipper is not None and self._draft_seconds and seconds > 0:
+            # Drafting pays for a request when its accepted drafts per round exceed r / (1 - r),
+            # r = the drafter's share of the step time: the bar the skipper holds requests to.
+            r = min(self._draft_seconds / seconds, 0.9)
+            self._draft_share = r if self._draft_share is None else 0.9 * self._draft_share + 0.1 * r
+            self.skipper.min_gain = max(0.1, self._draft_share / (1.0 - self._draft_share))
+        self._draft_seconds = 0.0
 
     def calibration_report(self) -> dict:
         """Live calibration quality, for metrics and /v1/dspark/calibration."""

@@ -26,11 +26,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as HF: normalise in float32, cast back, then scale.
-        dtype = x.dtype
+        if x.dtype == torch.float32:
+            # one fused kernel; bit-identical to HF's float32 arithmetic
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # HF's arithmetic for half types: normalise in float32, cast back, then scale.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return self.weight * xf.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -47,7 +49,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+        """cos and a sign-folded sin for `apply_rope`, [N, 1, D] each (broadcast over heads)."""
+        cos = self.cos[positions].to(dtype)
+        sin = self.sin[positions].to(dtype)
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
 
 
 def _rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -65,14 +72,11 @@ def _rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, 1.0
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [N, H, D]; cos/sin: [N, D]
-    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+    """HF's x*cos + rotate_half(x)*sin with rotate_half(x) = [-x2, x1] written as
+    roll(x, D/2) times a sin whose first half is negated (fewer ops per layer).
+    x: [N, H, D]; cos/sin: [N, 1, D] from RotaryEmbedding."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -95,18 +99,18 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta, backend):
         n = x.shape[0]
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        v = qkv[:, self.q_size + self.kv_size:].view(n, nkv, hd)
+        if self.q_norm is None:
+            # q and k rotated together: one set of RoPE ops per layer
+            qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, nh + nkv, hd), cos, sin)
+            q, k = qk[:, :nh], qk[:, nh:]
+        else:
+            q = apply_rope(self.q_norm(qkv[:, : self.q_size].view(n, nh, hd)), cos, sin)
+            k = apply_rope(self.k_norm(qkv[:, self.q_size: self.q_size + self.kv_size].view(n, nkv, hd)), cos, sin)
         out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
-        return self.o_proj(out.reshape(n, self.q_size))
+        return F.linear(out.reshape(n, self.q_size), self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
@@ -117,8 +121,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split([self.inter, self.inter], dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = F.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+        return F.linear(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter:], self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):

@@ -9,7 +9,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 
-from dspark_testing import CHAT_PROMPTS, make_random_drafter, make_tiny_model  # noqa: F401
+from dspark_testing import make_random_drafter, make_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,22 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import httpx
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT = 120.0
 
 CHAT_PROMPTS = [
     "Write a haiku about the sea.",
@@ -68,3 +83,87 @@ def make_random_drafter(target_dir_or_model, path, seed: int = 0, **kw):
     drafter.attach_target(target)
     save_drafter(drafter, path)
     return str(path)
+
+
+# ---------------------------------------------------------------- a real server on loopback
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class ServerProcess:
+    """`python -m server.cli serve ...` on a free 127.0.0.1 port, with its log in a file.
+
+    One torch thread unless the args say otherwise (the test client needs the other core).
+    `command_prefix` wraps the command (e.g. a sandbox); `env` adds variables; DSPARK_* from
+    the caller's environment are dropped so that only what the test passes applies.
+    """
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 command_prefix: list[str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("DSPARK_")}
+        full_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        threads = [] if "--num-threads" in args else ["--num-threads", "1"]
+        command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                   *threads, *args]
+        self._log = open(log_path, "w")
+        # The log is a descriptor opened out here: it stays writable inside any sandbox prefix.
+        self.proc = subprocess.Popen([*(command_prefix or []), *command], cwd=REPO, env=full_env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_tail()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def access_lines(self) -> list[dict]:
+        out = []
+        for line in self.log_text().splitlines():
+            m = re.search(r"dspark\.access: (\{.*\})$", line)
+            if m:
+                out.append(json.loads(m.group(1)))
+        return out
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode

@@ -1,7 +1,7 @@
 """Helpers of the deploy tests: paths, the helm binary, PromQL name extraction, a server process.
 
-(A module with a unique name rather than `conftest`; tests/server's helpers are not imported so
-that `pytest tests/deploy` runs on its own.)
+(A module with a unique name rather than `conftest`; the server process is the shared one of
+tests/dspark_testing.py, so that `pytest tests/deploy` runs on its own.)
 """
 
 from __future__ import annotations
@@ -10,16 +10,14 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
+
+from dspark_testing import ServerProcess as BaseServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -147,12 +145,6 @@ def resolve_series(name: str, families: dict[str, str]) -> str | None:
 
 # ---------------------------------------------------------------- a real server
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # What the chart's pod looks like to the server: the root filesystem read-only, writable
 # emptyDirs only at /tmp, DSPARK_CACHE_DIR and $HOME/.cache ($HOME itself read-only). Runs in a
 # private mount namespace (root and `unshare` needed), so nothing outside it changes.
@@ -182,51 +174,15 @@ def read_only_sandbox_available() -> bool:
     return probe.returncode == 0
 
 
-class ServerProcess:
-    """`python -m server.cli serve` on a free loopback port, its log in a file.
-
-    read_only_pod: run it as the chart's pod would see the filesystem (READ_ONLY_POD).
-    """
+class ServerProcess(BaseServerProcess):
+    """The shared test server; read_only_pod runs it as the chart's pod sees the filesystem (READ_ONLY_POD)."""
 
     def __init__(self, args: list[str], log_path: Path, read_only_pod: bool = False):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.read_only_pod = read_only_pod
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DSPARK_")}
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-        command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        env, prefix = {}, None
         if read_only_pod:
             seed = Path(os.environ.get("DSPARK_CACHE_DIR", Path.home() / ".cache" / "dspark"))
-            env.update(HOME="/tmp/home", DSPARK_CACHE_DIR="/tmp/dspark-cache", REPO=str(REPO),
+            env = dict(HOME="/tmp/home", DSPARK_CACHE_DIR="/tmp/dspark-cache", REPO=str(REPO),
                        SEED_CACHE="" if str(seed).startswith("/tmp") else str(seed))
-            command = ["unshare", "-m", "--propagation", "private", "sh", "-c", READ_ONLY_POD, "sh", *command]
-        self._log = open(log_path, "w")
-        # The log is a file descriptor opened out here: it stays writable inside the sandbox.
-        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
+            prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c", READ_ONLY_POD, "sh"]
+        self.read_only_pod = read_only_pod
+        super().__init__(args, log_path, env=env, command_prefix=prefix)
