@@ -146,19 +146,22 @@ def resolve_series(name: str, families: dict[str, str]) -> str | None:
 # ---------------------------------------------------------------- a real server
 
 # What the chart's pod looks like to the server: the root filesystem read-only, writable
-# emptyDirs only at /tmp, DSPARK_CACHE_DIR and $HOME/.cache ($HOME itself read-only). Runs in a
-# private mount namespace (root and `unshare` needed), so nothing outside it changes.
+# emptyDirs only for the temp dir, DSPARK_CACHE_DIR and $HOME/.cache ($HOME itself read-only),
+# stood in for by tmpfs mounts under /mnt (TMPDIR points there). Runs in a private mount
+# namespace (root and `unshare` needed), so nothing outside it changes.
 READ_ONLY_POD = r"""
 set -e
 mount -o remount,bind,ro /
-mount -t tmpfs -o size=512m tmpfs /tmp
-mkdir -p /tmp/home/.cache /tmp/dspark-cache
-mount --bind /tmp/home /tmp/home
-mount -o remount,bind,ro /tmp/home
-mount -t tmpfs -o size=256m tmpfs /tmp/home/.cache
+# The pod's emptyDirs (its /tmp, the cache dir, ~/.cache) live under /mnt here, not over /tmp:
+# the repository and its .venv may themselves be under /tmp (CI clones can be), and must stay visible.
+mount -t tmpfs -o size=512m tmpfs /mnt
+mkdir -p /mnt/tmp /mnt/home/.cache /mnt/dspark-cache
+mount --bind /mnt/home /mnt/home
+mount -o remount,bind,ro /mnt/home
+mount -t tmpfs -o size=256m tmpfs /mnt/home/.cache
 # Like the chart's seed-cache init container: start from an already converted tokenizer.
-if [ -n "$SEED_CACHE" ] && [ -d "$SEED_CACHE" ]; then cp -R "$SEED_CACHE"/. /tmp/dspark-cache/; fi
-if touch /tmp/home/probe 2>/dev/null || touch "$REPO/.rofs-probe" 2>/dev/null; then
+if [ -n "$SEED_CACHE" ] && [ -d "$SEED_CACHE" ]; then cp -R "$SEED_CACHE"/. /mnt/dspark-cache/; fi
+if touch /mnt/home/probe 2>/dev/null || touch "$REPO/.rofs-probe" 2>/dev/null || touch /tmp/.rofs-probe 2>/dev/null; then
   echo "the sandbox is writable outside its emptyDirs"; exit 97
 fi
 exec "$@"
@@ -181,8 +184,8 @@ class ServerProcess(BaseServerProcess):
         env, prefix = {}, None
         if read_only_pod:
             seed = Path(os.environ.get("DSPARK_CACHE_DIR", Path.home() / ".cache" / "dspark"))
-            env = dict(HOME="/tmp/home", DSPARK_CACHE_DIR="/tmp/dspark-cache", REPO=str(REPO),
-                       SEED_CACHE="" if str(seed).startswith("/tmp") else str(seed))
+            env = dict(HOME="/mnt/home", DSPARK_CACHE_DIR="/mnt/dspark-cache", TMPDIR="/mnt/tmp", REPO=str(REPO),
+                       SEED_CACHE=str(seed) if seed.is_dir() else "")
             prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c", READ_ONLY_POD, "sh"]
         self.read_only_pod = read_only_pod
         super().__init__(args, log_path, env=env, command_prefix=prefix)

@@ -14,7 +14,9 @@ MAX_TOKENS = 128
 def spec_engine(llm_fp32, tmp_path_factory):
     drafter = make_random_drafter(llm_fp32.engine.runner.model, tmp_path_factory.mktemp("smol-drafter"), block_size=7)
     return LLMEngine(EngineConfig(dtype="float32", num_threads=2, speculative_config={
-        "method": "dspark", "model": drafter, "num_speculative_tokens": 7}))
+        "method": "dspark", "model": drafter, "num_speculative_tokens": 7,
+        # verify every draft, never skip: the point is many rejecting rounds
+        "verification": "fixed", "draft_skipping": False}))
 
 
 def _requests(tok):
