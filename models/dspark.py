@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .llama import RMSNorm, apply_rope
+from .llama import RMSNorm, apply_rope, check_all_loaded
 
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 
@@ -330,11 +330,7 @@ class DSparkDrafter(nn.Module):
             with torch.no_grad():
                 p.copy_(t)
             loaded.add(name)
-        if unknown:
-            raise ValueError(f"drafter checkpoint has unknown tensors: {sorted(unknown)[:8]}")
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"drafter checkpoint lacks tensors: {missing[:8]}")
+        check_all_loaded(params, loaded, unknown, "drafter checkpoint")
 
 
 def load_drafter(path: str | Path, target=None, dtype: torch.dtype | None = None, device="cpu") -> DSparkDrafter:

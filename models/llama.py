@@ -138,6 +138,15 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def check_all_loaded(params, loaded: set[str], unknown: list[str], what: str) -> None:
+    """A checkpoint must fill every parameter and bring nothing else: either is a clear error."""
+    if unknown:
+        raise ValueError(f"{what} has unknown tensors (the model does not know them): {sorted(unknown)[:8]}")
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"{what} lacks tensors: {missing[:8]}")
+
+
 # HF checkpoint name -> (our parameter name, shard index within a fused weight).
 _FUSED = {
     "q_proj": ("qkv_proj", 0),
@@ -248,8 +257,4 @@ class LlamaForCausalLM(nn.Module):
         for target, got in fused_parts.items():
             if len(got) == len(shard_sizes[target.split(".")[-2]]):
                 loaded.add(target)
-        if unknown:
-            raise ValueError(f"checkpoint has tensors the model does not know: {unknown[:8]}")
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"checkpoint lacks tensors: {missing[:8]}")
+        check_all_loaded(params, loaded, unknown, "checkpoint")

@@ -57,17 +57,21 @@ def _clean(c: float) -> float:
     return 1.0 if c > 1.0 else float(c)
 
 
+def rows_and_limits(confidences, caps: Sequence[int] | None) -> list[tuple[list[float], int]]:
+    """Each request's confidences with the most drafts it may verify (its row length, capped)."""
+    rows = as_rows(confidences)
+    if caps is not None and len(caps) != len(rows):
+        raise ValueError(f"{len(caps)} caps for {len(rows)} requests")
+    return [(row, len(row) if caps is None else max(0, min(len(row), int(caps[r])))) for r, row in enumerate(rows)]
+
+
 def candidates(confidences, caps: Sequence[int] | None = None) -> list[tuple[float, int, int]]:
     """All (a, j, r) with a[r][j] > 0 and j <= cap[r], ranked: a descending, then smaller j, then smaller r.
 
     j is 1-based (the number of drafts verified if (r, j) is the last admitted one).
     """
-    rows = as_rows(confidences)
-    if caps is not None and len(caps) != len(rows):
-        raise ValueError(f"{len(caps)} caps for {len(rows)} requests")
     out = []
-    for r, row in enumerate(rows):
-        limit = len(row) if caps is None else max(0, min(len(row), int(caps[r])))
+    for r, (row, limit) in enumerate(rows_and_limits(confidences, caps)):
         a = 1.0
         for j in range(1, limit + 1):
             a *= _clean(row[j - 1])
@@ -211,12 +215,8 @@ class ThresholdPolicy(VerifyPolicy):
         self.cumulative = cumulative
 
     def plan(self, confidences, caps: Sequence[int] | None = None, base_tokens: int = 0) -> list[int]:
-        rows = as_rows(confidences)
-        if caps is not None and len(caps) != len(rows):
-            raise ValueError(f"{len(caps)} caps for {len(rows)} requests")
         out = []
-        for r, row in enumerate(rows):
-            limit = len(row) if caps is None else max(0, min(len(row), int(caps[r])))
+        for row, limit in rows_and_limits(confidences, caps):
             l, a = 0, 1.0
             while l < limit:
                 c = _clean(row[l])
