@@ -85,6 +85,27 @@ def make_random_drafter(target_dir_or_model, path, seed: int = 0, **kw):
     return str(path)
 
 
+# ---------------------------------------------------------------- driving an engine
+
+def drive(engine, requests, arrivals=None) -> dict:
+    """Run requests [(id, token ids, SamplingParams)] to completion on an LLMEngine.
+
+    arrivals: {step index: [request indices]} to add requests mid-flight (default: all at
+    step 0). Returns {id: final RequestOutput}.
+    """
+    pending = dict(arrivals or {0: list(range(len(requests)))})
+    done, step = {}, 0
+    while pending or engine.has_unfinished_requests():
+        for i in pending.pop(step, []):
+            rid, ids, p = requests[i]
+            engine.add_request(rid, params=p, prompt_token_ids=ids)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        step += 1
+    return done
+
+
 # ---------------------------------------------------------------- a real server on loopback
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from dspark_testing import drive
 from engine import EngineConfig, LLMEngine, RequestError, SamplingParams
 
 
@@ -13,18 +14,6 @@ def _engine(path, **kw):
     cfg = dict(model=path, dtype="float32", num_threads=1, seed=0)
     cfg.update(kw)
     return LLMEngine(EngineConfig(**cfg))
-
-
-def _run(engine, requests):
-    """requests: list of (id, token ids, params); returns {id: final RequestOutput}."""
-    for rid, ids, p in requests:
-        engine.add_request(rid, params=p, prompt_token_ids=ids)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +29,12 @@ def test_chunked_prefill_and_tiny_pools_do_not_change_greedy_output(tiny):
     rng = random.Random(0)
     reqs = [(f"r{i}", _prompt(rng, n), SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
             for i, n in enumerate([5, 70, 130, 33])]
-    ref = _run(_engine(tiny, max_num_batched_tokens=4096), reqs)
+    ref = drive(_engine(tiny, max_num_batched_tokens=4096), reqs)
     chunked_engine = _engine(tiny, max_num_batched_tokens=32)
-    chunked = _run(chunked_engine, reqs)
+    chunked = drive(chunked_engine, reqs)
     # 12 blocks of 16: not all four fit at once, so some are preempted and recomputed
     tight_engine = _engine(tiny, kv_cache_memory=12 * 16 * 2 * 2 * 1 * 16 * 4, max_num_batched_tokens=64)
-    tight = _run(tight_engine, reqs)
+    tight = drive(tight_engine, reqs)
     assert tight_engine.stats.preemptions > 0
     for rid, _, _ in reqs:
         assert chunked[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
@@ -90,26 +79,26 @@ def test_kv_accounting_after_200_mixed_requests(tiny):
 def test_stop_rules(tiny):
     eng = _engine(tiny)
     ids = list(range(10, 30))
-    base = _run(eng, [("a", ids, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))])["a"].outputs[0]
+    base = drive(eng, [("a", ids, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))])["a"].outputs[0]
     assert base.finish_reason == "length" and len(base.token_ids) == 24
     # a stop string taken from the middle of the greedy text
     text = base.text
     stop = text[len(text) // 2: len(text) // 2 + 3]
     cut = text.find(stop)
-    out = _run(eng, [("b", ids, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))])["b"].outputs[0]
+    out = drive(eng, [("b", ids, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))])["b"].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == text[:cut]
-    out = _run(eng, [("c", ids, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop],
+    out = drive(eng, [("c", ids, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop],
                                                 include_stop_str_in_output=True))])["c"].outputs[0]
     assert out.text == text[:cut + len(stop)]
     # a stop token id ends generation at that token (kept in token_ids)
     tok = base.token_ids[5]
     first = base.token_ids.index(tok)
-    out = _run(eng, [("d", ids, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=[tok]))])["d"].outputs[0]
+    out = drive(eng, [("d", ids, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=[tok]))])["d"].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == tok and out.token_ids == base.token_ids[: first + 1]
     # EOS (from the model's generation config) ends it unless ignore_eos
     eos = next(iter(eng.eos_token_ids))
-    out = _run(eng, [("e", ids, SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[base.token_ids[0]]))])["e"].outputs[0]
+    out = drive(eng, [("e", ids, SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[base.token_ids[0]]))])["e"].outputs[0]
     assert out.finish_reason == "stop" and len(out.token_ids) == 1
     assert eos in eng.eos_token_ids
 
@@ -136,15 +125,15 @@ def test_max_model_len_and_bad_prompts(tiny):
         eng.add_request("empty", params=SamplingParams(), prompt_token_ids=[])
     with pytest.raises(RequestError):
         eng.add_request("oov", params=SamplingParams(), prompt_token_ids=[10**9])
-    out = _run(eng, [("fit", list(range(3, 60)), SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))])["fit"]
+    out = drive(eng, [("fit", list(range(3, 60)), SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))])["fit"]
     assert out.outputs[0].finish_reason == "length" and len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 64
 
 
 def test_seeded_sampling_is_reproducible_alone_or_batched(tiny):
     eng = _engine(tiny)
     p = SamplingParams(temperature=1.0, max_tokens=16, seed=7, ignore_eos=True)
-    alone = _run(eng, [("x", list(range(5, 25)), p)])["x"].outputs[0].token_ids
-    mixed = _run(eng, [("y", list(range(5, 25)), p)] + [
+    alone = drive(eng, [("x", list(range(5, 25)), p)])["x"].outputs[0].token_ids
+    mixed = drive(eng, [("y", list(range(5, 25)), p)] + [
         (f"z{i}", list(range(100 + i, 130)), SamplingParams(temperature=1.0, max_tokens=10)) for i in range(4)
     ])
     assert mixed["y"].outputs[0].token_ids == alone

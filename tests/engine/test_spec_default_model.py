@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dspark_testing import CHAT_PROMPTS, make_random_drafter
+from dspark_testing import CHAT_PROMPTS, drive, make_random_drafter
 from engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
 
 MAX_TOKENS = 128
@@ -26,28 +26,19 @@ def _requests(tok):
             for i, p in enumerate(CHAT_PROMPTS)]
 
 
-def _drive(engine, reqs, arrivals):
-    done, step, pending = {}, 0, dict(arrivals)
-    while pending or engine.has_unfinished_requests():
-        for i in pending.pop(step, []):
-            rid, ids, p = reqs[i]
-            engine.add_request(rid, params=p, prompt_token_ids=ids)
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-        step += 1
-    return done
+def _tokens(done: dict) -> dict:
+    return {rid: out.outputs[0].token_ids for rid, out in done.items()}
 
 
 def test_greedy_identical_single_and_batched_with_mid_flight_arrivals(llm_fp32, spec_engine):
     reqs = _requests(llm_fp32.get_tokenizer())
     # reference: plain greedy (batch-invariant, tested elsewhere), all at once
-    ref = _drive(llm_fp32.engine, reqs, {0: list(range(10))})
+    ref = _tokens(drive(llm_fp32.engine, reqs, {0: list(range(10))}))
     # speculative, 8 concurrent of mixed lengths with arrivals mid-flight, then the other 2 one at a time
-    batched = _drive(spec_engine, reqs, {0: [0, 1, 2, 3], 5: [4, 5], 17: [6, 7]})
+    batched = _tokens(drive(spec_engine, reqs, {0: [0, 1, 2, 3], 5: [4, 5], 17: [6, 7]}))
     single = {}
     for i in (8, 9):
-        single.update(_drive(spec_engine, reqs, {0: [i]}))
+        single.update(_tokens(drive(spec_engine, reqs, {0: [i]})))
     for rid, _, _ in reqs:
         got = batched.get(rid, single.get(rid))
         assert got == ref[rid], rid

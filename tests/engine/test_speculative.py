@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dspark_testing import drive, make_random_drafter
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.speculative import Drafts
 
@@ -15,22 +16,6 @@ def _engine(model, drafter=None, gamma=7, verification="fixed", **kw):
     cfg = dict(model=model, dtype="float32", num_threads=1, seed=0, speculative_config=spec)
     cfg.update(kw)
     return LLMEngine(EngineConfig(**cfg))
-
-
-def _run(engine, requests, arrivals=None):
-    """requests: list of (id, ids, params); arrivals: {step index: [request indices]} (the rest at once)."""
-    arrivals = arrivals or {0: list(range(len(requests)))}
-    done, step = {}, 0
-    pending = dict(arrivals)
-    while pending or engine.has_unfinished_requests():
-        for i in pending.pop(step, []):
-            rid, ids, p = requests[i]
-            engine.add_request(rid, params=p, prompt_token_ids=ids)
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        step += 1
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +31,7 @@ def _reqs(n=6, max_tokens=40, **kw):
 def test_oracle_drafter_accepts_everything(tiny_pair, monkeypatch):
     model, drafter = tiny_pair
     reqs = _reqs()
-    ref = _run(_engine(model), reqs)
+    ref = drive(_engine(model), reqs)
     eng = _engine(model, drafter, gamma=4)
     by_prompt = {tuple(ids): ref[rid].outputs[0].token_ids for rid, ids, _ in reqs}
 
@@ -60,7 +45,7 @@ def test_oracle_drafter_accepts_everything(tiny_pair, monkeypatch):
         return Drafts(torch.tensor(toks), torch.full((len(seqs), gamma), 10.0), None)
 
     monkeypatch.setattr(eng.proposer, "propose", oracle)
-    got = _run(eng, reqs)
+    got = drive(eng, reqs)
     for rid, _, _ in reqs:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
     st = eng.stats
@@ -73,7 +58,7 @@ def test_oracle_drafter_accepts_everything(tiny_pair, monkeypatch):
 def test_wrong_drafter_accepts_nothing_and_changes_nothing(tiny_pair, monkeypatch):
     model, drafter = tiny_pair
     reqs = _reqs()
-    ref = _run(_engine(model), reqs)
+    ref = drive(_engine(model), reqs)
     eng = _engine(model, drafter, gamma=4)
     by_prompt = {tuple(ids): ref[rid].outputs[0].token_ids for rid, ids, _ in reqs}
 
@@ -86,7 +71,7 @@ def test_wrong_drafter_accepts_nothing_and_changes_nothing(tiny_pair, monkeypatc
         return Drafts(torch.tensor(toks), torch.full((len(seqs), gamma), 10.0), None)
 
     monkeypatch.setattr(eng.proposer, "propose", wrong)
-    got = _run(eng, reqs)
+    got = drive(eng, reqs)
     for rid, _, _ in reqs:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
     st = eng.stats
@@ -125,8 +110,8 @@ def test_kv_and_drafter_context_equal_a_fresh_prefill(tiny_pair):
 def test_greedy_with_random_drafter_is_token_identical_tiny(tiny_pair, policy):
     model, drafter = tiny_pair
     reqs = _reqs(n=8, max_tokens=64)
-    ref = _run(_engine(model), reqs)
-    got = _run(_engine(model, drafter, gamma=7, verification=policy), reqs, arrivals={0: [0, 1, 2], 3: [3, 4], 9: [5, 6, 7]})
+    ref = drive(_engine(model), reqs)
+    got = drive(_engine(model, drafter, gamma=7, verification=policy), reqs, arrivals={0: [0, 1, 2], 3: [3, 4], 9: [5, 6, 7]})
     for rid, _, _ in reqs:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
 
@@ -134,7 +119,7 @@ def test_greedy_with_random_drafter_is_token_identical_tiny(tiny_pair, policy):
 def test_stop_inside_an_accepted_run_ends_at_the_right_token(tiny_pair, monkeypatch):
     model, drafter = tiny_pair
     reqs = _reqs(n=1, max_tokens=30)
-    ref = _run(_engine(model), reqs)["q0"].outputs[0].token_ids
+    ref = drive(_engine(model), reqs)["q0"].outputs[0].token_ids
     stop_tok = ref[10]
     first = ref.index(stop_tok)
     p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop_token_ids=[stop_tok])
@@ -147,14 +132,12 @@ def test_stop_inside_an_accepted_run_ends_at_the_right_token(tiny_pair, monkeypa
         return Drafts(torch.tensor([row]), torch.full((1, gamma), 10.0), None)
 
     monkeypatch.setattr(eng.proposer, "propose", oracle)
-    out = _run(eng, [("q0", reqs[0][1], p)])["q0"].outputs[0]
+    out = drive(eng, [("q0", reqs[0][1], p)])["q0"].outputs[0]
     assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop"
     assert eng.kv.num_used_blocks == 0
 
 
 def test_speculative_config_errors(tiny_llama_dir, tmp_path):
-    from dspark_testing import make_random_drafter
-
     with pytest.raises(ValueError, match="unknown speculative_config"):
         _engine(tiny_llama_dir, speculative_config={"method": "dspark", "model": "x", "bogus": 1})
     import json
@@ -171,13 +154,11 @@ def test_speculative_config_errors(tiny_llama_dir, tmp_path):
 
 @pytest.mark.parametrize("head_type", ["gated", "rnn"])
 def test_every_sequential_head_variant_runs_losslessly(tiny_llama_dir, tmp_path, head_type):
-    from dspark_testing import make_random_drafter
-
     drafter = make_random_drafter(tiny_llama_dir, tmp_path / head_type, markov_head_type=head_type, markov_rank=8)
     reqs = _reqs(n=3, max_tokens=24)
-    ref = _run(_engine(tiny_llama_dir), reqs)
+    ref = drive(_engine(tiny_llama_dir), reqs)
     eng = _engine(tiny_llama_dir, drafter, gamma=5)
-    got = _run(eng, reqs)
+    got = drive(eng, reqs)
     for rid, _, _ in reqs:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
     assert eng.stats.spec_num_drafts > 0
