@@ -28,6 +28,24 @@ def _reqs(n=6, max_tokens=40, **kw):
             for i in range(n)]
 
 
+def _replay(continuations: dict, transform=lambda t: t):
+    """A drafter stand-in proposing each request's known continuation (after `transform`).
+
+    continuations: prompt token ids (tuple) -> the plain greedy output tokens. The anchor
+    is output k-1, so the drafts are outputs k..k+gamma-1 (padded with 0 past the end).
+    """
+
+    def propose(seqs, block_size, gamma):
+        rows = []
+        for s in seqs:
+            cont = list(continuations[tuple(s.prompt_token_ids)]) + [0] * gamma
+            k = s.num_output_tokens
+            rows.append([transform(t) for t in cont[k:k + gamma]])
+        return Drafts(torch.tensor(rows), torch.full((len(seqs), gamma), 10.0), None)
+
+    return propose
+
+
 def test_oracle_drafter_accepts_everything(tiny_pair, monkeypatch):
     model, drafter = tiny_pair
     reqs = _reqs()
@@ -35,16 +53,7 @@ def test_oracle_drafter_accepts_everything(tiny_pair, monkeypatch):
     eng = _engine(model, drafter, gamma=4)
     by_prompt = {tuple(ids): ref[rid].outputs[0].token_ids for rid, ids, _ in reqs}
 
-    def oracle(seqs, block_size, gamma):
-        toks = []
-        for s in seqs:
-            cont = by_prompt[tuple(s.prompt_token_ids)]
-            k = s.num_output_tokens  # the anchor is output k-1; drafts are outputs k..k+gamma-1
-            row = cont[k:k + gamma]
-            toks.append(row + [0] * (gamma - len(row)))
-        return Drafts(torch.tensor(toks), torch.full((len(seqs), gamma), 10.0), None)
-
-    monkeypatch.setattr(eng.proposer, "propose", oracle)
+    monkeypatch.setattr(eng.proposer, "propose", _replay(by_prompt))
     got = drive(eng, reqs)
     for rid, _, _ in reqs:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
@@ -62,15 +71,7 @@ def test_wrong_drafter_accepts_nothing_and_changes_nothing(tiny_pair, monkeypatc
     eng = _engine(model, drafter, gamma=4)
     by_prompt = {tuple(ids): ref[rid].outputs[0].token_ids for rid, ids, _ in reqs}
 
-    def wrong(seqs, block_size, gamma):
-        toks = []
-        for s in seqs:
-            cont = by_prompt[tuple(s.prompt_token_ids)] + [0] * 8
-            k = s.num_output_tokens
-            toks.append([(t + 1) % 1000 for t in cont[k:k + gamma]])
-        return Drafts(torch.tensor(toks), torch.full((len(seqs), gamma), 10.0), None)
-
-    monkeypatch.setattr(eng.proposer, "propose", wrong)
+    monkeypatch.setattr(eng.proposer, "propose", _replay(by_prompt, lambda t: (t + 1) % 1000))
     got = drive(eng, reqs)
     for rid, _, _ in reqs:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
@@ -125,13 +126,7 @@ def test_stop_inside_an_accepted_run_ends_at_the_right_token(tiny_pair, monkeypa
     p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop_token_ids=[stop_tok])
     eng = _engine(model, drafter, gamma=7)
 
-    def oracle(seqs, block_size, gamma):
-        s = seqs[0]
-        k = s.num_output_tokens
-        row = (ref + [0] * 10)[k:k + gamma]
-        return Drafts(torch.tensor([row]), torch.full((1, gamma), 10.0), None)
-
-    monkeypatch.setattr(eng.proposer, "propose", oracle)
+    monkeypatch.setattr(eng.proposer, "propose", _replay({tuple(reqs[0][1]): ref}))
     out = drive(eng, [("q0", reqs[0][1], p)])["q0"].outputs[0]
     assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop"
     assert eng.kv.num_used_blocks == 0
