@@ -130,19 +130,23 @@ class DraftProposer:
             gather[i, :n] = blocks[j[:n] // block_size] * block_size + j[:n] % block_size
         gather = gather.to(dev)
         mask = (j[None, :] < torch.tensor(ctx_lens)[:, None]).to(dev)
-        ctx = [(self.pool[i, 0][gather], self.pool[i, 1][gather]) for i in range(self.pool.shape[0])]
+        flat = gather.reshape(-1)
+        shape = (r, max_ctx, *self.pool.shape[3:])
+        ctx = [(self.pool[i, 0].index_select(0, flat).view(shape), self.pool[i, 1].index_select(0, flat).view(shape))
+               for i in range(self.pool.shape[0])]
         anchors = torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.long, device=dev)
         anchor_pos = torch.tensor(ctx_lens, dtype=torch.long, device=dev)
         d = self.drafter
         h = d.backbone(anchors, anchor_pos, ctx, mask, gamma)  # [R, g, d]
-        base = d.base_logits(h).float()  # [R, g, V]
+        base = d.base_logits(h).float()  # [R, g, V'] (V' = the draft vocabulary, V when unrestricted)
         greedy = [s.params.greedy for s in seqs]
         stochastic = [i for i, g in enumerate(greedy) if not g]
         warp_args = _params_tensors([seqs[i].params for i in stochastic], dev) if stochastic else None
         gens = [seqs[i].generator for i in stochastic]
         tokens = torch.empty(r, gamma, dtype=torch.long, device=dev)
         conf = torch.zeros(r, gamma, device=dev) if d.confidence_head is not None else None
-        probs = torch.zeros(r, gamma, base.shape[-1], device=dev) if stochastic else None
+        vocab = d._lm_head_weight.shape[0]
+        probs = torch.zeros(r, gamma, vocab, device=dev) if stochastic else None
         prev = anchors
         state = None
         for k in range(gamma):
@@ -157,8 +161,13 @@ class DraftProposer:
             x = logits.argmax(dim=-1)
             if stochastic:
                 p = warp_probs(logits[stochastic], *warp_args)
-                probs[stochastic, k] = p
                 x[stochastic] = _draw(p, gens)
+                if d.d2t is not None:  # zero draft mass outside V': rejection sampling stays exact
+                    full = p.new_zeros(p.shape[0], vocab)
+                    full[:, d.d2t] = p
+                    p = full
+                probs[stochastic, k] = p
+            x = d.to_target_ids(x)
             tokens[:, k] = x
             prev = x
         return Drafts(tokens, conf, probs)
@@ -246,6 +255,10 @@ class SpeculativeDecoder:
             cap = self.gamma if p.max_draft_tokens is None else min(self.gamma, p.max_draft_tokens)
             if p.has_penalties:
                 cap = 0  # penalties depend on every previous token, drafts included
+            if p.seed is not None and not p.greedy:
+                # a seeded sample must be reproducible: with drafts, the random draws it consumes
+                # depend on the verification lengths, which depend on load and timing
+                cap = 0
             if p.max_tokens is not None:
                 cap = min(cap, p.max_tokens - seq.num_output_tokens - 1)
             cap = min(cap, self.max_model_len - len(seq.token_ids) - 1)

@@ -54,6 +54,9 @@ class DSparkConfig:
     rope_theta: float = 1000000.0
     rope_parameters: dict | None = None
     max_position_embeddings: int = 32768
+    # Restricted draft vocabulary (FR-Spec / EAGLE-3 style): the drafter scores only these target
+    # token ids, stored as the `d2t` index tensor beside the weights. None: the full vocabulary.
+    draft_vocab_size: int | None = None
     extra: dict = field(default_factory=dict)  # every other field of config.json, written back on save
 
     _OWN = (
@@ -61,6 +64,7 @@ class DSparkConfig:
         "head_dim", "vocab_size", "rms_norm_eps", "block_size", "mask_token_id", "target_layer_ids",
         "num_target_layers", "markov_rank", "markov_head_type", "enable_confidence_head",
         "confidence_head_with_markov", "attention_bias", "num_anchors", "max_position_embeddings",
+        "draft_vocab_size",
     )
 
     @classmethod
@@ -96,6 +100,7 @@ class DSparkConfig:
             rope_theta=float(theta),
             rope_parameters=rope_params,
             max_position_embeddings=d.get("max_position_embeddings", 32768),
+            draft_vocab_size=d.get("draft_vocab_size"),
             extra={k: v for k, v in d.items() if k not in cls._OWN},
         )
 
@@ -106,6 +111,8 @@ class DSparkConfig:
         d["markov_rank"] = self.markov_rank if self.enable_markov_head else 0
         d.setdefault("architectures", ["Qwen3DSparkModel"])
         d.setdefault("model_type", "qwen3")
+        if self.draft_vocab_size is None:
+            d.pop("draft_vocab_size")
         d["tie_word_embeddings"] = False
         d["rope_theta"] = self.rope_theta
         if self.rope_parameters:
@@ -184,19 +191,21 @@ class MarkovHead(nn.Module):
     def __init__(self, cfg: DSparkConfig):
         super().__init__()
         r, d, v = cfg.markov_rank, cfg.hidden_size, cfg.vocab_size
+        dv = cfg.draft_vocab_size or v  # W1 reads any previous token; W2 writes draft-vocabulary logits
         self.kind = cfg.markov_head_type
         if self.kind not in MARKOV_HEAD_TYPES:
             raise ValueError(f"markov_head_type must be one of {MARKOV_HEAD_TYPES}, got {self.kind!r}")
         self.rank = r
         self.markov_w1 = nn.Embedding(v, r)
-        self.markov_w2 = nn.Linear(r, v, bias=False)
+        self.markov_w2 = nn.Linear(r, dv, bias=False)
         if self.kind == "gated":
             self.gate_proj = nn.Linear(d + r, r, bias=True)
         if self.kind == "rnn":
             self.joint_proj = nn.Linear(2 * r + d, 3 * r, bias=True)
 
     def step(self, prev_emb: torch.Tensor, h: torch.Tensor, state: torch.Tensor | None):
-        """One position: prev_emb = W1[x_{k-1}] [..., r], h = h_k [..., d] -> (B_k [..., V], new state)."""
+        """One position: prev_emb = W1[x_{k-1}] [..., r], h = h_k [..., d] -> (B_k [..., V'], new state)
+        (V' the draft vocabulary)."""
         if self.kind == "vanilla":
             return self.markov_w2(prev_emb), state
         if self.kind == "gated":
@@ -236,6 +245,8 @@ def check_compatible(cfg: DSparkConfig, tc) -> None:
         problems.append(f"target_layer_ids {bad_ids} outside the target's {tc.num_layers} layers")
     if cfg.num_target_layers and cfg.num_target_layers != tc.num_layers:
         problems.append(f"num_target_layers {cfg.num_target_layers} vs target {tc.num_layers}")
+    if cfg.draft_vocab_size is not None and not 0 < cfg.draft_vocab_size <= tc.vocab_size:
+        problems.append(f"draft_vocab_size {cfg.draft_vocab_size} outside 1..{tc.vocab_size}")
     if not 0 <= cfg.mask_token_id < tc.vocab_size:
         problems.append(f"mask_token_id {cfg.mask_token_id} outside the vocabulary")
     if problems:
@@ -254,9 +265,14 @@ class DSparkDrafter(nn.Module):
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         self.markov_head = MarkovHead(cfg) if cfg.enable_markov_head else None
         self.confidence_head = ConfidenceHead(cfg) if cfg.enable_confidence_head else None
+        if cfg.draft_vocab_size is not None:  # draft index -> target token id
+            self.register_buffer("d2t", torch.arange(cfg.draft_vocab_size, dtype=torch.long))
+        else:
+            self.d2t = None
         # The target's embedding, lm_head and RoPE tables, attached (not owned) by `attach_target`.
         object.__setattr__(self, "_embed", None)
         object.__setattr__(self, "_lm_head_weight", None)
+        object.__setattr__(self, "_draft_head", None)
         object.__setattr__(self, "rotary", None)
 
     # ---------------------------------------------------------------- wiring
@@ -267,14 +283,32 @@ class DSparkDrafter(nn.Module):
         # Plain attributes, not submodules: the target owns them (no copy, no second state_dict entry).
         object.__setattr__(self, "_embed", target.embed_tokens)
         object.__setattr__(self, "_lm_head_weight", target.lm_head_weight)
+        self.refresh_draft_head()
         # DeepSpec drafters copy the target's config, RoPE included: share its tables.
         object.__setattr__(self, "rotary", target.rotary)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self._embed(ids)
 
+    def refresh_draft_head(self) -> None:
+        """The lm_head rows of the draft vocabulary (a gathered view of the target's head: the
+        only extra memory of a restricted vocabulary, V' x d)."""
+        w = self._lm_head_weight
+        if w is None:
+            return
+        if self.d2t is not None:
+            if int(self.d2t.min()) < 0 or int(self.d2t.max()) >= w.shape[0]:
+                raise ValueError("drafter d2t holds token ids outside the target's vocabulary")
+            w = w.detach()[self.d2t.to(w.device)]
+        object.__setattr__(self, "_draft_head", w)
+
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self._lm_head_weight)
+        """U = lm_head(h) over the draft vocabulary [..., V']."""
+        return F.linear(h, self._draft_head)
+
+    def to_target_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary indices -> target token ids."""
+        return idx if self.d2t is None else self.d2t[idx]
 
     # ---------------------------------------------------------------- compute
 
@@ -311,6 +345,8 @@ class DSparkDrafter(nn.Module):
         """DeepSpec tensor names in; copies of the target's embedding / lm_head are skipped
         (checked against the target when given). Unknown or missing tensors are errors."""
         params = dict(self.named_parameters())
+        if self.d2t is not None:
+            params["d2t"] = self.d2t
         loaded, unknown = set(), []
         for name, t in weights:
             if name.startswith("model."):
@@ -325,6 +361,8 @@ class DSparkDrafter(nn.Module):
                 unknown.append(name)
                 continue
             p = params[name]
+            if name == "d2t" and p.dtype != t.dtype:
+                t = t.to(p.dtype)
             if tuple(p.shape) != tuple(t.shape):
                 raise ValueError(f"shape mismatch for drafter tensor {name}: checkpoint {tuple(t.shape)} vs model {tuple(p.shape)}")
             with torch.no_grad():
@@ -358,13 +396,14 @@ def load_drafter(path: str | Path, target=None, dtype: torch.dtype | None = None
                     yield k, sf.get_tensor(k)
 
     drafter.load_weights(tensors(), target)
-    drafter = drafter.to(device=device, dtype=dtype or torch.float32).eval()
+    drafter = drafter.to(device=device, dtype=dtype or torch.float32).eval()  # d2t stays an integer index
     if target is not None:
         drafter.attach_target(target)
     return drafter
 
 
-def save_drafter(drafter: DSparkDrafter, path: str | Path, include_shared: bool = False) -> None:
+def save_drafter(drafter: DSparkDrafter, path: str | Path, include_shared: bool = False,
+                 dtype: torch.dtype | None = None) -> None:
     """Write config.json + model.safetensors in the DeepSpec format.
 
     `include_shared` also writes the target's embedding and lm_head (as released
@@ -374,10 +413,14 @@ def save_drafter(drafter: DSparkDrafter, path: str | Path, include_shared: bool 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(drafter.config.to_dict(), indent=2) + "\n")
-    sd = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
+    def cast(t: torch.Tensor) -> torch.Tensor:  # `dtype` applies to weights, never to the d2t index
+        t = t.detach().cpu()
+        return (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+
+    sd = {k: cast(v) for k, v in drafter.state_dict().items()}
     if include_shared:
-        sd["embed_tokens.weight"] = drafter._embed.weight.detach().cpu().contiguous()
-        sd["lm_head.weight"] = drafter._lm_head_weight.detach().cpu().clone().contiguous()
+        sd["embed_tokens.weight"] = cast(drafter._embed.weight)
+        sd["lm_head.weight"] = cast(drafter._lm_head_weight.clone())
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 

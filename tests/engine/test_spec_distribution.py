@@ -54,7 +54,16 @@ def toy(tmp_path_factory):
     sd["norm.weight"] = torch.full_like(sd["norm.weight"], 8.0)
     sd["markov_head.markov_w2.weight"] = sd["markov_head.markov_w2.weight"] * 4.0
     save_file(sd, str(dpath / "model.safetensors"), metadata={"format": "pt"})
-    return str(path), str(dpath)
+    # The same drafter over a restricted draft vocabulary (FR-Spec style): only 5 of the 8 tokens
+    # can be drafted, so the draft distribution puts zero mass on the others.
+    rpath = tmp_path_factory.mktemp("toy-drafter-restricted")
+    make_random_drafter(str(path), rpath, seed=5, block_size=7, markov_rank=8, mask_token_id=0, draft_vocab_size=5)
+    sd = load_file(str(rpath / "model.safetensors"))
+    sd["d2t"] = torch.tensor([0, 2, 3, 5, 6])
+    sd["norm.weight"] = torch.full_like(sd["norm.weight"], 8.0)
+    sd["markov_head.markov_w2.weight"] = sd["markov_head.markov_w2.weight"] * 4.0
+    save_file(sd, str(rpath / "model.safetensors"), metadata={"format": "pt"})
+    return str(path), str(dpath), str(rpath)
 
 
 def _exact_joint(engine, top_p):
@@ -107,18 +116,20 @@ def _pvalue(counts, probs):
     return chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
 
 
-def _engine(toy, gamma, policy="fixed"):
-    target, drafter = toy
+def _engine(toy, gamma, policy="fixed", restricted=False):
+    target, drafter, restricted_drafter = toy
+    drafter = restricted_drafter if restricted else drafter
     return LLMEngine(EngineConfig(model=target, dtype="float32", num_threads=1, max_num_seqs=256,
                                   max_num_batched_tokens=4096, speculative_config={
                                       "method": "dspark", "model": drafter, "num_speculative_tokens": gamma,
                                       "verification": policy, "draft_skipping": False}))
 
 
-@pytest.mark.parametrize("gamma,top_p,policy", [(1, 1.0, "fixed"), (3, 1.0, "fixed"), (7, 1.0, "fixed"),
-                                                (7, 0.8, "fixed"), (7, 1.0, "scheduled"), (7, 1.0, "async")])
-def test_sampled_output_matches_target_distribution(toy, gamma, top_p, policy):
-    eng = _engine(toy, gamma, policy)
+@pytest.mark.parametrize("gamma,top_p,policy,restricted", [
+    (1, 1.0, "fixed", False), (3, 1.0, "fixed", False), (7, 1.0, "fixed", False), (7, 0.8, "fixed", False),
+    (7, 1.0, "scheduled", False), (7, 1.0, "async", False), (7, 1.0, "fixed", True)])
+def test_sampled_output_matches_target_distribution(toy, gamma, top_p, policy, restricted):
+    eng = _engine(toy, gamma, policy, restricted)
     counts = _empirical(eng, gamma, top_p)
     st = eng.stats
     # the drafter disagrees strongly: many rejections, yet some acceptances
