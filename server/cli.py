@@ -42,7 +42,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None, help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on GPUs and CPUs with native bf16, else float32")
+                   help="auto: bfloat16 on GPUs and on CPUs with AMX (faster there), else float32")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
@@ -61,9 +61,26 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="append every verification round (confidence logits, verified, accepted) to this JSONL")
 
 
+def default_speculative_config(model: str | None, speculative_config: dict | None) -> dict | None:
+    """With the embedded default model, serve with the embedded drafter (when this install has
+    one): with no --speculative-config, or one that sets dspark options without a "model";
+    `{"method": "none"}` turns speculation off."""
+    if model is not None:
+        return speculative_config
+    from models.loader import default_drafter_path
+
+    path = default_drafter_path()
+    if speculative_config is None:
+        return {"method": "dspark", "model": path} if path else None
+    if speculative_config.get("method", "dspark") == "dspark" and not speculative_config.get("model") and path:
+        return {**speculative_config, "method": "dspark", "model": path}  # dspark settings, embedded drafter
+    return speculative_config
+
+
 def engine_config_from_args(args: argparse.Namespace):
     from engine import EngineConfig
 
+    args.speculative_config = default_speculative_config(args.model, args.speculative_config)
     return EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
@@ -106,8 +123,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    """Fit STS temperatures from a --record-acceptance log and write calibration.json."""
+    """Fit STS temperatures from a --record-acceptance log (or by serving the held-out prompts of
+    a gen-data dataset with the drafter) and write calibration.json."""
     import numpy as np
+
+    if args.data or args.drafter:
+        if not (args.data and args.drafter) or args.input:
+            print("calibrate takes either a --record-acceptance log, or --drafter DIR with --data DIR", file=sys.stderr)
+            return 2
+        from training.evaluate import calibrate_drafter
+
+        res = calibrate_drafter(args.drafter, args.data, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
+                                model=args.model, num_threads=args.num_threads)
+        print(json.dumps(res))
+        return 0
+    if not args.input:
+        print("calibrate needs a --record-acceptance log, or --drafter with --data", file=sys.stderr)
+        return 2
 
     from scheduler import STSCalibrator
 
@@ -149,9 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     prof.set_defaults(func=cmd_profile)
 
     cal = sub.add_parser("calibrate", help="fit drafter confidence temperatures (STS) from a --record-acceptance log")
-    cal.add_argument("input", help="JSONL written by --record-acceptance")
+    cal.add_argument("input", nargs="?", help="JSONL written by --record-acceptance")
+    cal.add_argument("--drafter", default=None, help="drafter directory: calibrate by serving the held-out prompts of --data")
+    cal.add_argument("--data", default=None, help="dspark gen-data directories, comma-separated (their validation split)")
+    cal.add_argument("--model", default=None, help="the target (default: the embedded model)")
+    cal.add_argument("--num-prompts", type=int, default=64)
+    cal.add_argument("--max-tokens", type=int, default=128)
+    cal.add_argument("--num-threads", type=int, default=None)
     cal.add_argument("--output", default=None, help="calibration.json path (default: beside the input)")
     cal.set_defaults(func=cmd_calibrate)
+
+    from training.cli import add_training_parsers
+
+    add_training_parsers(sub)
 
     try:
         from .serve import add_serve_parser

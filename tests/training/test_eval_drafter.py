@@ -1,0 +1,54 @@
+"""eval-drafter: the statistics from recorded rounds, and one real run on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from scheduler.calibration import STSCalibrator
+from training.evaluate import analyse_rounds, auc, eval_drafter
+
+
+def test_auc_by_hand():
+    assert auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert auc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)
+    assert auc(np.array([0.2, 0.3]), np.array([1, 1])) is None
+
+
+def test_rounds_give_tau_conditional_acceptance_and_the_threshold_sweep():
+    # gamma 3; four rounds with 0, 1, 3, 2 accepted of 3 verified
+    logits = np.array([[-1.0, 0.0, 0.0], [2.0, -2.0, 0.0], [3.0, 3.0, 3.0], [2.0, 1.0, -1.0]])
+    acc = np.array([0, 1, 3, 2])
+    ver = np.array([3, 3, 3, 3])
+    res = analyse_rounds(logits, acc, ver)
+    assert res["tau"] == pytest.approx((1 + 2 + 4 + 3) / 4)
+    pos = res["positions"]
+    assert pos[0]["acceptance"] == pytest.approx(3 / 4)  # 3 of 4 rounds accept x1
+    assert pos[1]["n"] == 3 and pos[1]["acceptance"] == pytest.approx(2 / 3)
+    assert pos[2]["n"] == 2 and pos[2]["acceptance"] == pytest.approx(1 / 2)
+    assert pos[0]["auc"] == pytest.approx(1.0)  # the one rejection has the lowest confidence
+    sweep = {s["threshold"]: s for s in res["threshold_sweep"]}
+    # t = 0.5: verify while sigmoid(logit) >= 0.5 -> l = 0, 1, 3, 2 -> tokens min(a, l) + 1
+    assert sweep[0.5]["verified_per_round"] == pytest.approx((0 + 1 + 3 + 2) / 4)
+    assert sweep[0.5]["tokens_per_round"] == pytest.approx((1 + 2 + 4 + 3) / 4)
+    assert sweep[0.95]["verified_per_round"] == pytest.approx((0 + 0 + 3 + 0) / 4)
+    cal = STSCalibrator([2.0, 1.0, 1.0])
+    res2 = analyse_rounds(logits, acc, ver, cal)
+    assert "ece_calibrated" in res2["positions"][0] and res2["reliability_calibrated"][0]["count"]
+
+
+def test_eval_drafter_runs_real_speculative_decoding(tmp_path, tiny_llama_dir, tiny_drafter_dir):
+    prompts = tmp_path / "set.jsonl"
+    prompts.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in ["Hi", "Count to five", "Name a color"]))
+    report = eval_drafter(tiny_drafter_dir, {"tiny": str(prompts)}, str(tmp_path / "out"), num_prompts=3,
+                          max_tokens=12, temperatures=(0.0, 1.0), model=tiny_llama_dir, num_threads=1)
+    for key in ("temperature_0", "temperature_1"):
+        res = report["results"][key]["tiny"]
+        assert res["rounds"] > 0 and res["tau"] >= 1.0
+        assert len(res["positions"]) == 7
+        assert (tmp_path / "out" / f"acceptance-{key}.png").stat().st_size > 0
+        assert (tmp_path / "out" / f"reliability-{key}.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert saved["results"]["temperature_0"]["tiny"]["prompts"] == 3

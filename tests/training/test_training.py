@@ -1,0 +1,234 @@
+"""Drafter training: the block mask, label alignment, the loss, a learning test, gen-data round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models.dspark import load_drafter
+from models.loader import load_model
+from training.data import MANIFEST, GenDataConfig, gen_data, read_manifest, write_json_atomic, write_shard
+from training.trainer import (
+    CachedDataset, TrainConfig, block_attention, build_drafter, context_mask, drafter_loss, evaluate,
+    expected_tau_from_tv, make_blocks, position_weights, sparse_tv, train_drafter,
+)
+
+
+def test_context_mask_never_shows_a_block_its_own_future():
+    m = context_mask(torch.tensor([3, 5]), 8)
+    assert m[0].tolist() == [True] * 3 + [False] * 5
+    assert m[1].tolist() == [True] * 5 + [False] * 3
+
+
+def test_block_attention_sees_past_context_and_its_whole_block_only():
+    torch.manual_seed(0)
+    a, g, h, hk, d, c = 2, 4, 4, 2, 8, 10
+    q = torch.randn(a, g, h, d)
+    ck, cv = torch.randn(c, hk, d), torch.randn(c, hk, d)
+    bk, bv = torch.randn(a, g, hk, d), torch.randn(a, g, hk, d)
+    anchors = torch.tensor([4, 7])
+    cmask = context_mask(anchors, c)
+    out = block_attention(q, ck, cv, bk, bv, cmask, d**-0.5)
+    # changing context at or after block 0's anchor leaves block 0 unchanged, but not block 1
+    ck2, cv2 = ck.clone(), cv.clone()
+    ck2[5], cv2[5] = torch.randn(hk, d), torch.randn(hk, d)
+    out2 = block_attention(q, ck2, cv2, bk, bv, cmask, d**-0.5)
+    assert torch.allclose(out2[0], out[0])
+    assert not torch.allclose(out2[1], out[1])
+    # bidirectional within the block: the first position sees the last one's key/value
+    bv2 = bv.clone()
+    bv2[0, g - 1] += 1.0
+    out3 = block_attention(q, ck, cv, bk, bv2, cmask, d**-0.5)
+    assert not torch.allclose(out3[0, 0], out[0, 0])
+    assert torch.allclose(out3[1], out[1])  # ... and never another block's
+    # the same numbers as a dense masked softmax over [context | own block]
+    rep = h // hk
+    for i in range(a):
+        keys = torch.cat([ck, bk[i]]).repeat_interleave(rep, 1)
+        vals = torch.cat([cv, bv[i]]).repeat_interleave(rep, 1)
+        mask = torch.cat([cmask[i], torch.ones(g, dtype=torch.bool)])
+        s = torch.einsum("ghd,khd->hgk", q[i], keys) * d**-0.5
+        p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+        ref = torch.einsum("hgk,khd->ghd", p, vals).reshape(g, h * d)
+        assert torch.allclose(out[i], ref, atol=1e-5)
+
+
+def test_label_alignment():
+    anchors = torch.tensor([5, 8])
+    pos, rows, valid = make_blocks(seq_len=11, prompt_len=5, gamma=4, anchors=anchors)
+    assert pos[0].tolist() == [6, 7, 8, 9]  # block position k predicts anchor + k
+    assert rows[0].tolist() == [1, 2, 3, 4]  # target output at q-1 = response row q - prompt_len
+    assert valid[1].tolist() == [True, True, False, False]  # 9, 10 inside; 11, 12 past the end
+
+
+def test_sparse_tv_by_hand():
+    log_pd = torch.tensor([[0.5, 0.3, 0.2, 0.0]]).clamp_min(1e-30).log()
+    tv = sparse_tv(log_pd, torch.tensor([[0, 3]]), torch.tensor([[0.6, 0.4]]))
+    assert tv.item() == pytest.approx(0.5, abs=1e-6)  # overlap min(.5,.6) + min(0,.4) = .5
+    tv_out = sparse_tv(log_pd, torch.tensor([[1, -1]]), torch.tensor([[0.5, 0.5]]))  # -1: outside V'
+    assert tv_out.item() == pytest.approx(1 - 0.3, abs=1e-6)
+    assert position_weights(3, 4.0).tolist() == pytest.approx([1.0, 0.7788008, 0.6065307])
+    assert expected_tau_from_tv([0.5, 0.5]) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def _chain_dataset(path, vocab_ids, n_seqs=48, seed=0, hidden_dim=32, layers=1):
+    """A dataset whose responses follow a fixed permutation chain (next = perm[cur]), with
+    one-hot target distributions: a drafter must learn it."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor(vocab_ids)
+    perm = ids[torch.randperm(len(ids), generator=g)]
+    nxt = {int(a): int(b) for a, b in zip(ids, perm)}
+    path.mkdir(parents=True, exist_ok=True)
+    manifest = {"shards": [], "config": {"target_layer_ids": list(range(layers)), "top_k": 4}}
+    for shard in range(2):
+        seqs, plens, hid, tki, tkp, val = [], [], [], [], [], []
+        for s in range(n_seqs // 2):
+            prompt = ids[torch.randint(len(ids), (6,), generator=g)].tolist()
+            cur = prompt[-1]
+            resp = []
+            for _ in range(30):
+                cur = nxt[cur]
+                resp.append(cur)
+            seq = prompt + resp
+            seqs.append(seq)
+            plens.append(len(prompt))
+            hid.append(torch.randn(len(seq), layers * hidden_dim, generator=g))
+            for q in range(len(prompt), len(seq)):  # distribution of the token at q
+                others = [t for t in vocab_ids[:4] if t != seq[q]][:3]
+                tki.append([seq[q]] + others)
+                tkp.append([1.0, 0.0, 0.0, 0.0])
+            val.append(s % 8 == 0)
+        write_shard(path, manifest, seqs, plens, val, torch.cat(hid), torch.tensor(tki), torch.tensor(tkp))
+    write_json_atomic(path / MANIFEST, manifest)
+    return nxt
+
+
+def test_a_few_hundred_steps_drive_the_tv_loss_down(tmp_path, tiny_llama_dir):
+    torch.manual_seed(0)
+    _chain_dataset(tmp_path / "data", list(range(300, 340)))
+    cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=tiny_llama_dir, block_size=4,
+                      markov_rank=16, draft_vocab_size=64, steps=150, seqs_per_step=4, anchors_per_seq=16,
+                      lr=1e-2, eval_every=150, save_every=1000, init_from_target=False)
+    loaded = load_model(tiny_llama_dir, dtype="float32")
+    ds = CachedDataset(cfg.data)
+    tr, t2d = build_drafter(cfg, ds, loaded)
+    before = evaluate(tr, ds, cfg, t2d, ds.val)
+    summary = train_drafter(cfg)
+    after = summary["val"]
+    assert before["tv"] > 0.9
+    assert after["tv"] < 0.35 * before["tv"], (before["tv"], after["tv"])
+    assert after["tau_greedy"] > before["tau_greedy"] + 1.0
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["info"]["draft_vocab"] == 64 and log[-1]["step"] == 150
+
+
+def test_drafter_loss_matches_a_hand_made_case(tmp_path, tiny_llama_dir):
+    """With zero logits over V' (uniform p_d) the TV term is 1 - sum_top-k min(1/V', p_t)."""
+    _chain_dataset(tmp_path / "data", list(range(300, 340)), n_seqs=4)
+    cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=tiny_llama_dir, block_size=3,
+                      markov_rank=8, draft_vocab_size=64, init_from_target=False, confidence_head=False)
+    loaded = load_model(tiny_llama_dir, dtype="float32")
+    ds = CachedDataset(cfg.data)
+    tr, t2d = build_drafter(cfg, ds, loaded)
+    with torch.no_grad():
+        tr.drafter.norm.weight.zero_()  # h = 0 -> U = 0; W2 starts at zero -> B = 0
+    ids, hidden, p, tki, tkp = ds.sequence(ds.train[0])
+    loss, st = drafter_loss(tr, [(ids, hidden, p, tki, tkp, torch.tensor([p, p + 3]))], cfg, t2d)
+    tv = 1 - 1 / 64
+    ce = torch.log(torch.tensor(64.0)).item()
+    assert st["tv"] == pytest.approx(tv, abs=1e-5)
+    assert st["ce"] == pytest.approx(ce, abs=1e-4)
+    assert loss.item() == pytest.approx(0.1 * ce + 0.9 * tv, abs=1e-4)
+
+
+def test_training_forward_is_the_serving_backbone(tmp_path, tiny_llama_dir):
+    """The packed training forward (one masked call per sequence) equals the engine's backbone
+    run block by block with the context K/V of positions < anchor."""
+    _chain_dataset(tmp_path / "data", list(range(300, 340)), n_seqs=4)
+    cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=tiny_llama_dir, block_size=4,
+                      markov_rank=8, draft_vocab_size=64, num_layers=2, init_from_target=False)
+    loaded = load_model(tiny_llama_dir, dtype="float32")
+    ds = CachedDataset(cfg.data)
+    tr, _ = build_drafter(cfg, ds, loaded)
+    ids, hidden, p, _, _ = ds.sequence(ds.train[0])
+    anchors = torch.tensor([p, p + 5, len(ids) - 2])
+    with torch.no_grad():
+        got = tr.forward_sequence(ids, hidden, anchors, 4)
+        d = tr.export()
+        h_ctx = d.context_features([hidden.float()])
+        kv = d.context_kv(h_ctx, torch.arange(len(ids)))
+        for i, a in enumerate(anchors.tolist()):
+            ctx = [(k[None, :a], v[None, :a]) for k, v in kv]
+            ref = d.backbone(ids[a:a + 1], torch.tensor([a]), ctx, torch.ones(1, a, dtype=torch.bool), 4)
+            assert torch.allclose(got[i], ref[0], atol=1e-4), (got[i] - ref[0]).abs().max()
+
+
+def test_gen_data_resumes_and_a_trained_drafter_serves_losslessly(tmp_path, tiny_llama_dir):
+    from engine import LLM, SamplingParams
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"turns": [f"Say something about {w}."]}) + "\n"
+                               for w in ["cats", "dogs", "rain", "tea", "maps", "code"]))
+    cfg = GenDataConfig(out=str(tmp_path / "data"), model=tiny_llama_dir, prompts=str(prompts), num_prompts=3,
+                        shard_size=3, max_tokens=12, temperature=0.0, target_layer_ids=(0,), top_k=8,
+                        dtype="float32", val_fraction=0.5)
+    m1 = gen_data(cfg)
+    assert len(m1["shards"]) == 1
+    cfg.num_prompts = 6
+    m2 = gen_data(cfg)  # resumes: one more shard, the first untouched
+    assert [s["file"] for s in m2["shards"]] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert m2["shards"][0] == m1["shards"][0]
+    assert gen_data(cfg) == read_manifest(tmp_path / "data")  # nothing left to do
+    ds = CachedDataset(cfg.out)
+    assert len(ds.seqs) == 6 and ds.hidden.shape[1] == 32
+    # greedy responses: the cached top-1 of the teacher pass IS the next response token
+    for i in range(len(ds.seqs)):
+        ids, _, p, tki, _ = ds.sequence(i)
+        assert tki[:, 0].tolist() == ids[p:].tolist()
+
+    tcfg = TrainConfig(data=cfg.out, out=str(tmp_path / "run"), model=tiny_llama_dir, block_size=4, markov_rank=8,
+                       draft_vocab_size=32, steps=4, seqs_per_step=2, anchors_per_seq=4, eval_every=2, save_every=2)
+    train_drafter(tcfg)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 4
+    drafter_dir = tmp_path / "run" / "drafter"
+    target = load_model(tiny_llama_dir, dtype="float32").model
+    d = load_drafter(drafter_dir, target)
+    assert d.config.draft_vocab_size == 32 and d.d2t.dtype == torch.long and d.d2t.numel() == 32
+
+    plain = LLM(tiny_llama_dir, dtype="float32", num_threads=1)
+    spec = LLM(tiny_llama_dir, dtype="float32", num_threads=1,
+               speculative_config={"model": str(drafter_dir), "verification": "fixed"})
+    sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    texts = ["Hello", "One two three", "Tell me a story"]
+    a = [o.outputs[0].token_ids for o in plain.generate(texts, sp)]
+    b = [o.outputs[0].token_ids for o in spec.generate(texts, sp)]
+    assert a == b
+    assert spec.engine.stats.spec_num_draft_tokens > 0
+    # sampled requests run through the scatter of the restricted draft distribution
+    out = spec.generate(texts, SamplingParams(temperature=1.0, max_tokens=16, seed=3))
+    assert all(len(o.outputs[0].token_ids) == 16 or o.outputs[0].finish_reason == "stop" for o in out)
+
+    # STS on the held-out split, written beside the drafter and picked up by the engine
+    from scheduler.calibration import STSCalibrator
+    from training.evaluate import calibrate_drafter
+
+    res = calibrate_drafter(str(drafter_dir), cfg.out, num_prompts=3, max_tokens=8, model=tiny_llama_dir, num_threads=1)
+    assert res["rounds"] > 0 and res["prompts"] >= 1
+    cal = STSCalibrator.from_json(drafter_dir / "calibration.json")
+    assert len(cal.temperatures) == 4
+
+
+def test_a_time_budget_ends_the_run_with_its_decay_finished(tmp_path, tiny_llama_dir):
+    _chain_dataset(tmp_path / "data", list(range(300, 340)), n_seqs=8)
+    cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=tiny_llama_dir, block_size=3,
+                      markov_rank=8, draft_vocab_size=64, steps=100000, seqs_per_step=2, anchors_per_seq=4,
+                      init_from_target=False, time_budget_s=2.0, eval_every=100000, save_every=100000)
+    summary = train_drafter(cfg)
+    assert 1 <= summary["info"]["steps_done"] < 100000
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()[1:]]
+    assert log[-1]["progress"] >= 1.0 and log[-1]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-3)
+    assert "val" in log[-1] and (tmp_path / "run" / "checkpoint.pt").exists()
+    assert (tmp_path / "run" / "drafter" / "model.safetensors").exists()

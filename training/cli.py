@@ -1,0 +1,159 @@
+"""`dspark gen-data`, `dspark train-drafter` and `dspark eval-drafter` (subcommands of `dspark`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from e
+
+
+def cmd_gen_data(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import GenDataConfig, gen_data, manifest_summary
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    cfg = GenDataConfig(
+        out=args.out, model=args.model, prompts=args.prompts, num_prompts=args.num_prompts, shard_size=args.shard_size,
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, temperature=args.temperature,
+        top_p=args.top_p, val_fraction=args.val_fraction, target_layer_ids=args.target_layers, top_k=args.top_k,
+        dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs, num_threads=args.num_threads,
+        seed=args.seed, time_budget_s=args.time_budget, first_prompt=args.first_prompt,
+    )
+    manifest = gen_data(cfg)
+    print(json.dumps(manifest_summary(manifest)))
+    return 0
+
+
+def cmd_train_drafter(args: argparse.Namespace) -> int:
+    import torch
+
+    from .trainer import TrainConfig, train_drafter
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    cfg = TrainConfig(
+        data=args.data, out=args.out, model=args.model, num_layers=args.num_layers, block_size=args.block_size,
+        markov_rank=args.markov_rank, markov_head_type=args.markov_head, confidence_head=not args.no_confidence_head,
+        draft_vocab_size=args.draft_vocab_size or None, steps=args.steps, seqs_per_step=args.seqs_per_step,
+        anchors_per_seq=args.anchors_per_seq, lr=args.lr, warmup_frac=args.warmup_frac, decay=args.decay,
+        ce_weight=args.ce_weight, tv_weight=args.tv_weight, conf_weight=args.conf_weight,
+        init_from_target=not args.no_init_from_target, autocast_bf16=args.bf16, eval_every=args.eval_every,
+        eval_seqs=args.eval_seqs, save_every=args.save_every, seed=args.seed, max_train_seqs=args.max_train_seqs,
+        time_budget_s=args.time_budget,
+    )
+    summary = train_drafter(cfg)
+    print(json.dumps(summary))
+    return 0
+
+
+EVAL_SETS = ("gsm8k", "humaneval", "mbpp", "arena-hard-v2")
+
+
+def cmd_eval_drafter(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from .evaluate import eval_drafter, summary_table
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    sets = {}
+    for item in args.datasets:
+        if os.path.exists(item):
+            sets[os.path.splitext(os.path.basename(item))[0]] = item
+        else:
+            path = os.path.join(args.eval_dir, f"{item}.jsonl")
+            if not os.path.exists(path):
+                print(f"no prompt set {item!r}: not a file, and no {path}", file=sys.stderr)
+                return 2
+            sets[item] = path
+    report = eval_drafter(args.drafter, sets, args.out, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
+                          temperatures=tuple(args.temperatures), gamma=args.gamma, model=args.model, dtype=args.dtype,
+                          max_num_seqs=args.max_num_seqs, seed=args.seed, num_threads=args.num_threads)
+    for row in summary_table(report):
+        print(json.dumps(row))
+    return 0
+
+
+def add_training_parsers(sub) -> None:
+    g = sub.add_parser("gen-data", help="regenerate responses with the target and cache the drafter's training data")
+    g.add_argument("--out", required=True, help="dataset directory (resumed when it exists)")
+    g.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--prompts", default=None, help="JSONL of prompts ({'turns': [...]} or {'prompt': ...}); default ShareGPT")
+    g.add_argument("--num-prompts", type=int, default=4096, help="prompts to read (skipped ones count)")
+    g.add_argument("--shard-size", type=int, default=128)
+    g.add_argument("--first-prompt", type=int, default=0, help="skip the prompts before this index")
+    g.add_argument("--max-prompt-tokens", type=int, default=384)
+    g.add_argument("--max-tokens", type=int, default=320, help="most response tokens per prompt")
+    g.add_argument("--temperature", type=float, default=0.2)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--val-fraction", type=float, default=0.03)
+    g.add_argument("--target-layers", type=_ints, default=(1, 10, 19, 28), help="target layers whose hidden states are kept")
+    g.add_argument("--top-k", type=int, default=64, help="target probabilities kept per position")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--num-threads", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--time-budget", type=float, default=None,
+                   help="seconds: stop admitting prompts after this long (a later run resumes)")
+    g.set_defaults(func=cmd_gen_data)
+
+    t = sub.add_parser("train-drafter", help="train a DSpark drafter on a gen-data dataset (DeepSpec recipe)")
+    t.add_argument("--data", required=True, help="dspark gen-data directories, comma-separated")
+    t.add_argument("--out", required=True, help="run directory: checkpoint.pt (resumed), train_log.jsonl, drafter/")
+    t.add_argument("--model", default=None, help="the target (default: the embedded SmolLM2-135M-Instruct)")
+    t.add_argument("--num-layers", type=int, default=1, help="draft layers")
+    t.add_argument("--block-size", type=int, default=7, help="gamma: tokens per block")
+    t.add_argument("--markov-rank", type=int, default=128)
+    t.add_argument("--markov-head", default="vanilla", choices=["vanilla", "gated", "rnn", "none"],
+                   help="sequential head; none = DFlash-style parallel drafter")
+    t.add_argument("--no-confidence-head", action="store_true")
+    t.add_argument("--draft-vocab-size", type=int, default=8192, help="restricted draft vocabulary (0: full)")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--seqs-per-step", type=int, default=4)
+    t.add_argument("--anchors-per-seq", type=int, default=192)
+    t.add_argument("--lr", type=float, default=1.5e-3)
+    t.add_argument("--warmup-frac", type=float, default=0.04)
+    t.add_argument("--decay", type=float, default=4.0, help="position weight decay: w_k = exp(-(k-1)/decay)")
+    t.add_argument("--ce-weight", type=float, default=0.1)
+    t.add_argument("--tv-weight", type=float, default=0.9)
+    t.add_argument("--conf-weight", type=float, default=1.0)
+    t.add_argument("--no-init-from-target", action="store_true", help="random init instead of the target's last layer")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA; slower than fp32 on CPUs without AMX)")
+    t.add_argument("--eval-every", type=int, default=250)
+    t.add_argument("--eval-seqs", type=int, default=64)
+    t.add_argument("--save-every", type=int, default=250)
+    t.add_argument("--max-train-seqs", type=int, default=None, help="use only the first N training sequences")
+    t.add_argument("--time-budget", type=float, default=None,
+                   help="seconds of training: the schedule follows max(step, time) progress and ends its decay on time")
+    t.add_argument("--num-threads", type=int, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train_drafter)
+
+    e = sub.add_parser("eval-drafter", help="measure a drafter's acceptance with real speculative decoding")
+    e.add_argument("--drafter", required=True, help="drafter directory (config.json + model.safetensors)")
+    e.add_argument("--datasets", nargs="+", default=list(EVAL_SETS),
+                   help="JSONL files, or names of sets in --eval-dir")
+    e.add_argument("--eval-dir", default="../shared/eval_datasets")
+    e.add_argument("--out", required=True, help="directory for eval.json and the plots")
+    e.add_argument("--model", default=None)
+    e.add_argument("--num-prompts", type=int, default=40)
+    e.add_argument("--max-tokens", type=int, default=256)
+    e.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    e.add_argument("--gamma", type=int, default=None, help="verification length (default: the drafter's block size)")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--max-num-seqs", type=int, default=16)
+    e.add_argument("--num-threads", type=int, default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_eval_drafter)
