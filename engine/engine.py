@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EngineConfig:
     model: str | None = None  # HF directory or .gguf file; None: the embedded default
-    dtype: str = "auto"  # auto: bf16 on CPUs with native bf16 and on GPUs, else fp32
+    dtype: str = "auto"  # auto: bf16 on GPUs and AMX CPUs, else fp32 (faster without AMX)
     device: str = "auto"  # auto: cuda when available, else cpu
     seed: int = 0
     block_size: int = 16

@@ -47,11 +47,25 @@ def cache_dir() -> Path:
 
 
 def cpu_has_native_bf16() -> bool:
+    """True where bf16 matrix products beat fp32: CPUs with AMX tiles.
+
+    avx512_bf16 alone is not enough: on such a CPU (this project's 2-core CI machine) a
+    [4096 x 576] x [576 x 1536] product runs at 178 GFLOPS in bf16 against 365 in fp32, and the
+    engine serves the default model 13% (batch 1) to 22% (batch 32) faster in fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    return "amx_bf16" in flags
+
+
+DEFAULT_DRAFTER_DIR = Path(__file__).resolve().parent / "default_drafter"
+
+
+def default_drafter_path() -> str | None:
+    """The embedded DSpark drafter for the default model (trained by `dspark train-drafter`),
+    or None when this install has none."""
+    return str(DEFAULT_DRAFTER_DIR) if (DEFAULT_DRAFTER_DIR / "config.json").exists() else None
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

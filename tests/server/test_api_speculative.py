@@ -87,6 +87,10 @@ def test_calibration_report_and_offline_fit(spec_server, rounds_log, tmp_path):
     assert len(json.loads(out.read_text())["temperatures"]) == 4
 
 
-def test_calibration_endpoint_without_speculation(client):
+def test_the_default_server_speculates_with_the_embedded_drafter(client):
+    """No --speculative-config: the embedded model is served with its embedded, calibrated drafter."""
     r = client.get("/v1/dspark/calibration")
-    assert r.status_code == 404 and r.json()["error"]["code"] == "speculation_off"
+    assert r.status_code == 200
+    body = r.json()
+    assert body["gamma"] == 7 and body["file"] is not None  # calibration.json beside the drafter
+    assert 'speculative_method="dspark"' in client.get("/metrics").text

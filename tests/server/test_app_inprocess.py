@@ -196,3 +196,8 @@ def test_draining_refuses_new_work_with_503(engine):
         r = chat(c)
         assert r.status_code == 503 and r.headers["retry-after"] == "7"
         assert c.get("/health").status_code == 503
+
+
+def test_calibration_endpoint_without_speculation_is_a_404(client):
+    r = client.get("/v1/dspark/calibration")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "speculation_off"
