@@ -38,9 +38,11 @@ class SpecConfig:
     draft_skipping: bool = True  # stop drafting for requests whose drafts do not pay (probed again later)
     online_calibration: bool = True  # refit the confidence temperatures from live verification outcomes
     calibration: str | None = None  # calibration.json (default: the one beside the drafter, if any)
+    # seeded sampled requests decode without drafts, so their output does not depend on load
+    reproducible_seeds: bool = True
 
     KEYS = ("method", "model", "num_speculative_tokens", "verification", "threshold", "draft_skipping",
-            "online_calibration", "calibration")
+            "online_calibration", "calibration", "reproducible_seeds")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "SpecConfig":
@@ -62,7 +64,7 @@ class SpecConfig:
             raise ValueError(f"verification must be one of {VERIFICATION_POLICIES}, got {verification!r}")
         return cls(method, d.get("model"), n, verification, float(d.get("threshold", 0.5)),
                    bool(d.get("draft_skipping", True)), bool(d.get("online_calibration", True)),
-                   d.get("calibration"))
+                   d.get("calibration"), bool(d.get("reproducible_seeds", True)))
 
     @property
     def enabled(self) -> bool:
@@ -255,7 +257,7 @@ class SpeculativeDecoder:
             cap = self.gamma if p.max_draft_tokens is None else min(self.gamma, p.max_draft_tokens)
             if p.has_penalties:
                 cap = 0  # penalties depend on every previous token, drafts included
-            if p.seed is not None and not p.greedy:
+            if p.seed is not None and not p.greedy and self.spec.reproducible_seeds:
                 # a seeded sample must be reproducible: with drafts, the random draws it consumes
                 # depend on the verification lengths, which depend on load and timing
                 cap = 0

@@ -139,7 +139,7 @@ def spec_llm_factory(drafter: str, model: str | None, dtype: str, max_num_seqs: 
     from engine.engine import EngineConfig
 
     spec = {"method": "dspark", "model": drafter, "verification": "fixed", "draft_skipping": False,
-            "online_calibration": False}
+            "online_calibration": False, "reproducible_seeds": False}  # seeded samples speculate too
     if gamma:
         spec["num_speculative_tokens"] = gamma
 

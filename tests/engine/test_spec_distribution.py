@@ -122,7 +122,8 @@ def _engine(toy, gamma, policy="fixed", restricted=False):
     return LLMEngine(EngineConfig(model=target, dtype="float32", num_threads=1, max_num_seqs=256,
                                   max_num_batched_tokens=4096, speculative_config={
                                       "method": "dspark", "model": drafter, "num_speculative_tokens": gamma,
-                                      "verification": policy, "draft_skipping": False}))
+                                      "verification": policy, "draft_skipping": False,
+                                      "reproducible_seeds": False}))
 
 
 @pytest.mark.parametrize("gamma,top_p,policy,restricted", [
