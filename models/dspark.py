@@ -379,7 +379,10 @@ def load_drafter(path: str | Path, target=None, dtype: torch.dtype | None = None
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"no config.json in drafter directory {path}")
-    cfg = DSparkConfig.from_dict(json.loads(cfg_file.read_text()))
+    try:
+        cfg = DSparkConfig.from_dict(json.loads(cfg_file.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
     if target is not None:
         check_compatible(cfg, target.config)
     files = sorted(path.glob("*.safetensors"))

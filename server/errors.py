@@ -30,6 +30,7 @@ _TYPE_FOR_STATUS = {
     499: "client_closed_request",
     500: "server_error",
     503: "server_error",
+    504: "timeout_error",
 }
 
 
@@ -101,8 +102,9 @@ def from_engine_error(exc: Exception, retry_after: int = 1) -> APIError:
         )
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"the engine is not running: {exc}", code="engine_unavailable")
-    log.exception("unexpected error", exc_info=exc)
-    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+    # The details go to the log only: exception text can hold paths and internals.
+    log.error("unexpected error: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return APIError(500, "internal server error (see the server log)", code="internal_error")
 
 
 def _answer(request: Request, err: APIError) -> JSONResponse:

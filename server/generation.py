@@ -31,10 +31,11 @@ class SubRequest:
 class JobAborted(Exception):
     """The job was stopped from outside: the client went away or the server is shutting down."""
 
-    def __init__(self, reason: str, status: int):
+    def __init__(self, reason: str, status: int, code: str):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.code = code
 
 
 _ABORTED = object()  # queue sentinel: stop reading
@@ -111,10 +112,10 @@ class GenerationJob:
                 finals[index] = out
         return finals
 
-    def abort(self, reason: str, status: int) -> None:
-        """Stop the job from outside; the reader gets JobAborted(reason, status)."""
+    def abort(self, reason: str, status: int, code: str) -> None:
+        """Stop the job from outside; the reader gets JobAborted(reason, status, code)."""
         if self._aborted is None and not self._closed:
-            self._aborted = JobAborted(reason, status)
+            self._aborted = JobAborted(reason, status, code)
             self._cancel_pumps()
             self._queue.put_nowait(_ABORTED)
 

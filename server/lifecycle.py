@@ -48,7 +48,7 @@ class Lifecycle:
         if self.jobs:
             log.warning("grace period over: aborting %d request(s)", len(self.jobs))
             for job in list(self.jobs):
-                job.abort("the server is shutting down", 503)
+                job.abort("the server is shutting down", 503, "shutting_down")
             # Let the handlers answer (a 503 or a final error event) before uvicorn stops.
             await self._wait_idle(loop.time() + 5.0)
         log.info("drained")

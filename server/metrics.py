@@ -64,6 +64,10 @@ class ServerMetrics:
         Info("dspark_model", "The served model and how it runs", registry=r).info(info)
         r.register(EngineCollector(engine))
 
+    def watch_server(self, lifecycle) -> None:
+        """Export the HTTP layer's own state (in-flight jobs, asyncio tasks): leaks show there."""
+        self.registry.register(ServerCollector(lifecycle))
+
     def count_error(self, status: int) -> None:
         self.request_errors.labels(code=str(status)).inc()
 
@@ -106,6 +110,26 @@ class RequestTimer:
                 self.m.tpot.observe(max(0.0, finish - first) / (num_out - 1))
             self.m.request_prompt_tokens.observe(len(out.prompt_token_ids))
             self.m.request_generation_tokens.observe(num_out)
+
+
+class ServerCollector:
+    """Gauges of the HTTP layer, read at scrape time (on the event loop: /metrics is async)."""
+
+    def __init__(self, lifecycle):
+        self.lifecycle = lifecycle
+
+    def collect(self):
+        import asyncio
+
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # rendered outside a running loop (unit tests)
+            tasks = 0
+        yield GaugeMetricFamily("dspark_server_requests_in_flight",
+                                "Generation requests the HTTP layer is serving (streams included)",
+                                value=len(self.lifecycle.jobs))
+        yield GaugeMetricFamily("dspark_server_asyncio_tasks", "asyncio tasks alive in the server's event loop",
+                                value=tasks)
 
 
 class EngineCollector:

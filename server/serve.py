@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -50,6 +51,18 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="seconds in-flight requests get to finish after SIGTERM (default 30)")
     g.add_argument("--max-request-body-size", type=parse_bytes, default=8 << 20,
                    help="largest request body accepted, bytes or with a unit (default 8MiB); larger is 413")
+    lim = p.add_argument_group("request limits")
+    lim.add_argument("--max-prompt-tokens", type=int, default=None,
+                     help="longest prompt accepted, in tokens (default: the context length); longer is 400")
+    lim.add_argument("--max-output-tokens", type=int, default=None,
+                     help="largest max_tokens accepted, and the default when a request sets none "
+                          "(default: the context length); larger is 400")
+    lim.add_argument("--max-n", type=int, default=8, help="most choices (n) per request, at most 8 (default 8)")
+    lim.add_argument("--request-timeout", type=float, default=None,
+                     help="seconds a request may run before it is stopped with a 504 or a final stream error "
+                          "(default: no limit)")
+    lim.add_argument("--allowed-origins", default=None,
+                     help="comma-separated origins allowed by CORS, or * (default: CORS off)")
     # Own dest: the top-level parser has a --log-level too, whose default would hide env/YAML values.
     g.add_argument("--log-level", dest="serve_log_level", default=None, choices=_LOG_LEVELS, help="(default info)")
     p.set_defaults(func=cmd_serve, serve_parser=p)
@@ -149,6 +162,11 @@ def server_settings_from_args(args: argparse.Namespace):
         api_key=args.api_key,
         max_request_body_size=args.max_request_body_size,
         shutdown_grace_period=args.shutdown_grace_period,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_output_tokens,
+        max_n=args.max_n,
+        request_timeout=args.request_timeout,
+        allowed_origins=[o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()],
     )
 
 
@@ -165,7 +183,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if shown.get("api_key"):
         shown["api_key"] = "***"
     log.info("settings: %s", shown)
-    engine = AsyncEngine(engine_config_from_args(args), max_waiting=args.max_waiting)
+    try:
+        engine = AsyncEngine(engine_config_from_args(args), max_waiting=args.max_waiting)
+    except Exception as e:  # a bad model or drafter path, a mismatched drafter, no memory for the KV cache...
+        log.debug("start-up failure", exc_info=True)
+        reason = (str(e).strip().splitlines() or [""])[0]
+        print(f"dspark serve: error: cannot start: {type(e).__name__}: {reason}", file=sys.stderr)
+        return 1
     try:
         app = create_app(engine, server_settings_from_args(args))
         config = uvicorn.Config(

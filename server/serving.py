@@ -58,13 +58,15 @@ _DONE = "data: [DONE]\n\n"
 
 
 class OpenAIServing:
-    def __init__(self, engine, model_name: str, metrics: ServerMetrics, lifecycle: Lifecycle,
-                 queue_retry_after: int = 1):
+    def __init__(self, engine, model_name: str, metrics: ServerMetrics, lifecycle: Lifecycle, settings):
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
         self.lifecycle = lifecycle
-        self.queue_retry_after = queue_retry_after
+        self.settings = settings  # app.ServerSettings: limits, timeout, Retry-After
+        self.queue_retry_after = settings.queue_retry_after
+        # Test-only fault hook (DSPARK_FAULT_INJECTION=1): the body field `dspark_fault` arms it.
+        self.faults = getattr(engine, "faults", None)
         self.tokenizer = engine.tokenizer
         self.token_text = P.TokenText(engine.tokenizer)
         self.vocab_size = engine.vocab_size
@@ -76,6 +78,7 @@ class OpenAIServing:
         self.lifecycle.check_admitting()
         req = await self._parse(request, P.ChatCompletionRequest)
         self._note(rec, req)
+        self._check_n(req.n)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs", code="invalid_value")
         messages = [self._message_dict(m, i) for i, m in enumerate(req.messages)]
@@ -85,7 +88,7 @@ class OpenAIServing:
         params = self._sampling_params(req, req.num_logprobs)
         subs = [SubRequest(k, f"chatcmpl-{rec.request_id}-{k}", prompt_ids, self._seeded(params, k))
                 for k in range(req.n)]
-        job = await self._start(subs, "messages")
+        job = await self._start(subs, "messages", req)
         rid, created = f"chatcmpl-{rec.request_id}", P.now()
         if req.stream:
             events = self._chat_events(job, req, rid, created, len(prompt_ids), rec)
@@ -137,6 +140,7 @@ class OpenAIServing:
         self.lifecycle.check_admitting()
         req = await self._parse(request, P.CompletionRequest)
         self._note(rec, req)
+        self._check_n(req.n)
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo together with logprobs is not supported (no prompt logprobs)",
                            param="echo", code="unsupported")
@@ -152,7 +156,7 @@ class OpenAIServing:
                 i = p * n + k  # OpenAI's order: all choices of prompt 0, then prompt 1...
                 subs.append(SubRequest(i, f"cmpl-{rec.request_id}-{i}", ids, self._seeded(params, k)))
         echo_texts = {s.index: self._prompt_text(prompts[s.index // n]) for s in subs} if req.echo else {}
-        job = await self._start(subs, "prompt")
+        job = await self._start(subs, "prompt", req)
         rid, created = f"cmpl-{rec.request_id}", P.now()
         if req.stream:
             events = self._completion_events(job, req, rid, created, prompt_tokens, len(subs), echo_texts, rec)
@@ -272,10 +276,23 @@ class OpenAIServing:
         text, ids = prompt
         return text if text is not None else self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def _check_n(self, n: int) -> None:
+        if n > self.settings.max_n:
+            raise APIError(400, f"n is {n}; this server allows at most {self.settings.max_n} choices per request",
+                           param="n", code="invalid_value")
+
     def _check_length(self, num_prompt: int, max_tokens: int | None, param: str) -> None:
         limit = self.engine.max_model_len
         if num_prompt == 0:
             raise APIError(400, "the prompt is empty", param=param, code="invalid_value")
+        max_prompt = self.settings.max_prompt_tokens
+        if max_prompt is not None and num_prompt > max_prompt:
+            raise APIError(400, f"the prompt has {num_prompt} tokens; this server accepts at most {max_prompt}",
+                           param=param, code="prompt_too_long")
+        max_out = self.settings.max_output_tokens
+        if max_tokens is not None and max_out is not None and max_tokens > max_out:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {max_out}",
+                           param="max_tokens", code="invalid_value")
         if num_prompt >= limit:
             raise APIError(400, f"this model's maximum context length is {limit} tokens, "
                                 f"but the prompt has {num_prompt} tokens", param=param, code="context_length_exceeded")
@@ -288,7 +305,9 @@ class OpenAIServing:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > MAX_STOP_STRINGS:
             raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop", code="invalid_value")
-        max_tokens = req.output_limit  # None: up to max_model_len - prompt length (the engine stops there)
+        max_tokens = req.output_limit
+        if max_tokens is None:  # the server's limit, else up to max_model_len - prompt length (the engine stops there)
+            max_tokens = self.settings.max_output_tokens
         if max_tokens is not None and req.min_tokens > max_tokens:
             raise APIError(400, "min_tokens must not exceed max_tokens", param="min_tokens", code="invalid_value")
         try:
@@ -320,17 +339,36 @@ class OpenAIServing:
         # Choice k of a seeded request samples with seed + k: reproducible, yet not n copies.
         return params if params.seed is None or k == 0 else replace(params, seed=params.seed + k)
 
-    async def _start(self, subs: list[SubRequest], prompt_param: str) -> GenerationJob:
+    async def _start(self, subs: list[SubRequest], prompt_param: str, req: P.SamplingFields) -> GenerationJob:
         job = GenerationJob(self.engine, subs, self.metrics)
         self.lifecycle.register(job)
         try:
+            self._arm_faults(job, req)
             await job.start()
         except Exception as e:
+            job.close()  # idempotent; unregisters it
             err = from_engine_error(e, self.queue_retry_after)
             if err.param == "messages":
                 err.param = prompt_param
             raise err from None
+        timeout = self.settings.request_timeout
+        if timeout is not None:
+            timer = asyncio.get_running_loop().call_later(
+                timeout, job.abort, f"the request did not finish within this server's limit of {timeout:g} s",
+                504, "request_timeout")
+            job.on_close.append(lambda _job: timer.cancel())
         return job
+
+    def _arm_faults(self, job: GenerationJob, req: P.SamplingFields) -> None:
+        kind = (req.model_extra or {}).get("dspark_fault") if self.faults is not None else None
+        if kind is None:
+            return
+        if kind not in ("nan_logits", "detokenize"):
+            raise APIError(400, "dspark_fault must be nan_logits or detokenize", param="dspark_fault",
+                           code="invalid_value")
+        rid = job.subs[0].request_id  # its first choice fails
+        self.faults.arm(rid, kind)
+        job.on_close.append(lambda _job: self.faults.disarm(rid))
 
     async def _wait(self, request: Request, job: GenerationJob) -> dict[int, RequestOutput]:
         """Non-streaming: all final outputs, aborting the job if the client disconnects meanwhile."""
@@ -343,7 +381,7 @@ class OpenAIServing:
         except JobAborted as e:
             rec = access_record(request)
             rec.finish_reason, rec.error = "abort", e.reason
-            raise APIError(e.status, e.reason, code="shutting_down" if e.status == 503 else "client_disconnected") from None
+            raise APIError(e.status, e.reason, code=e.code) from None
         except APIError:
             raise
         except Exception as e:
@@ -358,7 +396,7 @@ class OpenAIServing:
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                job.abort("the client closed the connection", 499)
+                job.abort("the client closed the connection", 499, "client_disconnected")
                 return
 
     @staticmethod
@@ -381,7 +419,7 @@ class OpenAIServing:
         except JobAborted as e:
             rec.finish_reason, rec.error, rec.stream_error_status = "abort", e.reason, e.status
             if e.status != 499:  # else nobody is left to tell
-                yield _sse(APIError(e.status, e.reason, code="shutting_down").body())
+                yield _sse(APIError(e.status, e.reason, code=e.code).body())
                 yield _DONE
         except asyncio.CancelledError:  # Starlette cancels the body when the client disconnects
             rec.finish_reason, rec.error, rec.stream_error_status = "abort", "client disconnected", 499

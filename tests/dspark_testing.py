@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -188,3 +189,14 @@ class ServerProcess:
                 self.proc.wait(10)
         self._log.close()
         return self.proc.returncode
+
+
+@contextmanager
+def serving(args: list[str], log_path: Path, env: dict[str, str] | None = None):
+    """A ready ServerProcess for the `with` block (fixtures: `with serving(...) as srv: yield srv`)."""
+    srv = ServerProcess(args, log_path, env)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

@@ -1,0 +1,61 @@
+"""Test-only fault injection: make one request fail inside the engine, on purpose.
+
+Reliability tests need to prove that a failure inside one request's processing
+(a NaN in its logits, an exception in its detokenization) fails that request
+alone and leaves the others and the engine running. Such failures cannot be
+provoked from outside, so the engine has a hook for them, armed per request id.
+
+The hook exists only when the process was started with DSPARK_FAULT_INJECTION=1
+(`FaultInjector.from_env()` returns None otherwise, and every check in the
+engine is then a single `is None` test). The server, with the hook present,
+reads the request body field `dspark_fault` (see docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+ENV_VAR = "DSPARK_FAULT_INJECTION"
+KINDS = ("nan_logits", "detokenize")
+
+
+class InjectedFault(RuntimeError):
+    """Raised by an armed `detokenize` fault."""
+
+
+class FaultInjector:
+    def __init__(self):
+        self._armed: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls, environ=None) -> "FaultInjector | None":
+        environ = os.environ if environ is None else environ
+        return cls() if environ.get(ENV_VAR, "") not in ("", "0", "false") else None
+
+    def arm(self, request_id: str, kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown fault {kind!r}; one of {list(KINDS)}")
+        with self._lock:
+            self._armed[request_id] = kind
+
+    def disarm(self, request_id: str) -> None:
+        with self._lock:
+            self._armed.pop(request_id, None)
+
+    def kind(self, request_id: str) -> str | None:
+        return self._armed.get(request_id)
+
+    def corrupt_logits(self, logits: torch.Tensor, rows: list[tuple[str, int, int]]) -> None:
+        """rows: (request id, first row, number of rows) of each request in `logits`."""
+        for rid, row, nrows in rows:
+            if self._armed.get(rid) == "nan_logits":
+                with torch.inference_mode():  # the runner's logits are inference tensors
+                    logits[row:row + nrows] = float("nan")
+
+    def before_detokenize(self, request_id: str) -> None:
+        if self._armed.get(request_id) == "detokenize":
+            raise InjectedFault(f"injected detokenization failure in request {request_id}")
