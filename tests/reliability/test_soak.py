@@ -23,13 +23,15 @@ import pytest
 
 from dspark_testing import serving, wait_until
 
-pytestmark = pytest.mark.soak
 
 NUM_REQUESTS = int(os.environ.get("DSPARK_SOAK_REQUESTS", "200"))
 REPORT = os.environ.get("DSPARK_SOAK_REPORT")  # a markdown file whose soak section is rewritten
 SEED = int(os.environ.get("DSPARK_SOAK_SEED", "0"))
 MAX_NUM_SEQS, MAX_WAITING = 4, 8
 RSS_GROWTH_LIMIT_MIB = 256
+
+# About 0.5 s a request on 2 cores; the long run needs more than the suite's 900 s.
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(max(900, 2 * NUM_REQUESTS))]
 
 TOPICS = ["the sea", "a forest", "prime numbers", "coffee", "the moon", "bicycles", "volcanoes", "chess",
           "rain", "bread", "the Roman empire", "honey bees", "a lighthouse", "jazz", "glaciers"]
@@ -277,7 +279,7 @@ def _server_5xx(m: dict[str, float]) -> float:
 @pytest.fixture(scope="module")
 def soak_server(tmp_path_factory):
     with serving(["--max-model-len", "1024", "--max-num-seqs", str(MAX_NUM_SEQS), "--max-waiting", str(MAX_WAITING),
-                  "--kv-cache-memory", "24MiB", "--request-timeout", "600"],
+                  "--kv-cache-memory", "24MiB", "--request-timeout", "600", "--num-threads", "2"],
                  tmp_path_factory.mktemp("soak") / "server.log") as srv:
         yield srv
 
