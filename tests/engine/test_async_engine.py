@@ -89,3 +89,43 @@ def test_queue_bound(tiny_llama_dir):
         assert any(isinstance(r, list) and r[-1].finished for r in results)
     finally:
         eng.shutdown()
+
+
+def test_the_engine_is_built_and_stepped_in_its_own_thread(tiny_llama_dir, monkeypatch):
+    """All torch work stays in one thread: a second thread running OpenMP regions (building
+    the engine in the caller's thread did) makes libgomp stop spin-waiting on small machines
+    (docs/benchmarks/README.md: 52 -> 30 ms per token at batch 1)."""
+    import threading
+
+    import engine.async_engine as ae
+
+    seen = []
+    real_init, real_step = ae.LLMEngine.__init__, ae.LLMEngine.step
+
+    def init(self, *a, **kw):
+        seen.append(("init", threading.current_thread().name))
+        real_init(self, *a, **kw)
+
+    def step(self):
+        seen.append(("step", threading.current_thread().name))
+        return real_step(self)
+
+    monkeypatch.setattr(ae.LLMEngine, "__init__", init)
+    monkeypatch.setattr(ae.LLMEngine, "step", step)
+    eng = AsyncEngine(EngineConfig(model=tiny_llama_dir, dtype="float32", num_threads=1))
+    try:
+        async def run():
+            async for out in eng.generate(params=SamplingParams(max_tokens=3, ignore_eos=True),
+                                          prompt_token_ids=[5, 6, 7]):
+                last = out
+            return last
+
+        assert asyncio.run(run()).finished
+    finally:
+        eng.shutdown()
+    assert {name for _, name in seen} == {"dspark-engine"} and {"init", "step"} <= {k for k, _ in seen}
+
+
+def test_an_engine_that_cannot_be_built_raises_in_the_caller(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        AsyncEngine(EngineConfig(model=str(tmp_path / "missing"), dtype="float32", num_threads=1))
