@@ -159,8 +159,11 @@ mkdir -p /mnt/tmp /mnt/home/.cache /mnt/dspark-cache
 mount --bind /mnt/home /mnt/home
 mount -o remount,bind,ro /mnt/home
 mount -t tmpfs -o size=256m tmpfs /mnt/home/.cache
-# Like the chart's seed-cache init container: start from an already converted tokenizer.
-if [ -n "$SEED_CACHE" ] && [ -d "$SEED_CACHE" ]; then cp -R "$SEED_CACHE"/. /mnt/dspark-cache/; fi
+# Like the chart's seed-cache init container: start from an already converted tokenizer (and the
+# cost tables); not the rest of a developer's cache (e.g. benchmark peers' converted models).
+for d in tokenizers cost_tables; do
+  if [ -n "$SEED_CACHE" ] && [ -d "$SEED_CACHE/$d" ]; then cp -R "$SEED_CACHE/$d" /mnt/dspark-cache/; fi
+done
 if touch /mnt/home/probe 2>/dev/null || touch "$REPO/.rofs-probe" 2>/dev/null || touch /tmp/.rofs-probe 2>/dev/null; then
   echo "the sandbox is writable outside its emptyDirs"; exit 97
 fi
