@@ -14,7 +14,6 @@ reads the request body field `dspark_fault` (see docs/reliability.md).
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 
@@ -28,8 +27,9 @@ class InjectedFault(RuntimeError):
 
 class FaultInjector:
     def __init__(self):
+        # request id -> fault kind; set by the server's event loop, read by the engine thread
+        # (single dict operations: atomic under the GIL).
         self._armed: dict[str, str] = {}
-        self._lock = threading.Lock()
 
     @classmethod
     def from_env(cls, environ=None) -> "FaultInjector | None":
@@ -39,15 +39,10 @@ class FaultInjector:
     def arm(self, request_id: str, kind: str) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown fault {kind!r}; one of {list(KINDS)}")
-        with self._lock:
-            self._armed[request_id] = kind
+        self._armed[request_id] = kind
 
     def disarm(self, request_id: str) -> None:
-        with self._lock:
-            self._armed.pop(request_id, None)
-
-    def kind(self, request_id: str) -> str | None:
-        return self._armed.get(request_id)
+        self._armed.pop(request_id, None)
 
     def corrupt_logits(self, logits: torch.Tensor, rows: list[tuple[str, int, int]]) -> None:
         """rows: (request id, first row, number of rows) of each request in `logits`."""

@@ -10,6 +10,7 @@ docs/metrics.md documents every family; a test checks the two agree.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
@@ -119,8 +120,6 @@ class ServerCollector:
         self.lifecycle = lifecycle
 
     def collect(self):
-        import asyncio
-
         try:
             tasks = len(asyncio.all_tasks())
         except RuntimeError:  # rendered outside a running loop (unit tests)

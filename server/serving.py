@@ -363,11 +363,11 @@ class OpenAIServing:
         kind = (req.model_extra or {}).get("dspark_fault") if self.faults is not None else None
         if kind is None:
             return
-        if kind not in ("nan_logits", "detokenize"):
-            raise APIError(400, "dspark_fault must be nan_logits or detokenize", param="dspark_fault",
-                           code="invalid_value")
         rid = job.subs[0].request_id  # its first choice fails
-        self.faults.arm(rid, kind)
+        try:
+            self.faults.arm(rid, kind)
+        except ValueError as e:
+            raise APIError(400, str(e), param="dspark_fault", code="invalid_value") from None
         job.on_close.append(lambda _job: self.faults.disarm(rid))
 
     async def _wait(self, request: Request, job: GenerationJob) -> dict[int, RequestOutput]:
