@@ -26,7 +26,7 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, temperature=args.temperature,
         top_p=args.top_p, val_fraction=args.val_fraction, target_layer_ids=args.target_layers, top_k=args.top_k,
         dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs, num_threads=args.num_threads,
-        seed=args.seed, time_budget_s=args.time_budget, first_prompt=args.first_prompt,
+        seed=args.seed, time_budget_s=args.time_budget, first_prompt=args.first_prompt, responses=args.responses,
     )
     manifest = gen_data(cfg)
     print(json.dumps(manifest_summary(manifest)))
@@ -97,6 +97,9 @@ def add_training_parsers(sub) -> None:
     g.add_argument("--max-tokens", type=int, default=320, help="most response tokens per prompt")
     g.add_argument("--temperature", type=float, default=0.2)
     g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--responses", default="target", choices=["target", "dataset"],
+                   help="target: regenerate the responses with the target (the recipe); dataset: teacher-force "
+                        "the dataset's own responses (ShareGPT's gpt turn; no generation, ~5x the tokens per hour)")
     g.add_argument("--val-fraction", type=float, default=0.03)
     g.add_argument("--target-layers", type=_ints, default=(1, 10, 19, 28), help="target layers whose hidden states are kept")
     g.add_argument("--top-k", type=int, default=64, help="target probabilities kept per position")

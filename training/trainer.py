@@ -105,27 +105,39 @@ class CachedDataset:
                     self.config["target_layer_ids"], self.config.get("top_k")):
                 raise SystemExit(f"{path} was generated with other target layers or top-k than {paths[0]}")
             self.config = self.config or cfg
-            shards += [path / sh["file"] for sh in manifest["shards"]]
+            shards += [(path / sh["file"], sh["num_tokens"], sh["num_response_tokens"]) for sh in manifest["shards"]]
         self.layer_ids = list(self.config["target_layer_ids"])
-        ids, hidden, tk_ids, tk_probs = [], [], [], []
+        if not shards:
+            raise SystemExit(f"{paths} hold no sequences: run dspark gen-data first")
+        # Preallocated and filled shard by shard: the features are most of the machine's memory
+        # (4.6 KB per token), so concatenating lists of them would need twice that at its peak.
+        n_tok, n_rows = sum(s[1] for s in shards), sum(s[2] for s in shards)
+        first = load_file(str(shards[0][0]))
+        self.input_ids = torch.empty(n_tok, dtype=torch.long)
+        self.hidden = torch.empty(n_tok, first["hidden"].shape[1], dtype=first["hidden"].dtype)
+        self.topk_ids = torch.empty(n_rows, first["topk_ids"].shape[1], dtype=torch.int32)
+        self.topk_probs = torch.empty(n_rows, first["topk_probs"].shape[1], dtype=first["topk_probs"].dtype)
+        del first
         self.seqs = []  # (token offset, length, prompt length, response-row offset, is_val)
         tok_off = row_off = 0
-        for shard in shards:
+        for shard, _, _ in shards:
             t = load_file(str(shard))
-            ids.append(t["input_ids"])
-            hidden.append(t["hidden"])
-            tk_ids.append(t["topk_ids"])
-            tk_probs.append(t["topk_probs"])
+            a, b = tok_off, row_off
             for n, p, v in zip(t["seq_lens"].tolist(), t["prompt_lens"].tolist(), t["is_val"].tolist()):
                 self.seqs.append((tok_off, n, p, row_off, bool(v)))
                 tok_off += n
                 row_off += n - p
+            if tok_off > n_tok or row_off > n_rows:
+                raise SystemExit(f"{shard} holds more tokens than its manifest says")
+            self.input_ids[a:tok_off] = t["input_ids"]
+            self.hidden[a:tok_off] = t["hidden"]
+            self.topk_ids[b:row_off] = t["topk_ids"]
+            self.topk_probs[b:row_off] = t["topk_probs"]
+            del t
+        if (tok_off, row_off) != (n_tok, n_rows):
+            raise SystemExit(f"{paths}: the shards hold other token counts than their manifests")
         if not self.seqs:
             raise SystemExit(f"{paths} hold no sequences: run dspark gen-data first")
-        self.input_ids = torch.cat(ids).long()
-        self.hidden = torch.cat(hidden)
-        self.topk_ids = torch.cat(tk_ids).long()
-        self.topk_probs = torch.cat(tk_probs)
         self.train = [i for i, s in enumerate(self.seqs) if not s[4]]
         self.val = [i for i, s in enumerate(self.seqs) if s[4]]
         if max_train_seqs is not None:
@@ -137,7 +149,7 @@ class CachedDataset:
     def sequence(self, i: int):
         off, n, p, row, _ = self.seqs[i]
         return (self.input_ids[off:off + n], self.hidden[off:off + n], p,
-                self.topk_ids[row:row + n - p], self.topk_probs[row:row + n - p])
+                self.topk_ids[row:row + n - p].long(), self.topk_probs[row:row + n - p])
 
     def token_counts(self, vocab: int) -> torch.Tensor:
         counts = torch.zeros(vocab, dtype=torch.long)
@@ -316,7 +328,7 @@ def drafter_loss(tr: TrainableDrafter, batch, cfg: TrainConfig, t2d: torch.Tenso
         prevs.append(prev)
         valids.append(valid)
         tk_all_ids.append(tk_ids[row])
-        tk_all_probs.append(tk_probs[row])
+        tk_all_probs.append(tk_probs[row].float())  # float16 rows: CPU autocast cannot cat them
     h = torch.cat(hs)  # [A, g, d]
     label = torch.cat(labels)
     prev = torch.cat(prevs)

@@ -9,7 +9,9 @@ import torch
 
 from models.dspark import load_drafter
 from models.loader import load_model
-from training.data import MANIFEST, GenDataConfig, gen_data, read_manifest, write_json_atomic, write_shard
+from training.data import (
+    MANIFEST, GenDataConfig, gen_data, read_manifest, teacher_pass, write_json_atomic, write_shard,
+)
 from training.trainer import (
     CachedDataset, TrainConfig, block_attention, build_drafter, context_mask, drafter_loss, evaluate,
     expected_tau_from_tv, make_blocks, position_weights, sparse_tv, train_drafter,
@@ -219,6 +221,65 @@ def test_gen_data_resumes_and_a_trained_drafter_serves_losslessly(tmp_path, tiny
     assert res["rounds"] > 0 and res["prompts"] >= 1
     cal = STSCalibrator.from_json(drafter_dir / "calibration.json")
     assert len(cal.temperatures) == 4
+
+
+def test_teacher_pass_packs_by_length_and_returns_the_callers_order(tiny_llama_dir):
+    """Several passes (a small token cap) over sequences of mixed lengths give, per sequence, the
+    features and top-k of that sequence run alone with a full softmax."""
+    from models.attention import AttentionMetadata
+
+    model = load_model(tiny_llama_dir, dtype="float32").model
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (9, 30, 5, 17, 12)]
+    plens = [3, 10, 2, 4, 11]
+    hid, ids, probs = teacher_pass(model, seqs, plens, [0], 5, torch.device("cpu"), max_tokens_per_pass=40)
+    t = r = 0
+    for s, p in zip(seqs, plens):
+        n = len(s)
+        kv = torch.zeros(model.config.num_layers, 2, 32, 1, model.config.head_dim)
+        meta = AttentionMetadata([n], [n], [[0, 1]], 16)
+        logits, aux = model(torch.tensor(s), meta.positions(), meta, [(kv[l, 0], kv[l, 1]) for l in range(len(kv))],
+                            logits_indices=torch.arange(p - 1, n - 1), aux_layer_ids=[0])
+        ref_p, ref_i = torch.softmax(logits.float(), -1).topk(5, -1)
+        assert torch.allclose(hid[t:t + n].float(), aux[0].to(torch.bfloat16).float())
+        assert ids[r:r + n - p].tolist() == ref_i.tolist()
+        assert torch.allclose(probs[r:r + n - p].float(), ref_p, atol=1e-3)
+        t, r = t + n, r + n - p
+    assert (t, r) == (hid.shape[0], ids.shape[0])
+
+
+def test_gen_data_teacher_forces_the_datasets_own_responses(tmp_path, tiny_llama_dir, default_tokenizer):
+    """--responses dataset: no generation; the response is the dataset's text, the end-of-turn token
+    added when it fits, cut (without it) at max_tokens; records without a response are skipped."""
+    prompts = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "Name a colour.", "response": "Blue."},
+            {"turns": ["Count to twenty.", " ".join(str(i) for i in range(1, 21))]},
+            {"prompt": "No answer here."},
+            {"prompt": "Say hi.", "response": "Hi there!"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = GenDataConfig(out=str(tmp_path / "data"), model=tiny_llama_dir, prompts=str(prompts), num_prompts=4,
+                        shard_size=2, max_tokens=12, target_layer_ids=(0,), top_k=8, dtype="float32",
+                        val_fraction=0.0, responses="dataset")
+    m = gen_data(cfg)
+    assert [s["prompt_indices"] for s in m["shards"]] == [[0, 1], [3]]
+    assert m["shards"][1]["skipped_indices"] == [2] and m["config"]["responses"] == "dataset"
+    assert all(s["gen_s"] == 0.0 for s in m["shards"])
+    ds = CachedDataset(cfg.out)
+    eos = default_tokenizer.eos_token_id
+    want = [default_tokenizer.encode("Blue.", add_special_tokens=False) + [eos],
+            default_tokenizer.encode(rows[1]["turns"][1], add_special_tokens=False)[:12],
+            default_tokenizer.encode("Hi there!", add_special_tokens=False) + [eos]]
+    got = []
+    for i in range(len(ds.seqs)):
+        ids, hidden, p, tki, tkp = ds.sequence(i)
+        got.append(ids[p:].tolist())
+        assert tki.shape == (len(ids) - p, 8) and hidden.shape == (len(ids), 32)
+    assert got == want and len(want[1]) == 12 and eos not in want[1]
+    assert m["shards"][0]["finished_with_eos"] == 1
+    assert gen_data(cfg) == read_manifest(tmp_path / "data")  # resumes with nothing left to do
+    cfg.responses = "target"
+    with pytest.raises(SystemExit, match="responses"):  # another kind of data never mixes into a dataset
+        gen_data(cfg)
 
 
 def test_a_time_budget_ends_the_run_with_its_decay_finished(tmp_path, tiny_llama_dir):
