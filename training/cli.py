@@ -45,7 +45,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         markov_rank=args.markov_rank, markov_head_type=args.markov_head, confidence_head=not args.no_confidence_head,
         draft_vocab_size=args.draft_vocab_size or None, steps=args.steps, seqs_per_step=args.seqs_per_step,
         anchors_per_seq=args.anchors_per_seq, lr=args.lr, warmup_frac=args.warmup_frac, decay=args.decay,
-        ce_weight=args.ce_weight, tv_weight=args.tv_weight, conf_weight=args.conf_weight,
+        ce_weight=args.ce_weight, ce_label=args.ce_label, tv_weight=args.tv_weight, conf_weight=args.conf_weight,
         init_from_target=not args.no_init_from_target, autocast_bf16=args.bf16, eval_every=args.eval_every,
         eval_seqs=args.eval_seqs, save_every=args.save_every, seed=args.seed, max_train_seqs=args.max_train_seqs,
         time_budget_s=args.time_budget,
@@ -130,6 +130,9 @@ def add_training_parsers(sub) -> None:
     t.add_argument("--warmup-frac", type=float, default=0.04)
     t.add_argument("--decay", type=float, default=4.0, help="position weight decay: w_k = exp(-(k-1)/decay)")
     t.add_argument("--ce-weight", type=float, default=0.1)
+    t.add_argument("--ce-label", default="data", choices=["data", "target"],
+                   help="CE label: the next token of the data (the recipe), or the target's top-1 there "
+                        "(for --responses dataset data, whose tokens the target did not choose)")
     t.add_argument("--tv-weight", type=float, default=0.9)
     t.add_argument("--conf-weight", type=float, default=1.0)
     t.add_argument("--no-init-from-target", action="store_true", help="random init instead of the target's last layer")

@@ -68,6 +68,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ce_weight: float = 0.1
+    # the CE label: "data" = the sequence's next token (the recipe: regenerated responses are the
+    # target's own samples); "target" = the target's top-1 there (for teacher-forced dataset
+    # responses, whose tokens the target would often not have chosen)
+    ce_label: str = "data"
     tv_weight: float = 0.9
     conf_weight: float = 1.0
     decay: float = 4.0
@@ -331,10 +335,16 @@ def drafter_loss(tr: TrainableDrafter, batch, cfg: TrainConfig, t2d: torch.Tenso
         tk_all_probs.append(tk_probs[row].float())  # float16 rows: CPU autocast cannot cat them
     h = torch.cat(hs)  # [A, g, d]
     label = torch.cat(labels)
+    if cfg.ce_label == "target":
+        label = None
+    elif cfg.ce_label != "data":
+        raise ValueError(f"ce_label must be 'data' or 'target', not {cfg.ce_label!r}")
     prev = torch.cat(prevs)
     valid = torch.cat(valids)
     tk_ids = torch.cat(tk_all_ids)  # [A, g, K]
     tk_probs = torch.cat(tk_all_probs)
+    if label is None:
+        label = tk_ids[..., 0]  # the target's most likely token (top-k is sorted)
     prev_emb = None
     if d.markov_head is None:
         logits = d.base_logits(h)  # [A, g, V']

@@ -145,6 +145,33 @@ def test_drafter_loss_matches_a_hand_made_case(tmp_path, tiny_llama_dir):
     assert loss.item() == pytest.approx(0.1 * ce + 0.9 * tv, abs=1e-4)
 
 
+def test_ce_label_target_uses_the_targets_top1_not_the_datas_token(tmp_path, tiny_llama_dir):
+    """ce_label="target": the CE term scores the target's most likely token; here that token lies
+    outside the draft vocabulary, so the term has nothing to score, while the data's token is in it."""
+    _chain_dataset(tmp_path / "data", list(range(300, 340)), n_seqs=4)
+    loaded = load_model(tiny_llama_dir, dtype="float32")
+    ds = CachedDataset(str(tmp_path / "data"))
+    ids, hidden, p, tki, tkp = ds.sequence(ds.train[0])
+    ces = {}
+    for label in ("data", "target"):
+        cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=tiny_llama_dir, block_size=3,
+                          markov_rank=8, draft_vocab_size=64, init_from_target=False, confidence_head=False,
+                          ce_label=label)
+        tr, t2d = build_drafter(cfg, ds, loaded)
+        with torch.no_grad():
+            tr.drafter.norm.weight.zero_()  # uniform p_d over V'
+        outside = int((t2d < 0).nonzero()[0])
+        tki2 = tki.clone()
+        tki2[:, 0] = outside
+        _, st = drafter_loss(tr, [(ids, hidden, p, tki2, tkp, torch.tensor([p, p + 3]))], cfg, t2d)
+        ces[label] = st["ce"]
+    assert ces["data"] == pytest.approx(torch.log(torch.tensor(64.0)).item(), abs=1e-4)
+    assert ces["target"] == 0.0
+    with pytest.raises(ValueError, match="ce_label"):
+        drafter_loss(tr, [(ids, hidden, p, tki, tkp, torch.tensor([p]))],
+                     TrainConfig(data="", out="", block_size=3, ce_label="labels"), t2d)
+
+
 def test_training_forward_is_the_serving_backbone(tmp_path, tiny_llama_dir):
     """The packed training forward (one masked call per sequence) equals the engine's backbone
     run block by block with the context K/V of positions < anchor."""
