@@ -25,7 +25,11 @@ Without a drafter cost table or a throughput the rule reduces to g_r >= min_gain
 A skipped request is probed: it drafts again after `probe_interval` steps; a
 probe that still falls short doubles the wait (up to `max_probe_interval`); one
 that clears the bar resumes drafting and resets the wait. New requests draft
-for `warmup_rounds` rounds before they can be skipped.
+for `warmup_rounds` rounds before they can be skipped, until the population
+has `prior_rounds` recorded rounds: from then on a new request starts from the
+population's gain (an EMA over every request's rounds) as if warmed up, so with
+a drafter that helps nobody new requests skip from their first step and only
+probe, and with one that helps they draft from their first step as before.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ class _RequestState:
 class DraftSkipper:
     def __init__(self, drafter_cost_table: CostTable | None = None, min_gain: float = 0.1, margin: float = 1.0,
                  alpha: float = 0.1, z: float = 1.0, warmup_rounds: int = 3, probe_interval: int = 8,
-                 max_probe_interval: int = 128, backoff: float = 2.0, throughput_alpha: float = 0.1):
+                 max_probe_interval: int = 128, backoff: float = 2.0, throughput_alpha: float = 0.1,
+                 prior_rounds: int | None = 32, prior_alpha: float = 0.05):
         if not 0.0 < alpha <= 1.0 or not 0.0 < throughput_alpha <= 1.0:
             raise ValueError("alpha and throughput_alpha must be in (0, 1]")
         if probe_interval < 1 or max_probe_interval < probe_interval or backoff < 1.0:
@@ -61,6 +66,9 @@ class DraftSkipper:
         self.warmup_rounds = int(warmup_rounds)
         self.probe_interval, self.max_probe_interval, self.backoff = int(probe_interval), int(max_probe_interval), backoff
         self.throughput_alpha = throughput_alpha
+        self.prior_rounds, self.prior_alpha = prior_rounds, float(prior_alpha)  # None: no population prior
+        self._pop_gain = self._pop_gain_sq = 0.0  # EMA over all requests' recorded rounds
+        self._pop_rounds = 0
         self.throughput: float | None = None  # EMA of engine output tokens/s (observe_step)
         self.step = 0
         self._states: dict[Hashable, _RequestState] = {}
@@ -84,13 +92,30 @@ class DraftSkipper:
         calibrated expected gain sum_{j<=l} a_j, which is preferred when given (less noisy)."""
         g = float(expected_gain) if expected_gain is not None else float(num_accepted)
         with self._lock:
-            st = self._states.setdefault(request_id, _RequestState(interval=self.probe_interval))
+            st = self._states.get(request_id)
+            if st is None:
+                st = self._states[request_id] = _RequestState(interval=self.probe_interval)
             if st.gain is None:
                 st.gain, st.gain_sq = g, g * g
             else:
                 st.gain = (1 - self.alpha) * st.gain + self.alpha * g
                 st.gain_sq = (1 - self.alpha) * st.gain_sq + self.alpha * g * g
             st.rounds += 1
+            a = self.prior_alpha if self._pop_rounds else 1.0
+            self._pop_gain = (1 - a) * self._pop_gain + a * g
+            self._pop_gain_sq = (1 - a) * self._pop_gain_sq + a * g * g
+            self._pop_rounds += 1
+
+    def _new_state(self) -> _RequestState:
+        st = _RequestState(interval=self.probe_interval)
+        if self.prior_rounds is not None and self._pop_rounds >= self.prior_rounds:
+            st.gain, st.gain_sq, st.rounds = self._pop_gain, self._pop_gain_sq, self.warmup_rounds
+        return st
+
+    def population_gain(self) -> float | None:
+        """The EMA of tokens gained per drafted round over all requests (None before any)."""
+        with self._lock:
+            return self._pop_gain if self._pop_rounds else None
 
     def forget(self, request_id: Hashable) -> None:
         """Drop a finished or aborted request's state."""
@@ -116,7 +141,7 @@ class DraftSkipper:
             for rid in request_ids:
                 st = self._states.get(rid)
                 if st is None:
-                    st = self._states[rid] = _RequestState(interval=self.probe_interval)
+                    st = self._states[rid] = self._new_state()
                 states.append(st)
             # The bar depends on how many share the pass: count those that would draft without new skips.
             n = sum(1 for st in states if not st.skipping or self.step >= st.next_probe) or 1

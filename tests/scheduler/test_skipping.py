@@ -90,3 +90,43 @@ def test_forget_and_many_requests():
     s.forget("never-seen")
     assert s.select(["a", "b"]) == [True, True]  # a is new again: warm-up
     assert len(s) == 2
+
+
+def _population(s, accepted, n_requests=12, rounds=4):
+    """Finished requests that each drafted `rounds` rounds accepting `accepted` tokens."""
+    for i in range(n_requests):
+        rid = f"old-{accepted}-{i}"
+        for _ in range(rounds):
+            s.select([rid])
+            s.record(rid, accepted)
+        s.forget(rid)
+
+
+def test_after_a_population_of_useless_drafts_new_requests_skip_from_their_first_step():
+    s = DraftSkipper(warmup_rounds=3, probe_interval=8, prior_rounds=32)
+    _population(s, 0)
+    assert s.population_gain() == 0.0
+    start = s.step
+    drafted = run(s, "new", lambda step: 0, 40)
+    # no warm-up rounds: skipped at once, first drafted round is the probe 8 steps later
+    assert drafted[0] == 9 and len(drafted) <= 3, (start, drafted)
+
+
+def test_a_good_request_in_a_useless_population_resumes_at_its_first_probe():
+    s = DraftSkipper(warmup_rounds=3, probe_interval=8, prior_rounds=32, alpha=0.5)
+    _population(s, 0)
+    drafted = run(s, "good", lambda step: 5, 40)
+    assert drafted[0] == 9 and drafted[1:] == list(range(10, 41))[: len(drafted) - 1] and len(drafted) == 32
+
+
+def test_after_a_useful_population_new_requests_draft_from_their_first_step():
+    s = DraftSkipper(warmup_rounds=3, prior_rounds=32)
+    _population(s, 4)
+    assert s.population_gain() == pytest.approx(4.0)
+    assert run(s, "new", lambda step: 4, 20) == list(range(1, 21))
+
+
+def test_without_the_prior_new_requests_always_warm_up():
+    s = DraftSkipper(warmup_rounds=3, probe_interval=8, prior_rounds=None)
+    _population(s, 0)
+    assert run(s, "new", lambda step: 0, 12)[:3] == [1, 2, 3]
