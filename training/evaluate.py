@@ -214,6 +214,8 @@ def eval_drafter(drafter: str, datasets: dict[str, str], out: str, num_prompts: 
                         "wall_s": round(r["wall_s"], 1)})
             report["results"][key][name] = res
             log.info("%s %s: tau %.3f over %d rounds", key, name, res["tau"] or 0, res["rounds"])
+            # after every set: a run stopped part-way keeps what it measured
+            (out_dir / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_report(report, out_dir)
     return report
