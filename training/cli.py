@@ -99,7 +99,7 @@ def add_training_parsers(sub) -> None:
     g.add_argument("--top-p", type=float, default=0.9)
     g.add_argument("--responses", default="target", choices=["target", "dataset"],
                    help="target: regenerate the responses with the target (the recipe); dataset: teacher-force "
-                        "the dataset's own responses (ShareGPT's gpt turn; no generation, ~5x the tokens per hour)")
+                        "the dataset's own responses (ShareGPT's gpt turn; no generation, ~8x the tokens per hour)")
     g.add_argument("--val-fraction", type=float, default=0.03)
     g.add_argument("--target-layers", type=_ints, default=(1, 10, 19, 28), help="target layers whose hidden states are kept")
     g.add_argument("--top-k", type=int, default=64, help="target probabilities kept per position")

@@ -335,15 +335,13 @@ def drafter_loss(tr: TrainableDrafter, batch, cfg: TrainConfig, t2d: torch.Tenso
         tk_all_probs.append(tk_probs[row].float())  # float16 rows: CPU autocast cannot cat them
     h = torch.cat(hs)  # [A, g, d]
     label = torch.cat(labels)
-    if cfg.ce_label == "target":
-        label = None
-    elif cfg.ce_label != "data":
+    if cfg.ce_label not in ("data", "target"):
         raise ValueError(f"ce_label must be 'data' or 'target', not {cfg.ce_label!r}")
     prev = torch.cat(prevs)
     valid = torch.cat(valids)
     tk_ids = torch.cat(tk_all_ids)  # [A, g, K]
     tk_probs = torch.cat(tk_all_probs)
-    if label is None:
+    if cfg.ce_label == "target":
         label = tk_ids[..., 0]  # the target's most likely token (top-k is sorted)
     prev_emb = None
     if d.markov_head is None:
