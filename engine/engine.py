@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EngineConfig:
     model: str | None = None  # HF directory or .gguf file; None: the embedded default
-    dtype: str = "auto"  # auto: bf16 on GPUs and AMX CPUs, else fp32 (faster without AMX)
+    dtype: str = "auto"  # auto: bf16 on GPUs; CPUs: whichever a matmul probe measures faster (models.loader)
     device: str = "auto"  # auto: cuda when available, else cpu
     seed: int = 0
     block_size: int = 16

@@ -66,9 +66,9 @@ def default_model_path() -> str:
 def default_dtype() -> str:
     """What our server's --dtype auto picks on this CPU, so both sides compute in the same precision."""
     try:
-        from models.loader import cpu_has_native_bf16
+        from models.loader import auto_cpu_dtype
 
-        return "bfloat16" if cpu_has_native_bf16() else "float32"
+        return str(auto_cpu_dtype()).removeprefix("torch.")
     except ImportError:
         return "float32"
 

@@ -32,6 +32,8 @@ class ServerProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "w")
         env = {k: v for k, v in os.environ.items() if not k.startswith("DSPARK_")}  # only what the config says
+        if "DSPARK_CPU_DTYPE" in os.environ:  # the peers' default dtype follows it too (peers.default_dtype)
+            env["DSPARK_CPU_DTYPE"] = os.environ["DSPARK_CPU_DTYPE"]
         env.update({"PYTHONUNBUFFERED": "1", **spec.env})
         # Its own process group, so stop() reaches the workers a server may fork (and nothing else).
         self.proc = subprocess.Popen(self.argv, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,

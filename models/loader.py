@@ -46,17 +46,69 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DSPARK_CACHE_DIR", Path.home() / ".cache" / "dspark"))
 
 
-def cpu_has_native_bf16() -> bool:
-    """True where bf16 matrix products beat fp32: CPUs with AMX tiles.
+# Shapes of the timed products: the rows of a decode step (1), of a small batch or a verify block
+# (16) and of a prefill chunk (128), against a [1024 x 2816] weight (a small model's MLP).
+_PROBE_ROWS = (1, 16, 128)
+_PROBE_K, _PROBE_N = 1024, 2816
+BF16_MIN_SPEEDUP = 1.25
+_cpu_dtype_probe: dict[int, dict] = {}
 
-    avx512_bf16 alone is not enough: on such a CPU (this project's 2-core CI machine) a
-    [4096 x 576] x [576 x 1536] product runs at 178 GFLOPS in bf16 against 365 in fp32, and the
-    engine serves the default model 13% (batch 1) to 22% (batch 32) faster in fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags
+
+def probe_cpu_bf16(repeats: int = 5) -> dict:
+    """Time fp32 and bf16 matrix products on this CPU with the current torch thread count.
+
+    Returns {"speedup": geometric mean over the probe shapes of fp32 time / bf16 time, "per_rows":
+    {rows: speedup}, "threads": n}. The two dtypes are timed interleaved (best of `repeats`), so a
+    busy machine slows both alike. Cached per thread count for the life of the process."""
+    import time
+
+    threads = torch.get_num_threads()
+    if threads in _cpu_dtype_probe:
+        return _cpu_dtype_probe[threads]
+    gen = torch.Generator().manual_seed(0)
+    per_rows = {}
+    with torch.inference_mode():
+        for rows in _PROBE_ROWS:
+            x32 = torch.randn(rows, _PROBE_K, generator=gen)
+            w32 = torch.randn(_PROBE_K, _PROBE_N, generator=gen)
+            x16, w16 = x32.bfloat16(), w32.bfloat16()
+            inner = max(1, 256 // rows)
+            best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+            for _ in range(repeats):
+                for dt, (x, w) in ((torch.float32, (x32, w32)), (torch.bfloat16, (x16, w16))):
+                    torch.mm(x, w)  # warm the kernel and the caches
+                    t0 = time.perf_counter()
+                    for _ in range(inner):
+                        torch.mm(x, w)
+                    best[dt] = min(best[dt], time.perf_counter() - t0)
+            per_rows[rows] = best[torch.float32] / best[torch.bfloat16]
+    prod = 1.0
+    for v in per_rows.values():
+        prod *= v
+    result = {"speedup": prod ** (1 / len(per_rows)), "per_rows": per_rows, "threads": threads}
+    _cpu_dtype_probe[threads] = result
+    return result
+
+
+def auto_cpu_dtype() -> torch.dtype:
+    """The dtype `--dtype auto` serves in on a CPU: bfloat16 where it measures at least
+    BF16_MIN_SPEEDUP x faster than float32 in matrix products, else float32.
+
+    A CPU flag does not decide this: on one 2-core Intel Xeon with avx512_bf16 (no AMX) a
+    [4096 x 576] x [576 x 1536] product ran at 178 GFLOPS in bf16 against 365 in fp32, and on a
+    2-core AMD EPYC with the same flags at 771 against 142-173 (docs/benchmarks/README.md).
+    `DSPARK_CPU_DTYPE=float32|bfloat16` skips the measurement."""
+    forced = os.environ.get("DSPARK_CPU_DTYPE")
+    if forced:
+        if forced not in ("float32", "bfloat16"):
+            raise ValueError(f"DSPARK_CPU_DTYPE={forced!r}: use float32 or bfloat16")
+        return torch.float32 if forced == "float32" else torch.bfloat16
+    probe = probe_cpu_bf16()
+    choice = torch.bfloat16 if probe["speedup"] >= BF16_MIN_SPEEDUP else torch.float32
+    log.info("dtype auto: bf16/fp32 matmul speedup %.2f (%s rows, %d threads) -> %s", probe["speedup"],
+             ", ".join(f"{r}: {v:.2f}" for r, v in probe["per_rows"].items()), probe["threads"],
+             str(choice).removeprefix("torch."))
+    return choice
 
 
 DEFAULT_DRAFTER_DIR = Path(__file__).resolve().parent / "default_drafter"
@@ -80,7 +132,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     if device.type == "cuda":
         return torch.bfloat16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return auto_cpu_dtype()
 
 
 @dataclass

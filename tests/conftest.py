@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# `--dtype auto` times bf16 against fp32 on the CPU and may pick either; greedy-equality tests need
+# the same precision on every machine (servers started by the tests inherit this).
+os.environ.setdefault("DSPARK_CPU_DTYPE", "float32")
 
 import pytest
 

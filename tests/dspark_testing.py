@@ -142,6 +142,8 @@ class ServerProcess:
         self.log_path = log_path
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("DSPARK_")}
         full_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        # --dtype auto would time bf16 against fp32 and may pick bf16; greedy comparisons need fp32.
+        full_env["DSPARK_CPU_DTYPE"] = os.environ.get("DSPARK_CPU_DTYPE", "float32")
         full_env.update(env or {})
         threads = [] if "--num-threads" in args else ["--num-threads", "1"]
         command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),

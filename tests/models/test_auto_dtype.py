@@ -1,0 +1,40 @@
+"""`--dtype auto` on a CPU: chosen by timing bf16 against fp32 matrix products, overridable."""
+
+import pytest
+import torch
+
+from models import loader
+
+
+def test_probe_measures_every_shape_and_is_cached(monkeypatch):
+    monkeypatch.setattr(loader, "_cpu_dtype_probe", {})
+    probe = loader.probe_cpu_bf16(repeats=1)
+    assert set(probe["per_rows"]) == set(loader._PROBE_ROWS)
+    assert all(v > 0 for v in probe["per_rows"].values())
+    assert probe["speedup"] > 0 and probe["threads"] == torch.get_num_threads()
+    assert loader.probe_cpu_bf16() is probe  # one measurement per thread count
+
+
+@pytest.mark.parametrize("speedup,expected", [(2.2, torch.bfloat16), (1.3, torch.bfloat16),
+                                              (1.1, torch.float32), (0.5, torch.float32)])
+def test_auto_follows_the_measured_speedup(monkeypatch, speedup, expected):
+    monkeypatch.delenv("DSPARK_CPU_DTYPE", raising=False)
+    monkeypatch.setattr(loader, "probe_cpu_bf16",
+                        lambda: {"speedup": speedup, "per_rows": {1: speedup}, "threads": 2})
+    assert loader.auto_cpu_dtype() == expected
+    assert loader.resolve_dtype("auto", torch.device("cpu")) == expected
+
+
+def test_env_overrides_the_measurement(monkeypatch):
+    def no_probe():
+        raise AssertionError("the probe must not run when DSPARK_CPU_DTYPE is set")
+
+    monkeypatch.setattr(loader, "probe_cpu_bf16", no_probe)
+    monkeypatch.setenv("DSPARK_CPU_DTYPE", "bfloat16")
+    assert loader.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setenv("DSPARK_CPU_DTYPE", "float32")
+    assert loader.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert loader.resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16  # explicit wins
+    monkeypatch.setenv("DSPARK_CPU_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="DSPARK_CPU_DTYPE"):
+        loader.auto_cpu_dtype()
