@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -104,7 +105,7 @@ def main(argv=None) -> None:
     prompts_ids = [apply_chat_template(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
     dtype = str(llm.engine.runner.dtype).removeprefix("torch.")
     rows = [profile_batch(llm, prompts_ids, b, args.steps) for b in args.batch]
-    result = {"command": "python -m loadtest.profile_decode " + " ".join(argv or os.sys.argv[1:]),
+    result = {"command": "python -m loadtest.profile_decode " + " ".join(argv or sys.argv[1:]),
               "machine": _machine(), "dtype": dtype, "threads": torch.get_num_threads(), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,10 +83,8 @@ def probe_cpu_bf16(repeats: int = 5) -> dict:
                         torch.mm(x, w)
                     best[dt] = min(best[dt], time.perf_counter() - t0)
             per_rows[rows] = best[torch.float32] / best[torch.bfloat16]
-    prod = 1.0
-    for v in per_rows.values():
-        prod *= v
-    result = {"speedup": prod ** (1 / len(per_rows)), "per_rows": per_rows, "threads": threads}
+    speedup = math.prod(per_rows.values()) ** (1 / len(per_rows))
+    result = {"speedup": speedup, "per_rows": per_rows, "threads": threads}
     _cpu_dtype_probe[threads] = result
     return result
 
