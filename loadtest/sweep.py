@@ -16,6 +16,14 @@ configurations.
 
 `--base-url URL` measures a server that is already running instead (a peer
 started by hand); `python -m loadtest plot A.json B.json` overlays sweeps.
+
+`--rounds N` (N >= 2) measures on a noisy machine: every server is started
+once and kept up, and each round runs the whole grid with the configurations
+interleaved point by point (c=1: A, B, C; c=2: A, B, C; ...), so a slow
+minute of the machine hits every configuration alike. A point reports the
+round with the median output throughput, every round's numbers, and its
+ratio to the `--baseline` configuration (default: the first) as the median
+of the per-round ratios, each taken between points measured next to each other.
 """
 
 from __future__ import annotations
@@ -81,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests per point (default: 4 x concurrency, at least 16)")
     g.add_argument("--max-duration", type=float, default=300.0, help="seconds per point at most (default 300)")
     g.add_argument("--warmup-requests", type=int, default=1, help="per configuration, before its first point")
+    g.add_argument("--rounds", type=int, default=1,
+                   help="measure the grid N times with the configurations interleaved point by point and all "
+                        "servers kept up; a point reports its median round (default 1: one server at a time)")
+    g.add_argument("--baseline", default=None,
+                   help="configuration the others are compared with, per round (default: the first)")
     add_sla_args(p)
     add_output_args(p)
     g.add_argument("--no-plots", dest="plots", action="store_false")
@@ -112,20 +125,84 @@ def point_line(name: str, c: int, point: dict) -> str:
             f"TTFT p50 {fmt(s['ttft_s']['p50'], 1000)} ms{tau}")
 
 
-def sweep_config(name: str, base_url: str, args, specs_all, grid: list[int], per_point) -> dict:
+def open_config(base_url: str, args, specs_all) -> tuple[dict, str]:
+    """Identify the server and warm it up: (identity, model name)."""
     identity = asyncio.run(server_identity(base_url, _headers(args)))
     model = args.model or identity["model"]
     if model is None:
         raise RuntimeError(f"{base_url}: no model from /v1/models; give --model")
     warm_cfg = load_config(args, model, concurrency=1)
     asyncio.run(warm_up(warm_cfg, specs_all, args.warmup_requests))
-    points = []
-    for c in grid:
-        cfg = load_config(args, model, concurrency=c)
-        point = asyncio.run(measure(specs_all[: per_point(c)], cfg, sla_from_args(args), args.save_itl))
-        print(point_line(name, c, point), file=sys.stderr)
-        points.append({"concurrency": c, **point})
-    return {"server": identity, "points": points}
+    return identity, model
+
+
+def measure_point(name: str, args, model: str, specs_all, c: int, per_point) -> dict:
+    cfg = load_config(args, model, concurrency=c)
+    point = asyncio.run(measure(specs_all[: per_point(c)], cfg, sla_from_args(args), args.save_itl))
+    print(point_line(name, c, point), file=sys.stderr)
+    return {"concurrency": c, **point}
+
+
+def sweep_config(name: str, base_url: str, args, specs_all, grid: list[int], per_point) -> dict:
+    identity, model = open_config(base_url, args, specs_all)
+    return {"server": identity, "points": [measure_point(name, args, model, specs_all, c, per_point) for c in grid]}
+
+
+def _throughput(point: dict) -> float:
+    return float(point["summary"]["output_token_throughput"] or 0.0)
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def combine_rounds(rounds: list[dict], baseline_rounds: list[dict] | None) -> dict:
+    """One point from its rounds: the round with the median output throughput (the lower middle one
+    for an even count), every round's headline numbers, and the median per-round ratio to the baseline."""
+    order = sorted(range(len(rounds)), key=lambda i: _throughput(rounds[i]))
+    pick = order[(len(rounds) - 1) // 2]
+    point = dict(rounds[pick])
+    point["median_round"] = pick
+    point["rounds"] = [{
+        "output_token_throughput": _throughput(r),
+        "tokens_per_s_per_user_mean": r["summary"]["tokens_per_s_per_user"]["mean"],
+        "requests_completed": r["summary"]["requests_completed"],
+        "tau": ((r.get("server_metrics") or {}).get("spec_decode") or {}).get("tau"),
+    } for r in rounds]
+    if baseline_rounds:
+        ratios = [_throughput(r) / _throughput(b) for r, b in zip(rounds, baseline_rounds) if _throughput(b) > 0]
+        user = [r["summary"]["tokens_per_s_per_user"]["mean"] / b["summary"]["tokens_per_s_per_user"]["mean"]
+                for r, b in zip(rounds, baseline_rounds)
+                if r["summary"]["tokens_per_s_per_user"]["mean"] and b["summary"]["tokens_per_s_per_user"]["mean"]]
+        if ratios:
+            point["vs_baseline"] = {"throughput_ratio": _median(ratios), "throughput_ratios": ratios,
+                                    "tokens_per_s_per_user_ratio": _median(user) if user else None}
+    return point
+
+
+def sweep_interleaved(live: list[tuple[dict, str, argparse.Namespace, str]], args, specs_all, grid: list[int],
+                      per_point, baseline: str) -> None:
+    """`--rounds`: every live configuration measured at each point in turn, the grid `args.rounds` times.
+    `live` holds (entry, name, args for its server, model); points land in each entry."""
+    measured: dict[str, dict[int, list[dict]]] = {name: {} for _, name, _, _ in live}
+    for r in range(args.rounds):
+        for c in grid:
+            for entry, name, a, model in live:
+                if entry.get("error"):
+                    continue
+                try:
+                    measured[name].setdefault(c, []).append(measure_point(f"{name} round {r + 1}", a, model,
+                                                                           specs_all, c, per_point))
+                except Exception as e:  # a server that died loses its later points, not the others'
+                    entry["error"] = f"{type(e).__name__} in round {r + 1} at c={c}: {e}"
+                    print(f"[{name}] FAILED: {entry['error']}", file=sys.stderr)
+    base = measured.get(baseline, {})
+    for entry, name, _, _ in live:
+        entry["points"] = [combine_rounds(measured[name][c], base.get(c) if name != baseline else None)
+                           for c in grid if measured[name].get(c)]
+        entry["baseline"] = baseline
 
 
 def _headers(args) -> dict:
@@ -134,12 +211,17 @@ def _headers(args) -> dict:
 
 def markdown(sweep: dict) -> str:
     sla = any(p["summary"].get("goodput") for c in sweep["configs"] for p in c.get("points", []))
+    rounds = sweep.get("rounds", 1) > 1
+    base = sweep.get("baseline")
     head = ("| config | concurrency | req/s | output tok/s | tok/s/user (mean) | TTFT p50 / p99 (ms) | "
-            "TPOT p50 (ms) | E2E p99 (s) | tau | verify budget | failed |" + (" goodput tok/s |" if sla else ""))
+            "TPOT p50 (ms) | E2E p99 (s) | tau | verify budget | failed |" + (" goodput tok/s |" if sla else "")
+            + (f" output tok/s, each round | x {base} (median of rounds) |" if rounds else ""))
     lines = [f"# Sweep {sweep['name']}", "", f"`{sweep['command']}`", "",
              f"Workload: {sweep['workload']['dataset']}, {sweep['per_point']}. Machine: {sweep['machine']['cpu']}, "
              f"{sweep['machine']['cores']} cores. Commit {sweep['git']['commit']}"
-             f"{' (dirty)' if sweep['git']['dirty'] else ''}.", "", head,
+             f"{' (dirty)' if sweep['git']['dirty'] else ''}."
+             + (f" {sweep['rounds']} rounds, configurations interleaved point by point; each row is the round "
+                f"with the median output tok/s." if rounds else ""), "", head,
              "|" + " --- |" * 2 + " ---: |" * (head.count("|") - 3)]
     for c in sweep["configs"]:
         if c.get("error"):
@@ -155,8 +237,62 @@ def markdown(sweep: dict) -> str:
                    fmt(spec.get("mean_verify_budget")), str(s["requests_failed"])]
             if sla:
                 row.append(fmt((s.get("goodput") or {}).get("output_token_throughput")))
+            if rounds:
+                row.append(" / ".join(fmt(r["output_token_throughput"]) for r in p.get("rounds", [])))
+                row.append(fmt((p.get("vs_baseline") or {}).get("throughput_ratio")))
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def start_server(spec: ServerSpec, entry: dict, args, log_dir: Path) -> ServerProcess:
+    if spec.prepare is not None:
+        print(f"[{spec.name}] preparing", file=sys.stderr)
+        spec.prepare()
+    print(f"[{spec.name}] starting: {spec.display()}", file=sys.stderr)
+    server = ServerProcess(spec, log_dir / f"{spec.name}.log")
+    entry["log"] = str(server.log_path)
+    try:
+        entry["startup_s"] = server.wait_ready(args.startup_timeout)
+    except Exception:
+        entry["exit_code"] = server.stop()
+        raise
+    return server
+
+
+def run_interleaved(specs: list[ServerSpec], sweep: dict, args, specs_all, grid, per_point, log_dir: Path,
+                    path: Path) -> None:
+    """`--rounds`: start every server, warm each up, interleave the points, stop them all."""
+    names = [spec.name for spec in specs]
+    baseline = args.baseline or names[0]
+    if baseline not in names:
+        raise SystemExit(f"--baseline {baseline!r}: not one of {', '.join(names)}")
+    servers, live = [], []
+    try:
+        for spec in specs:
+            entry = {"name": spec.name, "command": spec.display(), "note": spec.note}
+            sweep["configs"].append(entry)
+            try:
+                server = start_server(spec, entry, args, log_dir)
+            except Exception as e:
+                entry["error"] = f"{type(e).__name__}: {e}"
+                print(f"[{spec.name}] FAILED: {entry['error']}", file=sys.stderr)
+                continue
+            servers.append((entry, server))
+            args_for = argparse.Namespace(**{**vars(args), "base_url": server.url, "model": args.model or spec.model})
+            try:
+                identity, model = open_config(server.url, args_for, specs_all)
+            except Exception as e:
+                entry["error"] = f"{type(e).__name__}: {e}"
+                print(f"[{spec.name}] FAILED: {entry['error']}", file=sys.stderr)
+                continue
+            entry["server"] = identity
+            live.append((entry, spec.name, args_for, model))
+        sweep_interleaved(live, args, specs_all, grid, per_point, baseline)
+    finally:
+        for entry, server in servers:
+            entry["exit_code"] = server.stop()
+    sweep["baseline"] = baseline
+    report.write_json(path, sweep)
 
 
 def sweep_main(argv: list[str]) -> int:
@@ -164,6 +300,10 @@ def sweep_main(argv: list[str]) -> int:
     grid = [int(x) for x in args.concurrency_grid.split(",") if x.strip()]
     if not grid or min(grid) < 1:
         raise SystemExit("--concurrency-grid: positive integers, e.g. 1,2,4,8")
+    if args.rounds < 1:
+        raise SystemExit("--rounds: at least 1")
+    if args.rounds > 1 and args.base_url:
+        raise SystemExit("--rounds interleaves servers the sweep starts; not with --base-url")
     if args.base_url:
         check_base_url(args.base_url, args.allow_remote)
         if args.configs and any(set(c) != {"name"} for c in args.configs):
@@ -190,6 +330,7 @@ def sweep_main(argv: list[str]) -> int:
                       else "max(16, 4 x concurrency) requests per point") + f", at most {args.max_duration:g} s",
         "sla": sla_from_args(args).to_dict(),
         "log_dir": str(log_dir),
+        "rounds": args.rounds,
         "configs": [],
     }
     out_dir = Path(args.result_dir)
@@ -199,27 +340,26 @@ def sweep_main(argv: list[str]) -> int:
         entry = {"name": label, "command": None, "base_url": args.base_url}
         entry.update(sweep_config(label, args.base_url.rstrip("/"), args, specs_all, grid, per_point))
         sweep["configs"].append(entry)
-    for spec in specs:
-        entry = {"name": spec.name, "command": spec.display(), "note": spec.note}
-        server = None
-        try:
-            if spec.prepare is not None:
-                print(f"[{spec.name}] preparing", file=sys.stderr)
-                spec.prepare()
-            print(f"[{spec.name}] starting: {spec.display()}", file=sys.stderr)
-            server = ServerProcess(spec, log_dir / f"{spec.name}.log")
-            entry["log"] = str(server.log_path)
-            entry["startup_s"] = server.wait_ready(args.startup_timeout)
-            args_for = argparse.Namespace(**{**vars(args), "base_url": server.url,
-                                             "model": args.model or spec.model})
-            entry.update(sweep_config(spec.name, server.url, args_for, specs_all, grid, per_point))
-        except Exception as e:  # one broken configuration must not lose the others
-            entry["error"] = f"{type(e).__name__}: {e}"
-            print(f"[{spec.name}] FAILED: {entry['error']}", file=sys.stderr)
-        finally:
-            entry["exit_code"] = server.stop() if server is not None else None
-        sweep["configs"].append(entry)
-        report.write_json(path, sweep)  # after each configuration: an interrupted sweep keeps what it measured
+    if args.rounds > 1:
+        run_interleaved(specs, sweep, args, specs_all, grid, per_point, log_dir, path)
+    else:
+        for spec in specs:
+            entry = {"name": spec.name, "command": spec.display(), "note": spec.note}
+            server = None
+            try:
+                server = start_server(spec, entry, args, log_dir)
+                args_for = argparse.Namespace(**{**vars(args), "base_url": server.url,
+                                                 "model": args.model or spec.model})
+                entry.update(sweep_config(spec.name, server.url, args_for, specs_all, grid, per_point))
+            except Exception as e:  # one broken configuration must not lose the others
+                entry["error"] = f"{type(e).__name__}: {e}"
+                print(f"[{spec.name}] FAILED: {entry['error']}", file=sys.stderr)
+            finally:
+                if server is not None:
+                    entry["exit_code"] = server.stop()
+                entry.setdefault("exit_code", None)
+            sweep["configs"].append(entry)
+            report.write_json(path, sweep)  # after each configuration: an interrupted sweep keeps what it measured
 
     report.write_json(path, sweep)
     md = markdown(sweep)

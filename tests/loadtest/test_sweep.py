@@ -102,3 +102,75 @@ def test_peer_commands_load_the_same_file_offline(tmp_path, monkeypatch):
     for name in PEERS:
         ok, why = availability(name)
         assert isinstance(ok, bool) and why
+
+
+def _pt(tput: float, user: float = 1.0) -> dict:
+    return {"concurrency": 1, "summary": {"output_token_throughput": tput, "tokens_per_s_per_user": {"mean": user},
+                                          "requests_completed": 4}}
+
+
+def test_combine_rounds_reports_the_median_round_and_the_median_of_per_round_ratios():
+    from loadtest.sweep import combine_rounds
+
+    base = [_pt(100, 10), _pt(50, 5), _pt(80, 8)]  # the machine was slow in round 2
+    cand = [_pt(120, 11), _pt(65, 6), _pt(90, 10)]
+    p = combine_rounds(cand, base)
+    assert p["median_round"] == 2 and p["summary"]["output_token_throughput"] == 90
+    assert [r["output_token_throughput"] for r in p["rounds"]] == [120, 65, 90]
+    ratios = p["vs_baseline"]["throughput_ratios"]
+    assert ratios == pytest.approx([1.2, 1.3, 1.125])
+    assert p["vs_baseline"]["throughput_ratio"] == pytest.approx(1.2)  # not 90 / 80 of the median rounds
+    assert p["vs_baseline"]["tokens_per_s_per_user_ratio"] == pytest.approx(1.2)
+    even = combine_rounds([_pt(3), _pt(1), _pt(2), _pt(4)], None)
+    assert even["summary"]["output_token_throughput"] == 2 and "vs_baseline" not in even  # the lower middle
+
+
+def test_interleaved_rounds_alternate_the_configurations_point_by_point(monkeypatch):
+    import argparse
+
+    from loadtest import sweep as sweep_mod
+
+    calls = []
+    speed = {"a": 100.0, "b": 150.0}
+
+    def fake_point(name, args, model, specs_all, c, per_point):
+        calls.append((name, c))
+        slow = 0.5 if len(calls) in (3, 4) else 1.0  # a slow spell hits the two neighbouring points alike
+        return {**_pt(speed[name.split()[0]] * slow), "concurrency": c}
+
+    monkeypatch.setattr(sweep_mod, "measure_point", fake_point)
+    entries = [{"name": "a"}, {"name": "b"}]
+    live = [(e, e["name"], argparse.Namespace(), "m") for e in entries]
+    sweep_mod.sweep_interleaved(live, argparse.Namespace(rounds=2), [], [1, 4], None, baseline="a")
+    assert calls == [("a round 1", 1), ("b round 1", 1), ("a round 1", 4), ("b round 1", 4),
+                     ("a round 2", 1), ("b round 2", 1), ("a round 2", 4), ("b round 2", 4)]
+    a, b = entries
+    assert [p["concurrency"] for p in b["points"]] == [1, 4] and "vs_baseline" not in a["points"][0]
+    assert all(p["vs_baseline"]["throughput_ratio"] == pytest.approx(1.5) for p in b["points"])
+
+
+def test_sweep_rounds_end_to_end_keeps_every_server_up_and_writes_the_ratio_column(tmp_path):
+    rc = sweep_main([
+        "--config-name", "fast", "--server-command", fake_command(3),
+        "--config-name", "broken", "--server-command", f"{shlex.quote(sys.executable)} -c 'raise SystemExit(3)'",
+        "--config-name", "slow", "--server-command", fake_command(6),
+        "--rounds", "2", "--baseline", "slow",
+        "--concurrency-grid", "1,2", "--num-requests", "4", "--max-tokens", "8", "--input-len", "4",
+        "--startup-timeout", "30", "--result-dir", str(tmp_path), "--name", "r", "--no-progress", "--no-plots",
+    ])
+    assert rc == 0
+    sweep = json.loads((tmp_path / "r.json").read_text())
+    assert sweep["rounds"] == 2 and sweep["baseline"] == "slow"
+    fast, broken, slow = sweep["configs"]
+    assert "exited with 3" in broken["error"] and "points" not in broken
+    for c, n in ((fast, 3), (slow, 6)):
+        assert c["exit_code"] is not None and [p["concurrency"] for p in c["points"]] == [1, 2]
+        for p in c["points"]:
+            assert len(p["rounds"]) == 2 and p["summary"]["output_tokens_total"] == 4 * n
+            assert all(r["requests_completed"] == 4 for r in p["rounds"])
+    assert all(p["vs_baseline"]["throughput_ratio"] > 0 for p in fast["points"])
+    md = (tmp_path / "r.md").read_text()
+    assert "x slow (median of rounds)" in md and "2 rounds, configurations interleaved" in md
+    with pytest.raises(SystemExit):
+        sweep_main(["--config-name", "a", "--server-command", fake_command(3), "--rounds", "2",
+                    "--baseline", "nope", "--concurrency-grid", "1", "--result-dir", str(tmp_path)])
