@@ -284,7 +284,7 @@ class LLMEngine:
         from models.loader import cache_dir
 
         key = {"model": self.loaded.path, "dtype": str(self.runner.dtype), "device": str(self.device),
-               "threads": torch.get_num_threads(), "gamma": self.gamma}
+               "threads": torch.get_num_threads(), "gamma": self.gamma, "measures": "verify-forward"}
         path = self.config.cost_table
         if path is None:
             slug = "".join(c if c.isalnum() else "-" for c in f"{self.model_name}-{key['dtype']}-{key['device']}-t{key['threads']}")
@@ -303,9 +303,11 @@ class LLMEngine:
             log.warning("cannot save the cost table to %s: %s", path, e)
         return table
 
-    def _profile_forward(self, num_tokens: int) -> None:
-        """One speculative step's work with `num_tokens` in the verify forward: decoding requests
-        at a realistic context, each drafting gamma tokens and verifying up to gamma + 1."""
+    def _profile_forward(self, num_tokens: int) -> float:
+        """Seconds of the verification forward of one speculative step with `num_tokens` tokens:
+        decoding requests at a realistic context, each verifying up to gamma + 1. They draft first
+        (the drafter's caches and allocations are then as in serving), but the table holds the
+        forward alone: the engine adds each step's measured drafting seconds when it plans."""
         block = self.gamma + 1
         nreq = max(1, -(-num_tokens // block))
         room = self.kv.num_free_blocks * self.kv.block_size // nreq - 2 * self.kv.block_size
@@ -321,10 +323,18 @@ class LLMEngine:
                 seq.token_ids = seq.token_ids[:ctx]
                 seqs.append((seq, q))
             self.proposer.propose([s for s, _ in seqs], self.kv.block_size, self.gamma)
+            self._sync()
+            t0 = time.perf_counter()
             self.runner.execute([(s, 1) for s, _ in seqs], {id(s): [0] * (q - 1) for s, q in seqs if q > 1})
+            self._sync()
+            return time.perf_counter() - t0
         finally:
             for s, _ in seqs:
                 self.kv.free(s.block_table)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _verify(self, seq: Sequence, logits, draft_tokens: list[int], info: dict) -> list[tuple[int, object]]:
         """Accept a prefix of the drafts; returns the emitted (token, logprob) list and fixes the KV length."""

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from models.dspark import DSparkDrafter
+from scheduler.prefix import step_rate
 
 from .sampler import warp_probs
 
@@ -291,12 +292,14 @@ class SpeculativeDecoder:
         self._draft_seconds = time.perf_counter() - t0
         conf = self.confidences(d.confidence_logits, len(seqs))
         if hasattr(self.policy, "plan_with_stats"):
-            plan = self.policy.plan_with_stats(conf, caps, base_tokens)
+            # The drafting pass is done: its seconds are a constant of this step, which the cost table
+            # (the verification forward alone) does not hold; the plan adds them to every B it weighs.
+            plan = self.policy.plan_with_stats(conf, caps, base_tokens, fixed_seconds=self._draft_seconds)
             lengths = list(plan.lengths)
             self.stats.spec_last_expected_tokens = float(plan.expected_tokens)
             self.stats.spec_last_planned_tokens = int(plan.num_tokens)
             if self.cost_table is not None:
-                self.stats.spec_last_sps = float(self.cost_table.sps(plan.num_tokens))
+                self.stats.spec_last_sps = float(step_rate(self.cost_table, plan.num_tokens, self._draft_seconds))
             self.stats.spec_capacity = int(getattr(self.policy, "capacity", 0) or 0)
         else:
             lengths = self.policy.plan(conf, caps, base_tokens)
@@ -350,7 +353,11 @@ class SpeculativeDecoder:
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         if self.cost_table is not None and num_tokens > 0:
-            self.cost_table.observe(num_tokens, seconds)
+            # the table holds the verification forward only: this step's drafting pass comes off
+            # (steps without drafts and steps with them then land on one scale)
+            verify_seconds = seconds - self._draft_seconds
+            if verify_seconds > 0:
+                self.cost_table.observe(num_tokens, verify_seconds)
         if self.skipper is not None and self._draft_seconds and seconds > 0:
             # Drafting pays for a request when its accepted drafts per round exceed r / (1 - r),
             # r = the drafter's share of the step time: the bar the skipper holds requests to.

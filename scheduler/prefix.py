@@ -9,6 +9,13 @@ verifying draft j adds. Verifying more drafts makes the target forward larger
 theta = tau * SPS(B) keeps improving, and stops at the first candidate that
 does not improve it.
 
+`fixed_seconds` (optional, per plan) is the part of this step's time that
+does not depend on B: the drafting pass, which has already run when the plan
+is made. The engine's cost table holds the verification forward alone, and
+the plan maximises tau / (1 / SPS(B) + fixed_seconds), the expected tokens
+per second of the whole step (target and drafter). A constant of the step
+cannot depend on any draft token, so the early stop stays lossless.
+
 That early stop is what keeps speculative decoding lossless: whether draft
 x_{r,j} is verified must not depend on x_{r,j} itself, yet a[r][j+1] does
 (the Markov head feeds x_{r,j} into c[r][j+1]). With the early stop, the
@@ -37,7 +44,7 @@ class PlanResult:
     lengths: list[int]  # verified drafts per request, l[r]
     num_tokens: float  # B of the verification forward: R + base_tokens + sum(l)
     expected_tokens: float  # tau: R bonus tokens + sum of admitted a[r][j]
-    theta: float  # tau * SPS(B): expected tokens per second of the chosen plan
+    theta: float  # tau * rate(B): expected tokens per second of the chosen plan
     num_candidates: int = 0  # (r, j) with a > 0 within the caps
 
 
@@ -82,6 +89,15 @@ def candidates(confidences, caps: Sequence[int] | None = None) -> list[tuple[flo
     return out
 
 
+def step_rate(cost_table: CostTable, num_tokens: float, fixed_seconds: float = 0.0) -> float:
+    """Steps per second of a step whose verification forward has `num_tokens` tokens, with
+    `fixed_seconds` of work (the drafting pass) that does not depend on them."""
+    sps = cost_table.sps(num_tokens)
+    if not fixed_seconds > 0.0 or not math.isfinite(fixed_seconds):
+        return sps
+    return 1.0 / (1.0 / sps + fixed_seconds) if sps > 0 else 0.0
+
+
 class PrefixScheduler(VerifyPolicy):
     """Algorithm 1: greedy admission by prefix survival with an early stop (lossless)."""
 
@@ -93,18 +109,24 @@ class PrefixScheduler(VerifyPolicy):
         self.cost_table = cost_table
         self.last: PlanResult | None = None
 
-    def plan(self, confidences, caps: Sequence[int] | None = None, base_tokens: int = 0) -> list[int]:
-        return self.plan_with_stats(confidences, caps, base_tokens).lengths
+    def plan(self, confidences, caps: Sequence[int] | None = None, base_tokens: int = 0,
+             fixed_seconds: float = 0.0) -> list[int]:
+        return self.plan_with_stats(confidences, caps, base_tokens, fixed_seconds).lengths
 
-    def plan_with_stats(self, confidences, caps: Sequence[int] | None = None, base_tokens: int = 0) -> PlanResult:
+    def plan_with_stats(self, confidences, caps: Sequence[int] | None = None, base_tokens: int = 0,
+                        fixed_seconds: float = 0.0) -> PlanResult:
         rows = as_rows(confidences)
-        result = self._search(rows, candidates(rows, caps), base_tokens, early_stop=True)
+        result = self._search(rows, candidates(rows, caps), base_tokens, early_stop=True, fixed_seconds=fixed_seconds)
         self.last = result
         return result
 
-    def _search(self, rows, ranked, base_tokens: int, early_stop: bool) -> PlanResult:
+    def _search(self, rows, ranked, base_tokens: int, early_stop: bool, fixed_seconds: float = 0.0) -> PlanResult:
         R = len(rows)
-        sps = self.cost_table.sps
+        table = self.cost_table
+
+        def sps(b):
+            return step_rate(table, b, fixed_seconds)
+
         lengths = [0] * R
         B = R + base_tokens  # every request's anchor, plus prefill tokens riding in the same forward
         tau = float(R)  # each round emits at least one token per request (correction or bonus)
@@ -130,16 +152,20 @@ class RetrospectiveScheduler(PrefixScheduler):
 
     name = "retrospective"
 
-    def plan_with_stats(self, confidences, caps=None, base_tokens: int = 0) -> PlanResult:
+    def plan_with_stats(self, confidences, caps=None, base_tokens: int = 0, fixed_seconds: float = 0.0) -> PlanResult:
         rows = as_rows(confidences)
-        result = self._search(rows, candidates(rows, caps), base_tokens, early_stop=False)
+        result = self._search(rows, candidates(rows, caps), base_tokens, early_stop=False, fixed_seconds=fixed_seconds)
         self.last = result
         return result
 
 
-def best_capacity(ranked_a: Sequence[float], num_requests: int, base_tokens: int, cost_table: CostTable) -> int:
-    """K maximising (R + sum of the top-K a) * SPS(R + base + K) over all K (no early stop)."""
-    sps = cost_table.sps
+def best_capacity(ranked_a: Sequence[float], num_requests: int, base_tokens: int, cost_table: CostTable,
+                  fixed_seconds: float = 0.0) -> int:
+    """K maximising (R + sum of the top-K a) * rate(R + base + K) over all K (no early stop)."""
+
+    def sps(b):
+        return step_rate(cost_table, b, fixed_seconds)
+
     B = num_requests + base_tokens
     tau = float(num_requests)
     best = tau * sps(B) if num_requests else 0.0
@@ -172,24 +198,24 @@ class AsyncPrefixScheduler(PrefixScheduler):
         if lag < 1:
             raise ValueError("lag must be >= 1")
         self.lag = lag
-        # Per past step: (ranked a values within the caps, R, base_tokens).
-        self._history: deque[tuple[list[float], int, int]] = deque(maxlen=lag)
+        # Per past step: (ranked a values within the caps, R, base_tokens, fixed_seconds).
+        self._history: deque[tuple[list[float], int, int, float]] = deque(maxlen=lag)
         self.capacity: int | None = None  # K used by the latest plan (None until one was made)
 
     def reset(self) -> None:
         self._history.clear()
         self.capacity = None
 
-    def plan_with_stats(self, confidences, caps=None, base_tokens: int = 0) -> PlanResult:
+    def plan_with_stats(self, confidences, caps=None, base_tokens: int = 0, fixed_seconds: float = 0.0) -> PlanResult:
         rows = as_rows(confidences)
         ranked = candidates(rows, caps)
         R = len(rows)
         if len(self._history) < self.lag:
-            result = self._search(rows, ranked, base_tokens, early_stop=True)
+            result = self._search(rows, ranked, base_tokens, early_stop=True, fixed_seconds=fixed_seconds)
             self.capacity = sum(result.lengths)
         else:
-            old_a, old_R, old_base = self._history[0]  # `lag` steps ago
-            K = best_capacity(old_a, old_R, old_base, self.cost_table)
+            old_a, old_R, old_base, old_fixed = self._history[0]  # `lag` steps ago
+            K = best_capacity(old_a, old_R, old_base, self.cost_table, old_fixed)
             self.capacity = K
             lengths = [0] * R
             tau = float(R)
@@ -197,8 +223,9 @@ class AsyncPrefixScheduler(PrefixScheduler):
                 lengths[r] = j  # ranked order visits (r, j) before (r, j+1): the max is the last one seen
                 tau += a
             B = R + base_tokens + min(K, len(ranked))
-            result = PlanResult(lengths, B, tau, tau * self.cost_table.sps(B) if R else 0.0, len(ranked))
-        self._history.append(([a for a, _, _ in ranked], R, base_tokens))
+            result = PlanResult(lengths, B, tau, tau * step_rate(self.cost_table, B, fixed_seconds) if R else 0.0,
+                                len(ranked))
+        self._history.append(([a for a, _, _ in ranked], R, base_tokens, fixed_seconds))
         self.last = result
         return result
 

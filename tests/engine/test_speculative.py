@@ -157,3 +157,41 @@ def test_every_sequential_head_variant_runs_losslessly(tiny_llama_dir, tmp_path,
     for rid, _, _ in reqs:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
     assert eng.stats.spec_num_drafts > 0
+
+
+def test_the_cost_table_holds_the_verify_forward_and_the_plan_adds_the_drafting_seconds(tiny_pair, tmp_path,
+                                                                                        monkeypatch):
+    """The drafting pass is timed apart: the start-up profile and the live refresh leave it out of
+    SPS(B), and every plan gets this step's drafting seconds as `fixed_seconds`."""
+    import json
+    import time
+
+    from engine.speculative import DraftProposer
+
+    model, drafter = tiny_pair
+    slow = 0.05  # a drafting pass far slower than the tiny target's forward (about a millisecond)
+    real = DraftProposer.propose
+
+    def slow_propose(self, *a, **k):
+        time.sleep(slow)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(DraftProposer, "propose", slow_propose)
+    path = tmp_path / "table.json"
+    eng = _engine(model, drafter, gamma=4, verification="scheduled", cost_table=str(path))
+    stored = json.loads(path.read_text())
+    assert stored["key"]["measures"] == "verify-forward"
+    # with the sleeps in, every SPS would be < 1 / slow = 20; the tiny forward at B <= 16 takes a few ms
+    assert min(sps for b, sps in stored["points"] if b <= 16) > 1 / slow
+
+    spec = eng.speculative
+    fixed, observed = [], []
+    plan = spec.policy.plan_with_stats
+    monkeypatch.setattr(spec.policy, "plan_with_stats",
+                        lambda *a, **k: (fixed.append(k["fixed_seconds"]), plan(*a, **k))[1])
+    observe = spec.cost_table.observe
+    monkeypatch.setattr(spec.cost_table, "observe", lambda n, s: (observed.append(s), observe(n, s))[1])
+    drive(eng, _reqs(n=3, max_tokens=12))
+    assert fixed and min(fixed) >= slow
+    assert observed and max(observed) < slow  # each drafted step's seconds minus its drafting pass
+    assert min(sps for b, sps in eng.speculative.cost_table.points.items() if b <= 16) > 1 / slow

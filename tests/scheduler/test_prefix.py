@@ -324,3 +324,24 @@ def test_admitted_set_is_a_prefix_of_the_ranking(batch, table):
         js = sorted(j for _, j, rr in admitted if rr == r)
         assert js == list(range(1, res.lengths[r] + 1))
     assert res.num_tokens == len(conf) + base + k
+
+
+def test_the_drafting_seconds_of_the_step_make_verification_cheaper_in_relative_terms():
+    # SPS(1) = 10, SPS(2) = 8: one more token costs 0.025 s on top of 0.1 s. A draft with a = 0.2
+    # does not pay for that alone (1 * 10 = 10 > 1.2 * 8 = 9.6), but once a 0.4 s drafting pass has
+    # run (it is paid either way) the step takes 0.5 vs 0.525 s: 1 / 0.5 = 2.0 < 1.2 / 0.525 = 2.29.
+    table = CostTable.from_points({1: 10.0, 2: 8.0, 3: 8.0})
+    s = PrefixScheduler(table)
+    assert s.plan([[0.2]]) == [0]
+    res = s.plan_with_stats([[0.2]], fixed_seconds=0.4)
+    assert res.lengths == [1]
+    assert res.theta == pytest.approx(1.2 / (1 / 8.0 + 0.4))
+    assert s.plan([[0.2]], fixed_seconds=0.0) == [0]
+
+
+def test_async_capacity_uses_the_drafting_seconds_of_its_own_step():
+    table = CostTable.from_points({1: 10.0, 2: 8.0, 3: 8.0})
+    s = AsyncPrefixScheduler(table, lag=1)
+    s.plan([[0.2]], fixed_seconds=0.4)  # history: this step's confidences with its 0.4 s
+    assert s.plan([[0.2]]) == [1] and s.capacity == 1  # K from the step before, with its drafting time
+    assert s.plan([[0.2]]) == [0] and s.capacity == 0  # the step before had none
