@@ -24,6 +24,9 @@ from .sampling_params import SamplingParams
 from .sequence import Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
+# How far a live step timing also corrects the neighbouring cost-table buckets (ln B units):
+# 1.0 moves B/2 and 2B by half as much as B itself (scheduler/cost_table.py, CostTable.observe).
+LIVE_SPREAD = 1.0
 
 
 @dataclass
@@ -292,6 +295,7 @@ class LLMEngine:
         table = CostTable.load(path, key)
         if table is not None:
             log.info("cost table loaded from %s", path)
+            table.spread = LIVE_SPREAD
             return table
         t0 = time.monotonic()
         max_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * (self.gamma + 1))
@@ -301,6 +305,7 @@ class LLMEngine:
             table.save(path, key)
         except OSError as e:
             log.warning("cannot save the cost table to %s: %s", path, e)
+        table.spread = LIVE_SPREAD
         return table
 
     def _profile_forward(self, num_tokens: int) -> float:

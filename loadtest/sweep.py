@@ -215,7 +215,8 @@ def markdown(sweep: dict) -> str:
     base = sweep.get("baseline")
     head = ("| config | concurrency | req/s | output tok/s | tok/s/user (mean) | TTFT p50 / p99 (ms) | "
             "TPOT p50 (ms) | E2E p99 (s) | tau | verify budget | failed |" + (" goodput tok/s |" if sla else "")
-            + (f" output tok/s, each round | x {base} (median of rounds) |" if rounds else ""))
+            + (f" output tok/s, each round | x {base}: output tok/s, tok/s/user (medians of per-round ratios) |"
+               if rounds else ""))
     lines = [f"# Sweep {sweep['name']}", "", f"`{sweep['command']}`", "",
              f"Workload: {sweep['workload']['dataset']}, {sweep['per_point']}. Machine: {sweep['machine']['cpu']}, "
              f"{sweep['machine']['cores']} cores. Commit {sweep['git']['commit']}"
@@ -239,7 +240,9 @@ def markdown(sweep: dict) -> str:
                 row.append(fmt((s.get("goodput") or {}).get("output_token_throughput")))
             if rounds:
                 row.append(" / ".join(fmt(r["output_token_throughput"]) for r in p.get("rounds", [])))
-                row.append(fmt((p.get("vs_baseline") or {}).get("throughput_ratio")))
+                vs = p.get("vs_baseline") or {}
+                row.append(f"{fmt(vs.get('throughput_ratio'))}, {fmt(vs.get('tokens_per_s_per_user_ratio'))}"
+                           if vs else "-")
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -29,7 +29,7 @@ KEY_FIELDS = ("model", "dtype", "device", "threads")
 class CostTable:
     """SPS(B) as a piecewise-linear curve over measured points (B ascending)."""
 
-    def __init__(self, points: Mapping[float, float], alpha: float = 0.1):
+    def __init__(self, points: Mapping[float, float], alpha: float = 0.1, spread: float = 0.0):
         if not points:
             raise ValueError("a cost table needs at least one (B, steps_per_second) point")
         if not 0.0 < alpha <= 1.0:
@@ -40,9 +40,14 @@ class CostTable:
                 raise ValueError(f"token counts must be positive and finite, got {b}")
             if not (math.isfinite(s) and s > 0):
                 raise ValueError(f"steps per second must be positive and finite, got {s} at B={b}")
+        if not (spread >= 0.0 and math.isfinite(spread)):
+            raise ValueError(f"spread must be >= 0, got {spread}")
         self.alpha = float(alpha)
+        # observe(): how far (in ln B) a timing also moves the neighbouring buckets; 0: only its own.
+        self.spread = float(spread)
         self._xs = [b for b, _ in items]
         self._ys = [s for _, s in items]
+        self._start = list(self._ys)  # the shape `spread` keeps (the values given at construction)
         # One writer (the engine thread calling observe) and any number of readers:
         # observe replaces one float in place; the lock keeps save/points consistent.
         self._lock = threading.Lock()
@@ -50,9 +55,9 @@ class CostTable:
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def from_points(cls, points: Mapping[float, float], alpha: float = 0.1) -> "CostTable":
+    def from_points(cls, points: Mapping[float, float], alpha: float = 0.1, spread: float = 0.0) -> "CostTable":
         """The table through `points` = {B: steps_per_second}, used as given."""
-        return cls(points, alpha=alpha)
+        return cls(points, alpha=alpha, spread=spread)
 
     @classmethod
     def constant(cls, steps_per_second: float = 1.0) -> "CostTable":
@@ -60,7 +65,7 @@ class CostTable:
         return cls({1: steps_per_second})
 
     def copy(self) -> "CostTable":
-        return CostTable(self.points, alpha=self.alpha)
+        return CostTable(self.points, alpha=self.alpha, spread=self.spread)
 
     # ------------------------------------------------------------ queries
 
@@ -115,7 +120,7 @@ class CostTable:
         # Pooled means can differ from their neighbours by rounding in the last bit; force the order.
         for i in range(1, len(fitted)):
             fitted[i] = min(fitted[i], fitted[i - 1])
-        return CostTable(dict(zip(xs, fitted)), alpha=self.alpha)
+        return CostTable(dict(zip(xs, fitted)), alpha=self.alpha, spread=self.spread)
 
     def nearest_bucket(self, num_tokens: float) -> float:
         """The measured B closest to `num_tokens` (the smaller one on a tie)."""
@@ -129,7 +134,16 @@ class CostTable:
         return lo if num_tokens - lo <= hi - num_tokens else hi
 
     def observe(self, num_tokens: float, seconds: float) -> None:
-        """Fold one live step timing into the nearest bucket: sps <- (1-alpha) sps + alpha / seconds."""
+        """Fold one live step timing into the nearest bucket: sps <- (1-alpha) sps + alpha / seconds.
+
+        With `spread` > 0 the other buckets move too, each towards its start-up value scaled by
+        what this timing says of the machine: r = (1 / seconds) / start_b, and bucket k goes to
+        (1 - alpha w) sps_k + alpha w r start_k with w = exp(-|ln B_k - ln B_b| / spread). Live
+        steps visit only a few B (a plain step and a fully drafted one, say); without the spread
+        the buckets between them keep their start-up values, and a table whose visited buckets
+        followed the machine while its middle did not is jagged, which an early-stopping
+        scheduler reads as a cliff. With it, an unvisited bucket tracks the same drift as its
+        visited neighbours and keeps the shape the profile measured."""
         if not (seconds > 0 and math.isfinite(seconds)) or not (num_tokens > 0):
             return
         b = self.nearest_bucket(num_tokens)
@@ -137,6 +151,13 @@ class CostTable:
         with self._lock:
             old = self._ys[i]
             self._ys[i] = (1.0 - self.alpha) * old + self.alpha / seconds
+            if self.spread > 0.0:
+                r = 1.0 / (seconds * self._start[i])
+                lb = math.log(b)
+                for k, x in enumerate(self._xs):
+                    if k != i:
+                        w = self.alpha * math.exp(-abs(math.log(x) - lb) / self.spread)
+                        self._ys[k] = (1.0 - w) * self._ys[k] + w * r * self._start[k]
 
     # ------------------------------------------------------------ files
 

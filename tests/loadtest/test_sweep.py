@@ -170,7 +170,7 @@ def test_sweep_rounds_end_to_end_keeps_every_server_up_and_writes_the_ratio_colu
             assert all(r["requests_completed"] == 4 for r in p["rounds"])
     assert all(p["vs_baseline"]["throughput_ratio"] > 0 for p in fast["points"])
     md = (tmp_path / "r.md").read_text()
-    assert "x slow (median of rounds)" in md and "2 rounds, configurations interleaved" in md
+    assert "x slow: output tok/s, tok/s/user" in md and "2 rounds, configurations interleaved" in md
     with pytest.raises(SystemExit):
         sweep_main(["--config-name", "a", "--server-command", fake_command(3), "--rounds", "2",
                     "--baseline", "nope", "--concurrency-grid", "1", "--result-dir", str(tmp_path)])

@@ -193,3 +193,32 @@ def test_profile_times_the_callable_when_it_returns_none():
 
     t = profile_cost_table(run, grid=[1, 8], repeats=1, warmup=1, smooth=True)
     assert t.sps(1) > t.sps(8) > 0
+
+
+def test_observe_with_a_spread_moves_the_neighbours_towards_their_start_scaled_alike():
+    t = CostTable.from_points({1: 100.0, 2: 80.0, 8: 50.0}, alpha=0.5, spread=1.0)
+    t.observe(1, 1 / 120.0)  # bucket 1 observed 20% faster than it said
+    assert t.points[1.0] == pytest.approx(110.0)  # its own update is the plain EMA, as without a spread
+    w2, w8 = 0.5 * 0.5, 0.5 * 0.125  # alpha * exp(-ln(2) / 1), alpha * exp(-ln(8) / 1)
+    assert t.points[2.0] == pytest.approx((1 - w2) * 80.0 + w2 * 1.2 * 80.0)
+    assert t.points[8.0] == pytest.approx((1 - w8) * 50.0 + w8 * 1.2 * 50.0)
+    t.observe(1, 1 / 120.0)  # the same timing again: r is against the start (100), not the current 110
+    assert t.points[2.0] == pytest.approx((1 - w2) * ((1 - w2) * 80.0 + w2 * 96.0) + w2 * 96.0)
+    assert t.copy().spread == 1.0 and t.smoothed().spread == 1.0
+    with pytest.raises(ValueError):
+        CostTable.from_points({1: 1.0}, spread=-1.0)
+
+
+def test_a_spread_keeps_unvisited_buckets_in_line_with_the_visited_ones():
+    # The machine became 25% faster than the profile; live steps only visit B = 1 and B = 8.
+    profile = {1: 20.0, 2: 19.0, 4: 19.0, 8: 18.0}
+    plain, spread = CostTable.from_points(profile), CostTable.from_points(profile, spread=1.0)
+    for t in (plain, spread):
+        for _ in range(300):
+            t.observe(1, 1 / 25.0)
+            t.observe(8, 1 / 22.5)
+    # without a spread B=2 keeps its stale 19 next to a live 25: a 24% cliff between 1 and 2
+    assert plain.sps(2) == pytest.approx(19.0) and plain.sps(1) == pytest.approx(25.0, rel=1e-3)
+    assert spread.sps(1) == pytest.approx(25.0, rel=0.02) and spread.sps(8) == pytest.approx(22.5, rel=0.02)
+    # with it they carry the same 25% as their visited neighbours: 19 * 1.25
+    assert spread.sps(2) == pytest.approx(23.75, rel=0.02) and spread.sps(4) == pytest.approx(23.75, rel=0.02)
