@@ -49,7 +49,8 @@ class CostTable:
         self._ys = [s for _, s in items]
         self._start = list(self._ys)  # the shape `spread` keeps (the values given at construction)
         # One writer (the engine thread calling observe) and any number of readers:
-        # observe replaces one float in place; the lock keeps save/points consistent.
+        # observe replaces floats in place (one bucket, or every bucket with a spread); the lock keeps
+        # save/points consistent, and a reader between two replacements sees a mix of two valid tables.
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ construction
