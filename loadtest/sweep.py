@@ -276,15 +276,11 @@ def run_interleaved(specs: list[ServerSpec], sweep: dict, args, specs_all, grid,
             sweep["configs"].append(entry)
             try:
                 server = start_server(spec, entry, args, log_dir)
-            except Exception as e:
-                entry["error"] = f"{type(e).__name__}: {e}"
-                print(f"[{spec.name}] FAILED: {entry['error']}", file=sys.stderr)
-                continue
-            servers.append((entry, server))
-            args_for = argparse.Namespace(**{**vars(args), "base_url": server.url, "model": args.model or spec.model})
-            try:
+                servers.append((entry, server))
+                args_for = argparse.Namespace(**{**vars(args), "base_url": server.url,
+                                                 "model": args.model or spec.model})
                 identity, model = open_config(server.url, args_for, specs_all)
-            except Exception as e:
+            except Exception as e:  # one broken configuration must not lose the others
                 entry["error"] = f"{type(e).__name__}: {e}"
                 print(f"[{spec.name}] FAILED: {entry['error']}", file=sys.stderr)
                 continue
