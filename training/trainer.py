@@ -76,6 +76,9 @@ class TrainConfig:
     conf_weight: float = 1.0
     decay: float = 4.0
     init_from_target: bool = True
+    # warm start: a saved drafter directory whose weights (and draft vocabulary) training continues
+    # from; its architecture replaces num_layers/block_size/markov_*/draft_vocab_size
+    init_drafter: str | None = None
     autocast_bf16: bool = False
     eval_every: int = 250
     eval_seqs: int = 64
@@ -471,9 +474,35 @@ def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def t2d_index(d2t: torch.Tensor | None, vocab: int) -> torch.Tensor | None:
+    """Target token id -> draft index (-1 outside the draft vocabulary)."""
+    if d2t is None:
+        return None
+    t2d = torch.full((vocab,), -1, dtype=torch.long)
+    t2d[d2t] = torch.arange(d2t.numel())
+    return t2d
+
+
+def warm_start(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[TrainableDrafter, torch.Tensor | None]:
+    """A saved drafter to continue training: its fc (folded at export) is unfolded for the
+    feature scale of this data, so training starts from exactly the saved function."""
+    from models.dspark import load_drafter
+
+    drafter = load_drafter(cfg.init_drafter, target=loaded.model, dtype=torch.float32).train()
+    if list(drafter.config.target_layer_ids) != list(ds.layer_ids):
+        raise ValueError(f"{cfg.init_drafter} reads target layers {list(drafter.config.target_layer_ids)}, "
+                         f"the data holds {list(ds.layer_ids)}")
+    scale = ds.feature_rms()
+    with torch.no_grad():
+        drafter.fc.weight.mul_(scale[None, :])
+    return TrainableDrafter(drafter, scale), t2d_index(drafter.d2t, loaded.config.vocab_size)
+
+
 def build_drafter(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[TrainableDrafter, torch.Tensor | None]:
     from models.dspark import random_drafter_config
 
+    if cfg.init_drafter:
+        return warm_start(cfg, ds, loaded)
     tc = loaded.config
     vocab = tc.vocab_size
     mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else pick_mask_token(loaded.tokenizer, vocab)
@@ -482,8 +511,7 @@ def build_drafter(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[Trainabl
     if cfg.draft_vocab_size is not None and cfg.draft_vocab_size < vocab:
         d2t = choose_draft_vocab(ds.token_counts(vocab), cfg.draft_vocab_size, list(loaded.eos_token_ids))
         overrides["draft_vocab_size"] = int(d2t.numel())
-        t2d = torch.full((vocab,), -1, dtype=torch.long)
-        t2d[d2t] = torch.arange(d2t.numel())
+        t2d = t2d_index(d2t, vocab)
     dc = random_drafter_config(
         tc, num_layers=cfg.num_layers, block_size=cfg.block_size, target_layer_ids=ds.layer_ids,
         markov_rank=cfg.markov_rank if cfg.markov_head_type != "none" else 0,

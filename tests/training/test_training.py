@@ -13,7 +13,7 @@ from training.data import (
     MANIFEST, GenDataConfig, gen_data, read_manifest, teacher_pass, write_json_atomic, write_shard,
 )
 from training.trainer import (
-    CachedDataset, TrainConfig, block_attention, build_drafter, context_mask, drafter_loss, evaluate,
+    CachedDataset, TrainableDrafter, TrainConfig, block_attention, build_drafter, context_mask, drafter_loss, evaluate,
     expected_tau_from_tv, make_blocks, position_weights, sparse_tv, train_drafter,
 )
 
@@ -75,7 +75,7 @@ def test_sparse_tv_by_hand():
     assert expected_tau_from_tv([0.5, 0.5]) == pytest.approx(1 + 0.5 + 0.25)
 
 
-def _chain_dataset(path, vocab_ids, n_seqs=48, seed=0, hidden_dim=32, layers=1):
+def _chain_dataset(path, vocab_ids, n_seqs=48, seed=0, hidden_dim=32, layers=1, hidden_scale=1.0):
     """A dataset whose responses follow a fixed permutation chain (next = perm[cur]), with
     one-hot target distributions: a drafter must learn it."""
     g = torch.Generator().manual_seed(seed)
@@ -96,7 +96,7 @@ def _chain_dataset(path, vocab_ids, n_seqs=48, seed=0, hidden_dim=32, layers=1):
             seq = prompt + resp
             seqs.append(seq)
             plens.append(len(prompt))
-            hid.append(torch.randn(len(seq), layers * hidden_dim, generator=g))
+            hid.append(hidden_scale * torch.randn(len(seq), layers * hidden_dim, generator=g))
             for q in range(len(prompt), len(seq)):  # distribution of the token at q
                 others = [t for t in vocab_ids[:4] if t != seq[q]][:3]
                 tki.append([seq[q]] + others)
@@ -320,3 +320,38 @@ def test_a_time_budget_ends_the_run_with_its_decay_finished(tmp_path, tiny_llama
     assert log[-1]["progress"] >= 1.0 and log[-1]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=1e-3)
     assert "val" in log[-1] and (tmp_path / "run" / "checkpoint.pt").exists()
     assert (tmp_path / "run" / "drafter" / "model.safetensors").exists()
+
+
+def test_a_warm_start_continues_from_the_saved_drafter(tmp_path, tiny_llama_dir):
+    """--init-drafter: the saved drafter (fc folded at export) is unfolded for the new data's
+    feature scale, so before any step it computes what the first run ended with."""
+    _chain_dataset(tmp_path / "data", list(range(300, 340)))
+    cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=tiny_llama_dir, block_size=4,
+                      markov_rank=16, draft_vocab_size=64, steps=80, seqs_per_step=4, anchors_per_seq=16,
+                      lr=1e-2, eval_every=80, save_every=1000, init_from_target=False)
+    first = train_drafter(cfg)["val"]
+    assert first["tau_greedy"] > 1.5
+    # the same chain with features scaled per dimension (0.2x..20x): a different scale to unfold for
+    dim_scale = torch.logspace(-0.7, 1.3, 32)
+    _chain_dataset(tmp_path / "data2", list(range(300, 340)), hidden_scale=dim_scale)
+    loaded = load_model(tiny_llama_dir, dtype="float32")
+    ds1, ds2 = CachedDataset(cfg.data), CachedDataset(str(tmp_path / "data2"))
+    cfg2 = TrainConfig(data=str(tmp_path / "data2"), out=str(tmp_path / "run2"), model=tiny_llama_dir, steps=20,
+                       seqs_per_step=4, anchors_per_seq=16, lr=1e-3, eval_every=20, save_every=1000,
+                       init_drafter=str(tmp_path / "run" / "drafter"))
+    tr, t2d = build_drafter(cfg2, ds2, loaded)
+    assert tr.drafter.config.block_size == 4 and tr.drafter.config.draft_vocab_size == 64
+    assert torch.allclose(tr.feat_scale, dim_scale * tr.feat_scale[0] / dim_scale[0], rtol=0.15)
+    saved = TrainableDrafter(load_drafter(tmp_path / "run" / "drafter", target=loaded.model), torch.ones(32))
+    ids, hidden, p, _, _ = ds2.sequence(ds2.train[0])
+    anchors = torch.tensor([p, p + 5, len(ids) - 2])
+    with torch.no_grad():  # any features x: (W_saved * s2) (x / s2) = W_saved x
+        assert torch.allclose(tr.forward_sequence(ids, hidden, anchors, 4),
+                              saved.forward_sequence(ids, hidden, anchors, 4), atol=1e-4)
+    again = evaluate(tr, ds1, cfg, t2d, ds1.val)
+    assert again["tau_greedy"] == pytest.approx(first["tau_greedy"], abs=0.1)  # bf16 weights on disk
+    cont = train_drafter(cfg2)
+    assert cont["val"]["tau_greedy"] > 1.5
+    with pytest.raises(ValueError, match="target layers"):
+        _chain_dataset(tmp_path / "data3", list(range(300, 340)), layers=2, n_seqs=8)
+        build_drafter(cfg2, CachedDataset(str(tmp_path / "data3")), loaded)
