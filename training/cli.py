@@ -48,7 +48,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         ce_weight=args.ce_weight, ce_label=args.ce_label, tv_weight=args.tv_weight, conf_weight=args.conf_weight,
         init_from_target=not args.no_init_from_target, autocast_bf16=args.bf16, eval_every=args.eval_every,
         eval_seqs=args.eval_seqs, save_every=args.save_every, seed=args.seed, max_train_seqs=args.max_train_seqs,
-        time_budget_s=args.time_budget, init_drafter=args.init_drafter,
+        time_budget_s=args.time_budget, init_drafter=args.init_drafter, device=args.device,
     )
     summary = train_drafter(cfg)
     print(json.dumps(summary))
@@ -139,7 +139,10 @@ def add_training_parsers(sub) -> None:
     t.add_argument("--init-drafter", default=None,
                    help="warm start: continue from this saved drafter directory (its architecture and draft "
                         "vocabulary replace the architecture options)")
-    t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA; slower than fp32 on CPUs without AMX)")
+    t.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast (GPUs; CPUs with fast bf16 kernels: check with models.loader.probe_cpu_bf16)")
+    t.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N, or auto (CUDA when torch sees a GPU); the cached data stays in host memory")
     t.add_argument("--eval-every", type=int, default=250)
     t.add_argument("--eval-seqs", type=int, default=64)
     t.add_argument("--save-every", type=int, default=250)

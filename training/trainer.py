@@ -85,7 +85,7 @@ class TrainConfig:
     save_every: int = 250
     time_budget_s: float | None = None  # stop (with the decay finished) after this much training time
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available)
     max_train_seqs: int | None = None  # data-size ablations: use only the first N training sequences
     extra: dict = field(default_factory=dict)
 
@@ -192,7 +192,7 @@ def make_blocks(seq_len: int, prompt_len: int, gamma: int, anchors: torch.Tensor
 
     The target distribution of the token at position q is the target's output at q - 1, which
     gen-data stores in response row (q - 1) - (prompt_len - 1) = q - prompt_len."""
-    pos = anchors[:, None] + torch.arange(1, gamma + 1)[None, :]  # [A, g] label positions
+    pos = anchors[:, None] + torch.arange(1, gamma + 1, device=anchors.device)[None, :]  # [A, g] label positions
     valid = pos < seq_len
     pos = pos.clamp_max(seq_len - 1)
     return pos, pos - prompt_len, valid
@@ -200,7 +200,7 @@ def make_blocks(seq_len: int, prompt_len: int, gamma: int, anchors: torch.Tensor
 
 def context_mask(anchors: torch.Tensor, ctx_len: int) -> torch.Tensor:
     """[A, ctx_len] bool: block a sees context position j iff j < anchors[a]."""
-    return torch.arange(ctx_len)[None, :] < anchors[:, None]
+    return torch.arange(ctx_len, device=anchors.device)[None, :] < anchors[:, None]
 
 
 def block_attention(q, ctx_k, ctx_v, blk_k, blk_v, cmask, scale):
@@ -238,14 +238,15 @@ class TrainableDrafter(torch.nn.Module):
         d = self.drafter
         cfg = d.config
         n = ids.shape[0]
+        dev = ids.device
         h_ctx = d.hidden_norm(d.fc(hidden.float() / self.feat_scale))
-        ctx_pos = torch.arange(n)
+        ctx_pos = torch.arange(n, device=dev)
         cos_c, sin_c = d.rotary(ctx_pos, h_ctx.dtype)
         a = anchors.shape[0]
-        blk_ids = torch.full((a, gamma), cfg.mask_token_id, dtype=torch.long)
+        blk_ids = torch.full((a, gamma), cfg.mask_token_id, dtype=torch.long, device=dev)
         blk_ids[:, 0] = ids[anchors]
         x = d.embed(blk_ids).detach().float()
-        bpos = (anchors[:, None] + torch.arange(gamma)[None, :]).reshape(-1)
+        bpos = (anchors[:, None] + torch.arange(gamma, device=dev)[None, :]).reshape(-1)
         cos_b, sin_b = d.rotary(bpos, x.dtype)
         cmask = context_mask(anchors, n)
         for layer in d.layers:
@@ -323,9 +324,13 @@ def drafter_loss(tr: TrainableDrafter, batch, cfg: TrainConfig, t2d: torch.Tenso
     """Loss and per-position statistics for a list of (ids, hidden, prompt_len, tk_ids, tk_probs, anchors)."""
     d = tr.drafter
     g = cfg.block_size
+    dev = tr.feat_scale.device
     hs, labels, prevs, valids, tk_rows = [], [], [], [], []
     tk_all_ids, tk_all_probs = [], []
     for ids, hidden, p, tk_ids, tk_probs, anchors in batch:
+        # the dataset stays in host memory; one sequence at a time goes to the drafter's device
+        ids, hidden, tk_ids, tk_probs, anchors = (t.to(dev, non_blocking=True)
+                                                  for t in (ids, hidden, tk_ids, tk_probs, anchors))
         n = ids.shape[0]
         h = tr.forward_sequence(ids, hidden, anchors, g)
         lab_pos, row, valid = make_blocks(n, p, g, anchors)
@@ -374,12 +379,12 @@ def drafter_loss(tr: TrainableDrafter, batch, cfg: TrainConfig, t2d: torch.Tenso
     tv = sparse_tv(flat, tk_d.reshape(-1, tk_d.shape[-1]), tk_probs.reshape(-1, tk_probs.shape[-1])).view(valid.shape)
     in_vocab = lab_d >= 0
     ce = -torch.gather(logp, 2, lab_d.clamp_min(0)[..., None]).squeeze(-1)
-    w = position_weights(g, cfg.decay)[None, :] * valid
+    w = position_weights(g, cfg.decay).to(dev)[None, :] * valid
     wsum = w.sum().clamp_min(1e-6)
     ce_loss = (ce * w * in_vocab).sum() / (w * in_vocab).sum().clamp_min(1e-6)
     tv_loss = (tv * w).sum() / wsum
     loss = cfg.ce_weight * ce_loss + cfg.tv_weight * tv_loss
-    conf_loss = torch.zeros(())
+    conf_loss = torch.zeros((), device=dev)
     conf_logit = None
     if d.confidence_head is not None:
         conf_logit = d.confidence_head(h, prev_emb)
@@ -475,12 +480,16 @@ def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
 
 
 def t2d_index(d2t: torch.Tensor | None, vocab: int) -> torch.Tensor | None:
-    """Target token id -> draft index (-1 outside the draft vocabulary)."""
+    """Target token id -> draft index (-1 outside the draft vocabulary), on d2t's device."""
     if d2t is None:
         return None
-    t2d = torch.full((vocab,), -1, dtype=torch.long)
-    t2d[d2t] = torch.arange(d2t.numel())
+    t2d = torch.full((vocab,), -1, dtype=torch.long, device=d2t.device)
+    t2d[d2t] = torch.arange(d2t.numel(), device=d2t.device)
     return t2d
+
+
+def _device_of(loaded) -> torch.device:
+    return next(loaded.model.parameters()).device
 
 
 def warm_start(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[TrainableDrafter, torch.Tensor | None]:
@@ -488,11 +497,11 @@ def warm_start(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[TrainableDr
     feature scale of this data, so training starts from exactly the saved function."""
     from models.dspark import load_drafter
 
-    drafter = load_drafter(cfg.init_drafter, target=loaded.model, dtype=torch.float32).train()
+    drafter = load_drafter(cfg.init_drafter, target=loaded.model, dtype=torch.float32, device=_device_of(loaded)).train()
     if list(drafter.config.target_layer_ids) != list(ds.layer_ids):
         raise ValueError(f"{cfg.init_drafter} reads target layers {list(drafter.config.target_layer_ids)}, "
                          f"the data holds {list(ds.layer_ids)}")
-    scale = ds.feature_rms()
+    scale = ds.feature_rms().to(_device_of(loaded))
     with torch.no_grad():
         drafter.fc.weight.mul_(scale[None, :])
     return TrainableDrafter(drafter, scale), t2d_index(drafter.d2t, loaded.config.vocab_size)
@@ -537,7 +546,19 @@ def build_drafter(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[Trainabl
     scale = ds.feature_rms()
     if cfg.init_from_target:
         init_from_target(drafter, loaded.model, scale)
-    return TrainableDrafter(drafter, scale), t2d
+    # built on the host, then moved: the shared embedding / lm_head rows already live on the
+    # target's device (plain attributes, not moved by .to)
+    return TrainableDrafter(drafter, scale).to(_device_of(loaded)), None if t2d is None else t2d.to(_device_of(loaded))
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto": the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"train-drafter --device {name}: torch sees no CUDA device here")
+    return dev
 
 
 def train_drafter(cfg: TrainConfig) -> dict:
@@ -548,7 +569,8 @@ def train_drafter(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    loaded = load_model(cfg.model, dtype="float32")
+    device = resolve_device(cfg.device)
+    loaded = load_model(cfg.model, dtype="float32", device=device)
     for p in loaded.model.parameters():
         p.requires_grad_(False)
     ds = CachedDataset(cfg.data, cfg.max_train_seqs)
@@ -574,15 +596,23 @@ def train_drafter(cfg: TrainConfig) -> dict:
             "trainable_params": n_params, "draft_vocab": tr.drafter.config.draft_vocab_size}
     if t2d is not None:
         val_ids = torch.cat([ds.sequence(i)[0][ds.seqs[i][2]:] for i in ds.val]) if ds.val else torch.zeros(0, dtype=torch.long)
-        info["val_vocab_coverage"] = float((t2d[val_ids] >= 0).float().mean()) if val_ids.numel() else None
+        info["val_vocab_coverage"] = float((t2d.cpu()[val_ids] >= 0).float().mean()) if val_ids.numel() else None
     log.info("training: %s", info)
     log_f.write(json.dumps({"info": info}) + "\n")
     eval_seqs = ds.val[: cfg.eval_seqs]
+    if start == 0 and eval_seqs:
+        # the starting point on the same held-out sequences: what a warm start begins from (or the
+        # initialisation's score), so every run's log shows its own gain
+        before = evaluate(tr, ds, cfg, t2d, eval_seqs)
+        log.info("step 0 val %s", before)
+        log_f.write(json.dumps({"step": 0, "val": {k: (round(v, 4) if isinstance(v, float) else v)
+                                                   for k, v in before.items()}}) + "\n")
+        log_f.flush()
     order: list[int] = []
     t0 = time.monotonic()
     positions = 0
     bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train-drafter")
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.autocast_bf16 else torch.autocast("cpu", enabled=False)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)
     last_eval = None
     elapsed0 = state["elapsed_s"] if start and "elapsed_s" in state else 0.0
     step = start

@@ -352,6 +352,21 @@ def test_a_warm_start_continues_from_the_saved_drafter(tmp_path, tiny_llama_dir)
     assert again["tau_greedy"] == pytest.approx(first["tau_greedy"], abs=0.1)  # bf16 weights on disk
     cont = train_drafter(cfg2)
     assert cont["val"]["tau_greedy"] > 1.5
+    log = [json.loads(x) for x in (tmp_path / "run2" / "train_log.jsonl").read_text().splitlines()]
+    # the log starts from the saved drafter's own held-out score, before any step
+    assert log[1]["step"] == 0 and log[1]["val"]["tau_greedy"] > 1.5 and log[2]["step"] == 1
     with pytest.raises(ValueError, match="target layers"):
         _chain_dataset(tmp_path / "data3", list(range(300, 340)), layers=2, n_seqs=8)
         build_drafter(cfg2, CachedDataset(str(tmp_path / "data3")), loaded)
+
+
+def test_training_device_resolution():
+    """--device auto trains on CUDA when torch sees a GPU, else on the CPU; an explicit cuda
+    device without one is a clear error, not a crash deep inside the first step."""
+    from training.trainer import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            resolve_device("cuda")
