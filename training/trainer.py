@@ -548,7 +548,12 @@ def build_drafter(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[Trainabl
         init_from_target(drafter, loaded.model, scale)
     # built on the host, then moved: the shared embedding / lm_head rows already live on the
     # target's device (plain attributes, not moved by .to)
-    return TrainableDrafter(drafter, scale).to(_device_of(loaded)), None if t2d is None else t2d.to(_device_of(loaded))
+    dev = _device_of(loaded)
+    return TrainableDrafter(drafter, scale).to(dev), None if t2d is None else t2d.to(dev)
+
+
+def _rounded(stats: dict) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -605,8 +610,7 @@ def train_drafter(cfg: TrainConfig) -> dict:
         # initialisation's score), so every run's log shows its own gain
         before = evaluate(tr, ds, cfg, t2d, eval_seqs)
         log.info("step 0 val %s", before)
-        log_f.write(json.dumps({"step": 0, "val": {k: (round(v, 4) if isinstance(v, float) else v)
-                                                   for k, v in before.items()}}) + "\n")
+        log_f.write(json.dumps({"step": 0, "val": _rounded(before)}) + "\n")
         log_f.flush()
     order: list[int] = []
     t0 = time.monotonic()
@@ -646,7 +650,7 @@ def train_drafter(cfg: TrainConfig) -> dict:
         final = step + 1 == cfg.steps or (cfg.time_budget_s and progress >= 1.0)
         if (step + 1) % cfg.eval_every == 0 or final:
             last_eval = evaluate(tr, ds, cfg, t2d, eval_seqs)
-            rec["val"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in last_eval.items()}
+            rec["val"] = _rounded(last_eval)
             log.info("step %d val %s", step + 1, rec["val"])
         log_f.write(json.dumps(rec) + "\n")
         log_f.flush()
