@@ -15,6 +15,7 @@ from models.loader import load_model
 
 from .batcher import ContinuousBatcher
 from .block_manager import KVCacheManager
+from .cpu_alloc import keep_freed_memory
 from .faults import FaultInjector
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
@@ -68,6 +69,7 @@ class LLMEngine:
         self.device = cfg.resolved_device()
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+            keep_freed_memory()
         torch.manual_seed(cfg.seed)
         t0 = time.monotonic()
         max_len = cfg.max_model_len

@@ -36,10 +36,13 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
 def cmd_train_drafter(args: argparse.Namespace) -> int:
     import torch
 
+    from engine.cpu_alloc import keep_freed_memory
+
     from .trainer import TrainConfig, train_drafter
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    keep_freed_memory()
     cfg = TrainConfig(
         data=args.data, out=args.out, model=args.model, num_layers=args.num_layers, block_size=args.block_size,
         markov_rank=args.markov_rank, markov_head_type=args.markov_head, confidence_head=not args.no_confidence_head,
