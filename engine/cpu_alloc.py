@@ -3,8 +3,9 @@
 A CPU decode step allocates and frees many multi-megabyte tensors (gathered K/V, attention
 scores, activations of a 64-sequence batch). glibc serves every allocation above its mmap
 threshold with a fresh mmap and returns it to the kernel on free, so each step page-faults
-and zeroes those megabytes again: on a 2-core machine that was about a third of a
-continuous-batching step (ShareGPT prompts, 64 sequences, bf16: 244 -> 165 ms mean step).
+and zeroes those megabytes again: on a 2-core machine that was almost half of a
+continuous-batching step (64 ShareGPT sequences, bf16: 265 -> 149 ms mean step, 1.78x output
+tokens/s; docs/benchmarks/batching.md).
 Raising the mmap and trim thresholds makes glibc reuse the freed memory instead, the effect
 PyTorch's CPU tuning guide gets from jemalloc/tcmalloc. The cost: the process keeps its peak
 heap (RSS does not shrink after a burst). `DSPARK_MALLOC_TUNING=0` turns it off."""

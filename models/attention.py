@@ -182,17 +182,12 @@ class TorchAttentionBackend:
             qq = q.new_zeros(nseq * max_q, n_heads, head_dim)
             qq[scatter] = q
             qq = qq.view(nseq, max_q, n_heads, head_dim)
+        qq, kk, vv = qq.transpose(1, 2), kk.to(q.dtype), vv.to(q.dtype)
         if q.device.type == "cpu" and max_q <= TorchAttentionBackend.SMALL_QUERY:
-            out = _small_query_attention(qq.transpose(1, 2), kk.to(q.dtype), vv.to(q.dtype), mask, scale)
+            out = _small_query_attention(qq, kk, vv, mask, scale)
         else:
-            out = F.scaled_dot_product_attention(
-                qq.transpose(1, 2),
-                kk.to(q.dtype),
-                vv.to(q.dtype),
-                attn_mask=mask,
-                scale=scale,
-                enable_gqa=kk.shape[1] != n_heads,
-            )  # [B, H, max_q, D]
+            out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale,
+                                                 enable_gqa=kk.shape[1] != n_heads)  # [B, H, max_q, D]
         out = out.transpose(1, 2).reshape(nseq * max_q, n_heads, head_dim)
         return out if scatter is None else out[scatter]
 
