@@ -51,7 +51,8 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         ce_weight=args.ce_weight, ce_label=args.ce_label, tv_weight=args.tv_weight, conf_weight=args.conf_weight,
         init_from_target=not args.no_init_from_target, autocast_bf16=args.bf16, eval_every=args.eval_every,
         eval_seqs=args.eval_seqs, save_every=args.save_every, seed=args.seed, max_train_seqs=args.max_train_seqs,
-        time_budget_s=args.time_budget, init_drafter=args.init_drafter, device=args.device,
+        time_budget_s=args.time_budget, init_drafter=args.init_drafter, grow_layers=args.grow_layers,
+        grow_vocab=args.grow_vocab, device=args.device,
     )
     summary = train_drafter(cfg)
     print(json.dumps(summary))
@@ -142,6 +143,12 @@ def add_training_parsers(sub) -> None:
     t.add_argument("--init-drafter", default=None,
                    help="warm start: continue from this saved drafter directory (its architecture and draft "
                         "vocabulary replace the architecture options)")
+    t.add_argument("--grow-layers", type=int, default=None,
+                   help="with --init-drafter: add draft layers up to N (copies of the target's last layer with "
+                        "zeroed output projections: training starts from the saved drafter's exact function)")
+    t.add_argument("--grow-vocab", type=int, default=None,
+                   help="with --init-drafter: widen the draft vocabulary to N tokens with the most frequent "
+                        "response tokens of --data it lacks (their Markov bias starts at zero)")
     t.add_argument("--bf16", action="store_true",
                    help="bf16 autocast (GPUs; CPUs with fast bf16 kernels: check with models.loader.probe_cpu_bf16)")
     t.add_argument("--device", default="auto",

@@ -84,9 +84,9 @@ def analyse_rounds(logits: np.ndarray, accepted: np.ndarray, verified: np.ndarra
                  "auc": auc(raw[obs, k - 1], y) if y.size else None}
         rel_raw.append(reliability(raw[obs, k - 1], y) if y.size else None)
         entry["ece_raw"] = ece(raw[obs, k - 1], y) if y.size else None
-        if cal is not None and y.size:
-            rel_cal.append(reliability(cal[obs, k - 1], y))
-            entry["ece_calibrated"] = ece(cal[obs, k - 1], y)
+        if cal is not None:  # one entry per position (None where no round reached it)
+            rel_cal.append(reliability(cal[obs, k - 1], y) if y.size else None)
+            entry["ece_calibrated"] = ece(cal[obs, k - 1], y) if y.size else None
         cond.append(entry)
     res["positions"] = cond
     res["reliability_raw"] = rel_raw

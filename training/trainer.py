@@ -79,6 +79,10 @@ class TrainConfig:
     # warm start: a saved drafter directory whose weights (and draft vocabulary) training continues
     # from; its architecture replaces num_layers/block_size/markov_*/draft_vocab_size
     init_drafter: str | None = None
+    # ... and grown on the way (function-preserving): more draft layers (new ones start as an
+    # identity) and a wider draft vocabulary (new tokens start with no Markov bias)
+    grow_layers: int | None = None
+    grow_vocab: int | None = None
     autocast_bf16: bool = False
     eval_every: int = 250
     eval_seqs: int = 64
@@ -270,6 +274,25 @@ class TrainableDrafter(torch.nn.Module):
         return self.drafter
 
 
+def copy_target_layer(layer, src, cfg: DSparkConfig) -> None:
+    """A draft layer <- one of the target's decoder layers (same shapes: the drafter copies the
+    target's config)."""
+    with torch.no_grad():
+        q, k, v = src.self_attn.qkv_proj.weight.split(
+            [cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
+             cfg.num_key_value_heads * cfg.head_dim], dim=0)
+        layer.self_attn.q_proj.weight.copy_(q)
+        layer.self_attn.k_proj.weight.copy_(k)
+        layer.self_attn.v_proj.weight.copy_(v)
+        layer.self_attn.o_proj.weight.copy_(src.self_attn.o_proj.weight)
+        gate, up = src.mlp.gate_up_proj.weight.split(cfg.intermediate_size, dim=0)
+        layer.mlp.gate_proj.weight.copy_(gate)
+        layer.mlp.up_proj.weight.copy_(up)
+        layer.mlp.down_proj.weight.copy_(src.mlp.down_proj.weight)
+        layer.input_layernorm.weight.copy_(src.input_layernorm.weight)
+        layer.post_attention_layernorm.weight.copy_(src.post_attention_layernorm.weight)
+
+
 def init_from_target(drafter: DSparkDrafter, target, feat_scale: torch.Tensor) -> None:
     """Draft layers <- the target's last layer(s); final norm <- the target's; fc passes the
     last feature layer through (undoing its scaling); hidden_norm <- the last layer's input norm,
@@ -278,27 +301,60 @@ def init_from_target(drafter: DSparkDrafter, target, feat_scale: torch.Tensor) -
     tl = target.layers
     d = cfg.hidden_size
     m = len(cfg.target_layer_ids)
+    for i, layer in enumerate(drafter.layers):
+        copy_target_layer(layer, tl[len(tl) - len(drafter.layers) + i], cfg)
     with torch.no_grad():
-        for i, layer in enumerate(drafter.layers):
-            src = tl[len(tl) - len(drafter.layers) + i]
-            q, k, v = src.self_attn.qkv_proj.weight.split(
-                [cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim,
-                 cfg.num_key_value_heads * cfg.head_dim], dim=0)
-            layer.self_attn.q_proj.weight.copy_(q)
-            layer.self_attn.k_proj.weight.copy_(k)
-            layer.self_attn.v_proj.weight.copy_(v)
-            layer.self_attn.o_proj.weight.copy_(src.self_attn.o_proj.weight)
-            gate, up = src.mlp.gate_up_proj.weight.split(cfg.intermediate_size, dim=0)
-            layer.mlp.gate_proj.weight.copy_(gate)
-            layer.mlp.up_proj.weight.copy_(up)
-            layer.mlp.down_proj.weight.copy_(src.mlp.down_proj.weight)
-            layer.input_layernorm.weight.copy_(src.input_layernorm.weight)
-            layer.post_attention_layernorm.weight.copy_(src.post_attention_layernorm.weight)
         drafter.norm.weight.copy_(target.norm.weight)
         w = torch.zeros(d, m * d)
         w[:, (m - 1) * d:] = torch.diag(feat_scale[(m - 1) * d:])
         drafter.fc.weight.copy_(w)
         drafter.hidden_norm.weight.copy_(tl[len(tl) - len(drafter.layers)].input_layernorm.weight)
+
+
+def grow_layers(drafter: DSparkDrafter, target, num_layers: int) -> None:
+    """Append draft layers up to `num_layers`: copies of the target's last layer whose output
+    projections (o_proj, down_proj) start at zero, so each new layer is an identity on the
+    residual stream and the grown drafter computes exactly what the saved one did."""
+    from models.dspark import DraftLayer
+
+    cfg = drafter.config
+    if num_layers < len(drafter.layers):
+        raise ValueError(f"--grow-layers {num_layers}: the drafter already has {len(drafter.layers)} layers")
+    dev = drafter.fc.weight.device
+    while len(drafter.layers) < num_layers:
+        layer = DraftLayer(cfg).to(device=dev, dtype=drafter.fc.weight.dtype)
+        copy_target_layer(layer, target.layers[-1], cfg)
+        with torch.no_grad():
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        drafter.layers.append(layer)
+    cfg.num_hidden_layers = len(drafter.layers)
+
+
+def grow_vocab(drafter: DSparkDrafter, counts: torch.Tensor, size: int, always: list[int]) -> None:
+    """Widen the restricted draft vocabulary to `size` with the most frequent tokens of `counts`
+    it lacks. The saved tokens keep their Markov rows; the new ones start with a zero Markov
+    bias (their base logits come from the target's lm_head rows at once)."""
+    if drafter.d2t is None:
+        raise ValueError("--grow-vocab: the drafter already scores the full vocabulary")
+    old = drafter.d2t.cpu()
+    if size < old.numel():
+        raise ValueError(f"--grow-vocab {size}: the drafter's vocabulary already holds {old.numel()} tokens")
+    keep = old.tolist() + list(always)
+    new = choose_draft_vocab(counts, max(size, len(set(keep))), keep)
+    where = torch.searchsorted(new, old)  # both sorted by id; every old id is in new
+    dev = drafter.d2t.device
+    mh = drafter.markov_head
+    if mh is not None:
+        w2 = mh.markov_w2.weight
+        grown = torch.nn.Linear(w2.shape[1], new.numel(), bias=False).to(device=w2.device, dtype=w2.dtype)
+        with torch.no_grad():
+            grown.weight.zero_()
+            grown.weight[where.to(w2.device)] = w2
+        mh.markov_w2 = grown
+    drafter.d2t = new.to(dev)  # a registered buffer: replaced in place of the old one
+    drafter.config.draft_vocab_size = int(new.numel())
+    drafter.refresh_draft_head()
 
 
 # ---------------------------------------------------------------- loss
@@ -501,6 +557,10 @@ def warm_start(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[TrainableDr
     if list(drafter.config.target_layer_ids) != list(ds.layer_ids):
         raise ValueError(f"{cfg.init_drafter} reads target layers {list(drafter.config.target_layer_ids)}, "
                          f"the data holds {list(ds.layer_ids)}")
+    if cfg.grow_layers:
+        grow_layers(drafter, loaded.model, cfg.grow_layers)
+    if cfg.grow_vocab:
+        grow_vocab(drafter, ds.token_counts(loaded.config.vocab_size), cfg.grow_vocab, list(loaded.eos_token_ids))
     scale = ds.feature_rms().to(_device_of(loaded))
     with torch.no_grad():
         drafter.fc.weight.mul_(scale[None, :])
@@ -512,6 +572,8 @@ def build_drafter(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[Trainabl
 
     if cfg.init_drafter:
         return warm_start(cfg, ds, loaded)
+    if cfg.grow_layers or cfg.grow_vocab:
+        raise ValueError("--grow-layers / --grow-vocab grow a warm-started drafter: give --init-drafter")
     tc = loaded.config
     vocab = tc.vocab_size
     mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else pick_mask_token(loaded.tokenizer, vocab)

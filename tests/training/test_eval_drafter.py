@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scheduler.calibration import STSCalibrator
-from training.evaluate import analyse_rounds, auc, eval_drafter
+from training.evaluate import analyse_rounds, auc, eval_drafter, plot_report
 
 
 def test_auc_by_hand():
@@ -37,6 +37,19 @@ def test_rounds_give_tau_conditional_acceptance_and_the_threshold_sweep():
     cal = STSCalibrator([2.0, 1.0, 1.0])
     res2 = analyse_rounds(logits, acc, ver, cal)
     assert "ece_calibrated" in res2["positions"][0] and res2["reliability_calibrated"][0]["count"]
+
+
+def test_positions_no_round_reached_still_plot(tmp_path):
+    """A short run where no round gets past position 2: every per-position list keeps gamma
+    entries (None where unreached) and the reliability plot skips them instead of failing."""
+    logits = np.array([[0.5, -0.5, 0.0], [1.0, 0.2, 0.0]])
+    acc, ver = np.array([0, 1]), np.array([3, 3])
+    res = analyse_rounds(logits, acc, ver, STSCalibrator([1.0, 1.0, 1.0]))
+    assert [p["n"] for p in res["positions"]] == [2, 1, 0]
+    assert len(res["reliability_raw"]) == len(res["reliability_calibrated"]) == 3
+    assert res["reliability_calibrated"][2] is None and res["positions"][2]["ece_calibrated"] is None
+    plot_report({"results": {"temperature_0": {"tiny": res}}}, tmp_path)
+    assert (tmp_path / "reliability-temperature_0.png").stat().st_size > 0
 
 
 def test_eval_drafter_runs_real_speculative_decoding(tmp_path, tiny_llama_dir, tiny_drafter_dir):

@@ -360,6 +360,56 @@ def test_a_warm_start_continues_from_the_saved_drafter(tmp_path, tiny_llama_dir)
         build_drafter(cfg2, CachedDataset(str(tmp_path / "data3")), loaded)
 
 
+def test_a_warm_start_grows_layers_and_vocabulary_from_the_saved_function(tmp_path, tiny_llama_dir):
+    """--grow-layers / --grow-vocab: the new layer is an identity (zeroed output projections) and
+    the saved tokens keep their Markov rows, so before any step the grown drafter's hidden states
+    and the saved tokens' logits are the saved drafter's; then it trains, resumes and exports."""
+    _chain_dataset(tmp_path / "data", list(range(300, 340)))
+    cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=tiny_llama_dir, block_size=4,
+                      markov_rank=16, draft_vocab_size=64, steps=40, seqs_per_step=4, anchors_per_seq=16,
+                      lr=1e-2, eval_every=40, save_every=1000, init_from_target=False)
+    train_drafter(cfg)
+    _chain_dataset(tmp_path / "data2", list(range(300, 380)), seed=1)  # 40 token ids the drafter lacks
+    loaded = load_model(tiny_llama_dir, dtype="float32")
+    ds2 = CachedDataset(str(tmp_path / "data2"))
+    cfg2 = TrainConfig(data=str(tmp_path / "data2"), out=str(tmp_path / "run2"), model=tiny_llama_dir, steps=20,
+                       seqs_per_step=4, anchors_per_seq=16, lr=1e-2, eval_every=1000, save_every=10,
+                       init_drafter=str(tmp_path / "run" / "drafter"), grow_layers=2, grow_vocab=96)
+    tr, t2d = build_drafter(cfg2, ds2, loaded)
+    d = tr.drafter
+    assert len(d.layers) == d.config.num_hidden_layers == 2 and d.config.draft_vocab_size == d.d2t.numel() == 96
+    saved = load_drafter(tmp_path / "run" / "drafter", target=loaded.model)
+    old, new = saved.d2t.tolist(), d.d2t.tolist()
+    assert new == sorted(new) and set(old) <= set(new) and set(new) - set(old) <= set(range(340, 380))
+    assert t2d[torch.tensor(new)].tolist() == list(range(96))
+    ids, hidden, p, _, _ = ds2.sequence(ds2.train[0])
+    anchors = torch.tensor([p, p + 5, len(ids) - 2])
+    with torch.no_grad():
+        h = tr.forward_sequence(ids, hidden, anchors, 4)
+        assert torch.allclose(h, TrainableDrafter(saved, torch.ones(32)).forward_sequence(ids, hidden, anchors, 4),
+                              atol=1e-4)
+        where = torch.searchsorted(d.d2t, saved.d2t)
+        assert torch.allclose(d.base_logits(h)[..., where], saved.base_logits(h))
+        w2 = d.markov_head.markov_w2.weight
+        assert torch.equal(w2[where], saved.markov_head.markov_w2.weight)
+        fresh = torch.ones(96, dtype=torch.bool)
+        fresh[where] = False
+        assert int(fresh.sum()) == 32 and not w2[fresh].any()
+    train_drafter(cfg2)  # 20 steps, checkpoint at 10 and 20
+    cfg2.steps = 30
+    summary = train_drafter(cfg2)  # resumes: the checkpoint's shapes are the grown ones
+    assert summary["info"]["steps_done"] == 30
+    out = load_drafter(tmp_path / "run2" / "drafter", target=loaded.model)
+    assert len(out.layers) == 2 and out.d2t.tolist() == new
+    assert out.layers[1].self_attn.o_proj.weight.abs().max() > 0  # the new layer trained
+    with pytest.raises(ValueError, match="already"):
+        cfg2.grow_vocab = 32
+        build_drafter(cfg2, ds2, loaded)
+    with pytest.raises(ValueError, match="init-drafter"):
+        build_drafter(TrainConfig(data=cfg2.data, out=str(tmp_path / "run3"), model=tiny_llama_dir, grow_layers=2),
+                      ds2, loaded)
+
+
 def test_training_device_resolution():
     """--device auto trains on CUDA when torch sees a GPU, else on the CPU; an explicit cuda
     device without one is a clear error, not a crash deep inside the first step."""
