@@ -97,13 +97,36 @@ class TrainConfig:
 # ---------------------------------------------------------------- data
 
 
+def map_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, memory-mapped (copy-on-write) instead of read: the
+    page cache holds it, shared, and under memory pressure the kernel drops pages it can read
+    again rather than killing the process."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        meta = json.loads(f.read(n))[name]
+    dtypes = {"BF16": (np.uint16, torch.bfloat16), "F16": (np.float16, torch.float16),
+              "F32": (np.float32, torch.float32), "I32": (np.int32, torch.int32), "I64": (np.int64, torch.int64)}
+    if meta["dtype"] not in dtypes:
+        raise ValueError(f"{path}: cannot map {name} of dtype {meta['dtype']}")
+    np_dtype, dtype = dtypes[meta["dtype"]]
+    begin, end = meta["data_offsets"]
+    shape = tuple(meta["shape"])
+    if end == begin:  # numpy cannot map zero bytes
+        return torch.zeros(shape, dtype=dtype)
+    arr = np.memmap(path, dtype=np_dtype, mode="c", offset=8 + n + begin, shape=shape)
+    return torch.from_numpy(arr).view(dtype)
+
+
 class CachedDataset:
-    """All shards of a gen-data directory in memory (bf16 features, int32 ids)."""
+    """All shards of gen-data directories: ids and target top-k in memory, the features (bf16,
+    4.6 KB per token for SmolLM2: nearly all of the bytes) memory-mapped from the shard files."""
 
     def __init__(self, paths: str | Path | list, max_train_seqs: int | None = None):
         """`paths`: one gen-data directory, several, or a comma-separated string of them
         (generated with the same target layers and top-k)."""
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         if isinstance(paths, (str, Path)):
             paths = [p for p in str(paths).split(",") if p]
@@ -120,28 +143,34 @@ class CachedDataset:
         self.layer_ids = list(self.config["target_layer_ids"])
         if not shards:
             raise SystemExit(f"{paths} hold no sequences: run dspark gen-data first")
-        # Preallocated and filled shard by shard: the features are most of the machine's memory
-        # (4.6 KB per token), so concatenating lists of them would need twice that at its peak.
+        # ids and top-k preallocated and filled shard by shard; the features stay in their files
         n_tok, n_rows = sum(s[1] for s in shards), sum(s[2] for s in shards)
-        first = load_file(str(shards[0][0]))
+        with safe_open(str(shards[0][0]), "pt") as f:
+            first = f.get_tensor("topk_probs")
+            top_k, probs_dtype = first.shape[1], first.dtype
         self.input_ids = torch.empty(n_tok, dtype=torch.long)
-        self.hidden = torch.empty(n_tok, first["hidden"].shape[1], dtype=first["hidden"].dtype)
-        self.topk_ids = torch.empty(n_rows, first["topk_ids"].shape[1], dtype=torch.int32)
-        self.topk_probs = torch.empty(n_rows, first["topk_probs"].shape[1], dtype=first["topk_probs"].dtype)
-        del first
-        self.seqs = []  # (token offset, length, prompt length, response-row offset, is_val)
+        self.topk_ids = torch.empty(n_rows, top_k, dtype=torch.int32)
+        self.topk_probs = torch.empty(n_rows, top_k, dtype=probs_dtype)
+        self.hidden: list[torch.Tensor] = []  # per shard [tokens, m*d], mapped
+        # per sequence: (token offset, length, prompt length, response-row offset, is_val,
+        # shard, token offset in the shard)
+        self.seqs = []
         tok_off = row_off = 0
         for shard, _, _ in shards:
-            t = load_file(str(shard))
-            a, b = tok_off, row_off
+            with safe_open(str(shard), "pt") as f:
+                t = {k: f.get_tensor(k) for k in ("seq_lens", "prompt_lens", "is_val", "input_ids", "topk_ids",
+                                                  "topk_probs")}
+            hidden = map_tensor(shard, "hidden")
+            a, b, local = tok_off, row_off, 0
             for n, p, v in zip(t["seq_lens"].tolist(), t["prompt_lens"].tolist(), t["is_val"].tolist()):
-                self.seqs.append((tok_off, n, p, row_off, bool(v)))
+                self.seqs.append((tok_off, n, p, row_off, bool(v), len(self.hidden), local))
                 tok_off += n
                 row_off += n - p
-            if tok_off > n_tok or row_off > n_rows:
-                raise SystemExit(f"{shard} holds more tokens than its manifest says")
+                local += n
+            if tok_off > n_tok or row_off > n_rows or local != hidden.shape[0]:
+                raise SystemExit(f"{shard} holds other token counts than its manifest says")
+            self.hidden.append(hidden)
             self.input_ids[a:tok_off] = t["input_ids"]
-            self.hidden[a:tok_off] = t["hidden"]
             self.topk_ids[b:row_off] = t["topk_ids"]
             self.topk_probs[b:row_off] = t["topk_probs"]
             del t
@@ -158,8 +187,8 @@ class CachedDataset:
         return sum(self.seqs[i][1] - self.seqs[i][2] for i in which)
 
     def sequence(self, i: int):
-        off, n, p, row, _ = self.seqs[i]
-        return (self.input_ids[off:off + n], self.hidden[off:off + n], p,
+        off, n, p, row, _, shard, local = self.seqs[i]
+        return (self.input_ids[off:off + n], self.hidden[shard][local:local + n], p,
                 self.topk_ids[row:row + n - p].long(), self.topk_probs[row:row + n - p])
 
     def token_counts(self, vocab: int) -> torch.Tensor:
@@ -171,8 +200,12 @@ class CachedDataset:
 
     def feature_rms(self, sample: int = 200_000) -> torch.Tensor:
         """Per-dimension RMS of the target features (over a strided token sample)."""
-        step = max(1, self.hidden.shape[0] // sample)
-        x = self.hidden[::step].float()
+        step = max(1, sum(h.shape[0] for h in self.hidden) // sample)
+        rows, start = [], 0  # every step-th token of the whole dataset, shard by shard
+        for h in self.hidden:
+            rows.append(h[(-start) % step::step].float())
+            start += h.shape[0]
+        x = torch.cat(rows)
         return x.pow(2).mean(0).sqrt().clamp_min(1e-3)
 
 

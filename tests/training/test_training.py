@@ -211,7 +211,7 @@ def test_gen_data_resumes_and_a_trained_drafter_serves_losslessly(tmp_path, tiny
     assert m2["shards"][0] == m1["shards"][0]
     assert gen_data(cfg) == read_manifest(tmp_path / "data")  # nothing left to do
     ds = CachedDataset(cfg.out)
-    assert len(ds.seqs) == 6 and ds.hidden.shape[1] == 32
+    assert len(ds.seqs) == 6 and all(h.shape[1] == 32 for h in ds.hidden)
     # greedy responses: the cached top-1 of the teacher pass IS the next response token
     for i in range(len(ds.seqs)):
         ids, _, p, tki, _ = ds.sequence(i)
@@ -408,6 +408,46 @@ def test_a_warm_start_grows_layers_and_vocabulary_from_the_saved_function(tmp_pa
     with pytest.raises(ValueError, match="init-drafter"):
         build_drafter(TrainConfig(data=cfg2.data, out=str(tmp_path / "run3"), model=tiny_llama_dir, grow_layers=2),
                       ds2, loaded)
+
+
+def test_map_tensor_reads_what_safetensors_wrote(tmp_path):
+    """The features are memory-mapped from the shard files: every dtype gen-data writes, and an
+    empty tensor, come back equal to safetensors' own reader."""
+    from safetensors.torch import load_file, save_file
+
+    from training.trainer import map_tensor
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"hidden": torch.randn(7, 5, generator=g).to(torch.bfloat16), "probs": torch.rand(3, 4).half(),
+               "ids": torch.randint(0, 100, (6,), dtype=torch.int32), "lens": torch.tensor([3, 4]),
+               "f32": torch.randn(2, 2), "empty": torch.zeros(0, 4, dtype=torch.int32)}
+    save_file(tensors, str(tmp_path / "s.safetensors"))
+    ref = load_file(str(tmp_path / "s.safetensors"))
+    for name in tensors:
+        got = map_tensor(tmp_path / "s.safetensors", name)
+        assert got.dtype == ref[name].dtype and torch.equal(got, ref[name]), name
+
+
+def test_cached_dataset_maps_features_across_shards(tmp_path):
+    """Sequences read their features from their own shard's mapping; the feature RMS samples
+    every step-th token of the whole dataset, as if the shards were one array."""
+    from safetensors.torch import load_file
+
+    _chain_dataset(tmp_path / "data", list(range(300, 340)), n_seqs=8)
+    ds = CachedDataset(str(tmp_path / "data"))
+    files = sorted((tmp_path / "data").glob("shard-*.safetensors"))
+    assert len(ds.hidden) == len(files) == 2
+    full = torch.cat([load_file(str(f))["hidden"] for f in files])
+    ids = torch.cat([load_file(str(f))["input_ids"] for f in files]).long()
+    off = 0
+    for i in range(len(ds.seqs)):
+        seq_ids, hidden, _, _, _ = ds.sequence(i)
+        n = len(seq_ids)
+        assert torch.equal(hidden, full[off:off + n]) and torch.equal(seq_ids, ids[off:off + n])
+        off += n
+    assert off == full.shape[0]
+    want = full[::7].float().pow(2).mean(0).sqrt().clamp_min(1e-3)
+    assert torch.allclose(ds.feature_rms(sample=full.shape[0] // 7), want)
 
 
 def test_training_device_resolution():
