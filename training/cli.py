@@ -52,7 +52,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         init_from_target=not args.no_init_from_target, autocast_bf16=args.bf16, eval_every=args.eval_every,
         eval_seqs=args.eval_seqs, save_every=args.save_every, seed=args.seed, max_train_seqs=args.max_train_seqs,
         time_budget_s=args.time_budget, init_drafter=args.init_drafter, grow_layers=args.grow_layers,
-        grow_vocab=args.grow_vocab, device=args.device,
+        grow_vocab=args.grow_vocab, gate_head=args.gate_head, device=args.device,
     )
     summary = train_drafter(cfg)
     print(json.dumps(summary))
@@ -86,6 +86,29 @@ def cmd_eval_drafter(args: argparse.Namespace) -> int:
                           max_num_seqs=args.max_num_seqs, seed=args.seed, num_threads=args.num_threads)
     for row in summary_table(report):
         print(json.dumps(row))
+    return 0
+
+
+def _arm(value: str) -> tuple[str, str]:
+    label, sep, run = value.partition("=")
+    if not sep or not label or not run:
+        raise argparse.ArgumentTypeError(f"expected LABEL=RUN_DIR, got {value!r}")
+    return label, run
+
+
+def cmd_ablation_report(args: argparse.Namespace) -> int:
+    from .ablation import ablation_report, markdown_table
+
+    runs = dict(args.arm)
+    if len(runs) != len(args.arm):
+        print("each --arm label must be unique", file=sys.stderr)
+        return 2
+    try:
+        result = ablation_report(runs, args.out, name=args.name)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"ablation-report: {e}", file=sys.stderr)
+        return 2
+    print(markdown_table(result["table"]))
     return 0
 
 
@@ -149,6 +172,9 @@ def add_training_parsers(sub) -> None:
     t.add_argument("--grow-vocab", type=int, default=None,
                    help="with --init-drafter: widen the draft vocabulary to N tokens with the most frequent "
                         "response tokens of --data it lacks (their Markov bias starts at zero)")
+    t.add_argument("--gate-head", action="store_true",
+                   help="with --init-drafter: turn its vanilla Markov head into the gated head (the gate starts "
+                        "constant and W2 compensates: training starts from the saved drafter's exact function)")
     t.add_argument("--bf16", action="store_true",
                    help="bf16 autocast (GPUs; CPUs with fast bf16 kernels: check with models.loader.probe_cpu_bf16)")
     t.add_argument("--device", default="auto",
@@ -179,3 +205,11 @@ def add_training_parsers(sub) -> None:
     e.add_argument("--num-threads", type=int, default=None)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_eval_drafter)
+
+    a = sub.add_parser("ablation-report", help="tabulate and plot train-drafter runs side by side (head ablation)")
+    a.add_argument("--arm", type=_arm, action="append", required=True,
+                   help="LABEL=RUN_DIR (a train-drafter run with eval-drafter's report in RUN_DIR/eval); the first "
+                        "is the baseline")
+    a.add_argument("--out", required=True, help="directory for NAME.json and NAME.png")
+    a.add_argument("--name", default="ablation")
+    a.set_defaults(func=cmd_ablation_report)

@@ -83,6 +83,7 @@ class TrainConfig:
     # identity) and a wider draft vocabulary (new tokens start with no Markov bias)
     grow_layers: int | None = None
     grow_vocab: int | None = None
+    gate_head: bool = False  # with init_drafter: vanilla Markov head -> gated, same function at step 0
     autocast_bf16: bool = False
     eval_every: int = 250
     eval_seqs: int = 64
@@ -390,6 +391,28 @@ def grow_vocab(drafter: DSparkDrafter, counts: torch.Tensor, size: int, always: 
     drafter.refresh_draft_head()
 
 
+GATE_BIAS = 2.0  # sigmoid(2) = 0.88: the gate starts open, with sigmoid'(2) = 0.10 of gradient (not saturated)
+
+
+def gate_markov_head(drafter: DSparkDrafter, bias: float = GATE_BIAS) -> None:
+    """Turn a vanilla Markov head into the gated one, W2 (sigmoid(gate_proj([h; W1 x])) * W1 x), without
+    changing its function: the gate starts as the constant sigmoid(bias) (zero weights) and W2 is
+    divided by it. A mild bias keeps the gate trainable where a saturated one would not be."""
+    mh = drafter.markov_head
+    if mh is None or mh.kind != "vanilla":
+        raise ValueError("--gate-head converts a vanilla Markov head; the drafter has "
+                         f"{'none' if mh is None else mh.kind!r}")
+    w2 = mh.markov_w2.weight
+    gate = torch.nn.Linear(drafter.config.hidden_size + mh.rank, mh.rank, bias=True).to(device=w2.device, dtype=w2.dtype)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.bias.fill_(bias)
+        w2.div_(torch.sigmoid(torch.tensor(bias)).item())
+    mh.gate_proj = gate
+    mh.kind = "gated"
+    drafter.config.markov_head_type = "gated"
+
+
 # ---------------------------------------------------------------- loss
 
 
@@ -594,6 +617,8 @@ def warm_start(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[TrainableDr
         grow_layers(drafter, loaded.model, cfg.grow_layers)
     if cfg.grow_vocab:
         grow_vocab(drafter, ds.token_counts(loaded.config.vocab_size), cfg.grow_vocab, list(loaded.eos_token_ids))
+    if cfg.gate_head:
+        gate_markov_head(drafter)
     scale = ds.feature_rms().to(_device_of(loaded))
     with torch.no_grad():
         drafter.fc.weight.mul_(scale[None, :])
@@ -605,8 +630,8 @@ def build_drafter(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[Trainabl
 
     if cfg.init_drafter:
         return warm_start(cfg, ds, loaded)
-    if cfg.grow_layers or cfg.grow_vocab:
-        raise ValueError("--grow-layers / --grow-vocab grow a warm-started drafter: give --init-drafter")
+    if cfg.grow_layers or cfg.grow_vocab or cfg.gate_head:
+        raise ValueError("--grow-layers / --grow-vocab / --gate-head change a warm-started drafter: give --init-drafter")
     tc = loaded.config
     vocab = tc.vocab_size
     mask_id = cfg.mask_token_id if cfg.mask_token_id is not None else pick_mask_token(loaded.tokenizer, vocab)

@@ -410,6 +410,45 @@ def test_a_warm_start_grows_layers_and_vocabulary_from_the_saved_function(tmp_pa
                       ds2, loaded)
 
 
+def test_a_warm_start_gates_the_markov_head_without_changing_its_function(tmp_path, tiny_llama_dir):
+    """--gate-head: a vanilla Markov head becomes the gated one with the same bias at step 0 (gate
+    constant, W2 divided by it); the gate then trains, resume rebuilds it, and the export is gated."""
+    from training.trainer import gate_markov_head
+
+    _chain_dataset(tmp_path / "data", list(range(300, 340)))
+    cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=tiny_llama_dir, block_size=4,
+                      markov_rank=16, draft_vocab_size=64, steps=30, seqs_per_step=4, anchors_per_seq=16,
+                      lr=1e-2, eval_every=1000, save_every=1000, init_from_target=False)
+    train_drafter(cfg)
+    loaded = load_model(tiny_llama_dir, dtype="float32")
+    ds = CachedDataset(str(tmp_path / "data"))
+    cfg2 = TrainConfig(data=cfg.data, out=str(tmp_path / "run2"), model=tiny_llama_dir, steps=20, seqs_per_step=4,
+                       anchors_per_seq=16, lr=1e-2, eval_every=1000, save_every=10,
+                       init_drafter=str(tmp_path / "run" / "drafter"), gate_head=True)
+    tr, _ = build_drafter(cfg2, ds, loaded)
+    mh = tr.drafter.markov_head
+    assert mh.kind == "gated" and tr.drafter.config.markov_head_type == "gated"
+    saved = load_drafter(tmp_path / "run" / "drafter", target=loaded.model)
+    g = torch.Generator().manual_seed(0)
+    prev = torch.randint(0, 300, (5,), generator=g)
+    h = torch.randn(5, 32, generator=g)
+    with torch.no_grad():
+        want, _ = saved.markov_head.step(saved.markov_head.markov_w1(prev), h, None)
+        got, _ = mh.step(mh.markov_w1(prev), h, None)
+    assert want.abs().max() > 0 and torch.allclose(got, want, atol=1e-5)
+    summary = train_drafter(cfg2)
+    assert summary["info"]["steps_done"] == 20
+    cfg2.steps = 30
+    assert train_drafter(cfg2)["info"]["steps_done"] == 30  # resumes into the gated shapes
+    out = load_drafter(tmp_path / "run2" / "drafter", target=loaded.model)
+    assert out.config.markov_head_type == "gated" and out.markov_head.gate_proj.weight.abs().max() > 0
+    with pytest.raises(ValueError, match="vanilla"):
+        gate_markov_head(out)  # already gated
+    with pytest.raises(ValueError, match="init-drafter"):
+        build_drafter(TrainConfig(data=cfg.data, out=str(tmp_path / "run3"), model=tiny_llama_dir, gate_head=True),
+                      ds, loaded)
+
+
 def test_map_tensor_reads_what_safetensors_wrote(tmp_path):
     """The features are memory-mapped from the shard files: every dtype gen-data writes, and an
     empty tensor, come back equal to safetensors' own reader."""
