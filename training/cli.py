@@ -27,6 +27,7 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
         top_p=args.top_p, val_fraction=args.val_fraction, target_layer_ids=args.target_layers, top_k=args.top_k,
         dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs, num_threads=args.num_threads,
         seed=args.seed, time_budget_s=args.time_budget, first_prompt=args.first_prompt, responses=args.responses,
+        match=args.match,
     )
     manifest = gen_data(cfg)
     print(json.dumps(manifest_summary(manifest)))
@@ -127,6 +128,9 @@ def add_training_parsers(sub) -> None:
     g.add_argument("--responses", default="target", choices=["target", "dataset"],
                    help="target: regenerate the responses with the target (the recipe); dataset: teacher-force "
                         "the dataset's own responses (ShareGPT's gpt turn; no generation, ~8x the tokens per hour)")
+    g.add_argument("--match", default=None, metavar="REGEX",
+                   help="use only prompts whose user message matches this regular expression (re.search; "
+                        "e.g. '(?i)python|def |equation' for code and math)")
     g.add_argument("--val-fraction", type=float, default=0.03)
     g.add_argument("--target-layers", type=_ints, default=(1, 10, 19, 28), help="target layers whose hidden states are kept")
     g.add_argument("--top-k", type=int, default=64, help="target probabilities kept per position")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import logging
 import os
 import time
@@ -64,6 +65,9 @@ class GenDataConfig:
     # target: no generation, so about 8x more tokens per CPU hour (measured on 2 cores), at the price of contexts the
     # target would not have written itself (its distributions at every position are still its own)
     responses: str = "target"
+    # a regular expression: only prompts whose user message it matches (re.search) are used, e.g. to
+    # select the math and code conversations of ShareGPT; the prompt indices stay those of the source
+    match: str | None = None
 
 
 _RUN_ONLY = ("out", "num_prompts", "num_threads", "max_num_seqs", "time_budget_s", "shard_size", "kv_cache_memory")
@@ -240,7 +244,8 @@ def gen_data(cfg: GenDataConfig) -> dict:
     conf = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
     conf["target_layer_ids"] = list(cfg.target_layer_ids)
     if manifest["config"] is not None:
-        manifest["config"].setdefault("responses", "target")  # datasets from before the setting
+        manifest["config"].setdefault("responses", "target")  # datasets from before these settings
+        manifest["config"].setdefault("match", None)
     if manifest["config"] is not None and manifest["config"] != conf:
         changed = sorted(k for k in conf if manifest["config"].get(k) != conf[k])
         raise SystemExit(f"{out} was generated with other settings ({changed}); use another --out")
@@ -253,6 +258,10 @@ def gen_data(cfg: GenDataConfig) -> dict:
     if not todo:
         log.info("%s already holds all %d prompts", out, cfg.num_prompts)
         return manifest
+    try:
+        pattern = re.compile(cfg.match) if cfg.match else None
+    except re.error as e:
+        raise SystemExit(f"--match {cfg.match!r} is not a regular expression: {e}") from e
     if cfg.responses not in ("target", "dataset"):
         raise SystemExit(f"responses must be 'target' or 'dataset', not {cfg.responses!r}")
     teacher_only = cfg.responses == "dataset"
@@ -270,7 +279,7 @@ def gen_data(cfg: GenDataConfig) -> dict:
         for i, (pid, text, reply) in enumerate(iter_examples(cfg.prompts)):
             if i >= cfg.num_prompts:
                 return
-            if i >= cfg.first_prompt and i not in done:
+            if i >= cfg.first_prompt and i not in done and (pattern is None or pattern.search(text)):
                 yield i, pid, text, reply
 
     prompts = source()

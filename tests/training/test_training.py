@@ -275,6 +275,35 @@ def test_teacher_pass_packs_by_length_and_returns_the_callers_order(tiny_llama_d
     assert (t, r) == (hid.shape[0], ids.shape[0])
 
 
+def test_gen_data_match_selects_prompts_by_content(tmp_path, tiny_llama_dir):
+    """--match: only prompts whose user message matches are used, under their source indices; the
+    pattern is part of the dataset's settings (a resume with another one is refused)."""
+    prompts = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "Name a colour.", "response": "Blue."},
+            {"prompt": "Write a Python function.", "response": "def f(): pass"},
+            {"prompt": "Say hi.", "response": "Hi there!"},
+            {"prompt": "Solve the equation x + 1 = 2.", "response": "x = 1"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = GenDataConfig(out=str(tmp_path / "data"), model=tiny_llama_dir, prompts=str(prompts), num_prompts=4,
+                        shard_size=8, max_tokens=12, target_layer_ids=(0,), top_k=8, dtype="float32",
+                        val_fraction=0.0, responses="dataset", match="(?i)python|equation")
+    m = gen_data(cfg)
+    assert [s["prompt_indices"] for s in m["shards"]] == [[1, 3]]
+    assert m["config"]["match"] == "(?i)python|equation"
+    cfg.match = "colour"
+    with pytest.raises(SystemExit, match="match"):
+        gen_data(cfg)  # the same --out with another selection
+    cfg.out, cfg.match = str(tmp_path / "data2"), "(unclosed"
+    with pytest.raises(SystemExit, match="regular expression"):
+        gen_data(cfg)
+    # a dataset written before --match existed (no "match" in its settings) resumes without one
+    old = read_manifest(tmp_path / "data")
+    del old["config"]["match"]
+    write_json_atomic(tmp_path / "data" / MANIFEST, old)
+    cfg.out, cfg.match = str(tmp_path / "data"), None
+    assert [s["prompt_indices"] for s in gen_data(cfg)["shards"]] == [[1, 3], [0, 2]]
+
+
 def test_gen_data_teacher_forces_the_datasets_own_responses(tmp_path, tiny_llama_dir, default_tokenizer):
     """--responses dataset: no generation; the response is the dataset's text, the end-of-turn token
     added when it fits, cut (without it) at max_tokens; records without a response are skipped."""
