@@ -145,6 +145,23 @@ def test_drafter_loss_matches_a_hand_made_case(tmp_path, tiny_llama_dir):
     assert loss.item() == pytest.approx(0.1 * ce + 0.9 * tv, abs=1e-4)
 
 
+def test_a_directory_named_twice_is_sampled_twice_as_often(tmp_path):
+    """--data A,A,B weights A double: its sequences appear twice in the training list (and in the
+    held-out one), the same data both times."""
+    _chain_dataset(tmp_path / "a", list(range(300, 340)), n_seqs=8)
+    _chain_dataset(tmp_path / "b", list(range(300, 340)), n_seqs=16, seed=1)
+    a, b = CachedDataset(str(tmp_path / "a")), CachedDataset(str(tmp_path / "b"))
+    ds = CachedDataset(f"{tmp_path / 'a'},{tmp_path / 'a'},{tmp_path / 'b'}")
+    assert len(ds.train) == 2 * len(a.train) + len(b.train)
+    assert len(ds.val) == 2 * len(a.val) + len(b.val)
+    n = len(a.seqs)
+    for i in range(n):
+        for x, y in zip(ds.sequence(i), ds.sequence(n + i)):  # ids, features, prompt length, top-k
+            assert torch.equal(x, y) if torch.is_tensor(x) else x == y
+        assert torch.equal(ds.sequence(i)[0], a.sequence(i)[0])
+    assert torch.equal(ds.sequence(2 * n)[0], b.sequence(0)[0])
+
+
 def test_ce_label_target_uses_the_targets_top1_not_the_datas_token(tmp_path, tiny_llama_dir):
     """ce_label="target": the CE term scores the target's most likely token; here that token lies
     outside the draft vocabulary, so the term has nothing to score, while the data's token is in it."""
