@@ -81,6 +81,7 @@ WARM3_BUDGET ?= 1800
 REGEN2_RUN ?= $(DATA_DIR)/run-regen2
 GEN4_BUDGET ?= 3300
 WARM4_BUDGET ?= 1320
+MC_DATA ?= $(DATA_DIR)/regen-mathcode
 MC_RUN ?= $(DATA_DIR)/run-mc6
 GEN5_BUDGET ?= 3600
 WARM5_BUDGET ?= 2400
@@ -104,13 +105,13 @@ drafter: install
 	$(VENV)/bin/dspark train-drafter --data $(DATA_DIR)/regen-greedy,$(DATA_DIR)/sharegpt-tf2 --out $(REGEN2_RUN) $(TRAIN_FLAGS) \
 		--init-drafter $(REGEN_RUN)/drafter --grow-vocab 16384 --lr 1e-3 --time-budget $(WARM4_BUDGET) --eval-every 400 \
 		--eval-seqs 32 --save-every 400
-	$(VENV)/bin/dspark gen-data --out $(DATA_DIR)/regen-mathcode --first-prompt 5860 --match '$(MATHCODE_MATCH)' \
+	$(VENV)/bin/dspark gen-data --out $(MC_DATA) --first-prompt 5860 --match '$(MATHCODE_MATCH)' \
 		$(REGEN_FLAGS) --time-budget $(GEN5_BUDGET)
-	$(VENV)/bin/dspark train-drafter --data $(DATA_DIR)/regen-mathcode,$(DATA_DIR)/regen-mathcode,$(DATA_DIR)/regen-greedy,$(DATA_DIR)/sharegpt-tf2 \
+	$(VENV)/bin/dspark train-drafter --data $(MC_DATA),$(MC_DATA),$(DATA_DIR)/regen-greedy,$(DATA_DIR)/sharegpt-tf2 \
 		--out $(MC_RUN) $(TRAIN_FLAGS) --init-drafter $(REGEN2_RUN)/drafter --lr 1e-3 --time-budget $(WARM5_BUDGET) \
 		--eval-every 400 --eval-seqs 32 --save-every 400
 	$(VENV)/bin/dspark calibrate --drafter $(MC_RUN)/drafter \
-		--data $(DATA_DIR)/regen-mathcode,$(DATA_DIR)/regen-greedy,$(DATA_DIR)/sharegpt-tf2 --num-prompts 48 --max-tokens 128
+		--data $(MC_DATA),$(DATA_DIR)/regen-greedy,$(DATA_DIR)/sharegpt-tf2 --num-prompts 48 --max-tokens 128
 	rm -rf models/default_drafter && cp -r $(MC_RUN)/drafter models/default_drafter
 
 # The sequential-head ablation (docs/benchmarks/drafter.md): one arm per head, all with stage 2's data
