@@ -1,4 +1,5 @@
-"""`dspark gen-data`, `dspark train-drafter` and `dspark eval-drafter` (subcommands of `dspark`)."""
+"""`dspark gen-data`, `dspark synth-prompts`, `dspark train-drafter`, `dspark eval-drafter` and
+`dspark ablation-report` (subcommands of `dspark`)."""
 
 from __future__ import annotations
 
@@ -113,7 +114,25 @@ def cmd_ablation_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth_prompts(args: argparse.Namespace) -> int:
+    from .prompts import write_prompts
+
+    try:
+        n = write_prompts(args.out, args.num, args.seed)
+    except (OSError, ValueError) as e:
+        print(f"synth-prompts: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"prompts": n, "out": args.out}))
+    return 0
+
+
 def add_training_parsers(sub) -> None:
+    p = sub.add_parser("synth-prompts", help="write templated math and Python prompts (JSONL) for gen-data --prompts")
+    p.add_argument("--out", required=True, help="JSONL file to write ({'turns': [prompt]} per line)")
+    p.add_argument("--num", type=int, default=6000, help="distinct prompts to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth_prompts)
+
     g = sub.add_parser("gen-data", help="regenerate responses with the target and cache the drafter's training data")
     g.add_argument("--out", required=True, help="dataset directory (resumed when it exists)")
     g.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
