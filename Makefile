@@ -67,7 +67,10 @@ bench-profile: install
 # draft vocabulary grown to 16,384 tokens, trained on all of it for WARM4_BUDGET seconds. 5: the
 # target's own greedy answers to ShareGPT's math and code prompts after those (selected by
 # MATHCODE_MATCH), and stage 4's drafter trained on them (named twice: sampled twice as often) mixed
-# with stages 3-4's data for WARM5_BUDGET seconds, then calibrated.
+# with stages 3-4's data for WARM5_BUDGET seconds. 6: the target's own greedy answers to
+# `dspark synth-prompts` (templated math word problems, number questions and Python tasks: the eval
+# sets' domains without their text), and stage 5's drafter trained on them and the math/code answers
+# (each named twice) mixed with stages 3-4's data for WARM6_BUDGET seconds, then calibrated.
 DATA_DIR ?= $(HOME)/.cache/dspark/drafter-data
 DRAFTER_RUN ?= $(DATA_DIR)/run-tf
 WARM_RUN ?= $(DATA_DIR)/run-warm
@@ -85,10 +88,15 @@ MC_DATA ?= $(DATA_DIR)/regen-mathcode
 MC_RUN ?= $(DATA_DIR)/run-mc6
 GEN5_BUDGET ?= 3600
 WARM5_BUDGET ?= 2400
+SYN_PROMPTS ?= $(DATA_DIR)/synth-prompts.jsonl
+SYN_DATA ?= $(DATA_DIR)/regen-synth
+SYN_RUN ?= $(DATA_DIR)/run-syn7
+GEN6_BUDGET ?= 2400
+WARM6_BUDGET ?= 3300
 MATHCODE_MATCH := (?i)\b(python|javascript|typescript|java|golang|rust|sql|html|css|react|node\.?js|bash|shell|regex|function|code|script|program|algorithm|class|method|json|compile|debug|bug|equation|solve|calculate|math|formula|probability|integral|derivative|percent|how many)\b
 GEN_FLAGS := --responses dataset --num-prompts 80000 --shard-size 256 --max-prompt-tokens 256 --max-tokens 384 \
 	--dtype bfloat16 --num-threads 2
-REGEN_FLAGS := --responses target --temperature 0 --num-prompts 17377 --shard-size 128 --max-prompt-tokens 256 \
+REGEN_FLAGS := --responses target --temperature 0 --shard-size 128 --max-prompt-tokens 256 \
 	--max-tokens 256 --dtype bfloat16 --num-threads 2 --max-num-seqs 64
 TRAIN_FLAGS := --bf16 --ce-label target --steps 100000 --num-threads 2
 drafter: install
@@ -98,21 +106,27 @@ drafter: install
 	$(VENV)/bin/dspark gen-data --out $(DATA_DIR)/sharegpt-tf2 --first-prompt 10000 $(GEN_FLAGS) --time-budget $(GEN2_BUDGET)
 	$(VENV)/bin/dspark train-drafter --data $(DATA_DIR)/sharegpt-tf2 --out $(WARM_RUN) $(TRAIN_FLAGS) \
 		--init-drafter $(DRAFTER_RUN)/drafter --lr 1e-3 --time-budget $(WARM_BUDGET) --eval-every 400 --eval-seqs 32 --save-every 400
-	$(VENV)/bin/dspark gen-data --out $(DATA_DIR)/regen-greedy $(REGEN_FLAGS) --time-budget $(GEN3_BUDGET)
+	$(VENV)/bin/dspark gen-data --out $(DATA_DIR)/regen-greedy $(REGEN_FLAGS) --num-prompts 17377 --time-budget $(GEN3_BUDGET)
 	$(VENV)/bin/dspark train-drafter --data $(DATA_DIR)/regen-greedy,$(DATA_DIR)/sharegpt-tf2 --out $(REGEN_RUN) $(TRAIN_FLAGS) \
 		--init-drafter $(WARM_RUN)/drafter --lr 1e-3 --time-budget $(WARM3_BUDGET) --eval-every 400 --eval-seqs 32 --save-every 400
-	$(VENV)/bin/dspark gen-data --out $(DATA_DIR)/regen-greedy $(REGEN_FLAGS) --time-budget $(GEN4_BUDGET)
+	$(VENV)/bin/dspark gen-data --out $(DATA_DIR)/regen-greedy $(REGEN_FLAGS) --num-prompts 17377 --time-budget $(GEN4_BUDGET)
 	$(VENV)/bin/dspark train-drafter --data $(DATA_DIR)/regen-greedy,$(DATA_DIR)/sharegpt-tf2 --out $(REGEN2_RUN) $(TRAIN_FLAGS) \
 		--init-drafter $(REGEN_RUN)/drafter --grow-vocab 16384 --lr 1e-3 --time-budget $(WARM4_BUDGET) --eval-every 400 \
 		--eval-seqs 32 --save-every 400
 	$(VENV)/bin/dspark gen-data --out $(MC_DATA) --first-prompt 5860 --match '$(MATHCODE_MATCH)' \
-		$(REGEN_FLAGS) --time-budget $(GEN5_BUDGET)
+		$(REGEN_FLAGS) --num-prompts 17377 --time-budget $(GEN5_BUDGET)
 	$(VENV)/bin/dspark train-drafter --data $(MC_DATA),$(MC_DATA),$(DATA_DIR)/regen-greedy,$(DATA_DIR)/sharegpt-tf2 \
 		--out $(MC_RUN) $(TRAIN_FLAGS) --init-drafter $(REGEN2_RUN)/drafter --lr 1e-3 --time-budget $(WARM5_BUDGET) \
 		--eval-every 400 --eval-seqs 32 --save-every 400
-	$(VENV)/bin/dspark calibrate --drafter $(MC_RUN)/drafter \
-		--data $(MC_DATA),$(DATA_DIR)/regen-greedy,$(DATA_DIR)/sharegpt-tf2 --num-prompts 48 --max-tokens 128
-	rm -rf models/default_drafter && cp -r $(MC_RUN)/drafter models/default_drafter
+	$(VENV)/bin/dspark synth-prompts --out $(SYN_PROMPTS) --num 6000 --seed 0
+	$(VENV)/bin/dspark gen-data --out $(SYN_DATA) --prompts $(SYN_PROMPTS) $(REGEN_FLAGS) --num-prompts 6000 \
+		--time-budget $(GEN6_BUDGET)
+	$(VENV)/bin/dspark train-drafter --data $(MC_DATA),$(MC_DATA),$(SYN_DATA),$(SYN_DATA),$(DATA_DIR)/regen-greedy,$(DATA_DIR)/sharegpt-tf2 \
+		--out $(SYN_RUN) $(TRAIN_FLAGS) --init-drafter $(MC_RUN)/drafter --lr 1e-3 --time-budget $(WARM6_BUDGET) \
+		--eval-every 400 --eval-seqs 32 --save-every 400
+	$(VENV)/bin/dspark calibrate --drafter $(SYN_RUN)/drafter \
+		--data $(MC_DATA),$(SYN_DATA),$(DATA_DIR)/regen-greedy,$(DATA_DIR)/sharegpt-tf2 --num-prompts 48 --max-tokens 128
+	rm -rf models/default_drafter && cp -r $(SYN_RUN)/drafter models/default_drafter
 
 # The sequential-head ablation (docs/benchmarks/drafter.md): one arm per head, all with stage 2's data
 # (make drafter), the same ABL_BUDGET seconds of training from the same initialisation, then served tau
