@@ -117,9 +117,8 @@ def _word_problems() -> list[Callable[[random.Random], str]]:
                 f"{b} at {s2} miles per hour. After how many hours do they meet?")
 
     def collection(r):
-        n, s, w = r.choice(NAMES), r.randint(20, 90), r.randint(2, 8)
-        k = r.randint(2, 5)
-        return (f"{n} has {s} stamps. Every week {n} buys {w} more and gives away {k - 1}. How many stamps will "
+        n, s, w, give = r.choice(NAMES), r.randint(20, 90), r.randint(2, 8), r.randint(1, 4)
+        return (f"{n} has {s} stamps. Every week {n} buys {w} more and gives away {give}. How many stamps will "
                 f"{n} have after {r.randint(4, 12)} weeks?")
 
     def place(r):
