@@ -28,7 +28,7 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
         top_p=args.top_p, val_fraction=args.val_fraction, target_layer_ids=args.target_layers, top_k=args.top_k,
         dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs, num_threads=args.num_threads,
         seed=args.seed, time_budget_s=args.time_budget, first_prompt=args.first_prompt, responses=args.responses,
-        match=args.match,
+        match=args.match, min_prompt_tokens=args.min_prompt_tokens,
     )
     manifest = gen_data(cfg)
     print(json.dumps(manifest_summary(manifest)))
@@ -141,6 +141,8 @@ def add_training_parsers(sub) -> None:
     g.add_argument("--shard-size", type=int, default=128)
     g.add_argument("--first-prompt", type=int, default=0, help="skip the prompts before this index")
     g.add_argument("--max-prompt-tokens", type=int, default=384)
+    g.add_argument("--min-prompt-tokens", type=int, default=0,
+                   help="skip prompts shorter than this (chat template included): long contexts only")
     g.add_argument("--max-tokens", type=int, default=320, help="most response tokens per prompt")
     g.add_argument("--temperature", type=float, default=0.2)
     g.add_argument("--top-p", type=float, default=0.9)

@@ -46,6 +46,9 @@ class GenDataConfig:
     num_prompts: int = 4096
     shard_size: int = 128
     max_prompt_tokens: int = 384
+    # skip prompts shorter than this (chat template included): a dataset of long contexts only, e.g. the
+    # prompts an earlier --max-prompt-tokens cut skipped
+    min_prompt_tokens: int = 0
     max_tokens: int = 320
     temperature: float = 0.2  # SmolLM2-Instruct's recommended sampling
     top_p: float = 0.9
@@ -246,6 +249,7 @@ def gen_data(cfg: GenDataConfig) -> dict:
     if manifest["config"] is not None:
         manifest["config"].setdefault("responses", "target")  # datasets from before these settings
         manifest["config"].setdefault("match", None)
+        manifest["config"].setdefault("min_prompt_tokens", 0)
     if manifest["config"] is not None and manifest["config"] != conf:
         changed = sorted(k for k in conf if manifest["config"].get(k) != conf[k])
         raise SystemExit(f"{out} was generated with other settings ({changed}); use another --out")
@@ -316,7 +320,7 @@ def gen_data(cfg: GenDataConfig) -> dict:
                 break
             bar.update(1)
             ids = apply_chat_template(tok, [{"role": "user", "content": text}])
-            if reply is None or len(ids) > cfg.max_prompt_tokens:
+            if reply is None or not cfg.min_prompt_tokens <= len(ids) <= cfg.max_prompt_tokens:
                 skipped.append(i)
                 continue
             r = dataset_response_ids(tok, reply, cfg.max_tokens, eos_id)
@@ -333,7 +337,7 @@ def gen_data(cfg: GenDataConfig) -> dict:
                 break
             i, pid, text, _ = item
             ids = apply_chat_template(tok, [{"role": "user", "content": text}])
-            if len(ids) > cfg.max_prompt_tokens:
+            if not cfg.min_prompt_tokens <= len(ids) <= cfg.max_prompt_tokens:
                 skipped.append(i)
                 bar.update(1)
                 continue

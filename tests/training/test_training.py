@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from engine.llm import apply_chat_template
 from models.dspark import load_drafter
 from models.loader import load_model
 from training.data import (
@@ -319,6 +320,34 @@ def test_gen_data_match_selects_prompts_by_content(tmp_path, tiny_llama_dir):
     write_json_atomic(tmp_path / "data" / MANIFEST, old)
     cfg.out, cfg.match = str(tmp_path / "data"), None
     assert [s["prompt_indices"] for s in gen_data(cfg)["shards"]] == [[1, 3], [0, 2]]
+
+
+@pytest.mark.parametrize("responses", ["dataset", "target"])
+def test_gen_data_min_prompt_tokens_keeps_only_long_prompts(tmp_path, tiny_llama_dir, default_tokenizer, responses):
+    """--min-prompt-tokens: a long-context dataset; prompts outside [min, max] (chat template
+    included) are skipped under their indices, and the bound is part of the dataset's settings."""
+    prompts = tmp_path / "pairs.jsonl"
+    long_text = "Summarise this text: " + " ".join(["the quick brown fox jumps over the lazy dog"] * 6)
+    rows = [{"prompt": "Say hi.", "response": "Hi there!"},
+            {"prompt": long_text, "response": "A fox."},
+            {"prompt": long_text + " " + long_text, "response": "Two foxes."},
+            {"prompt": "Name a colour.", "response": "Blue."}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lens = [len(apply_chat_template(default_tokenizer, [{"role": "user", "content": r["prompt"]}])) for r in rows]
+    lo, hi = lens[1], lens[2] - 1  # keeps row 1 only: rows 0 and 3 are too short, row 2 too long
+    assert lens[0] < lo and lens[3] < lo
+    cfg = GenDataConfig(out=str(tmp_path / "data"), model=tiny_llama_dir, prompts=str(prompts), num_prompts=4,
+                        shard_size=8, max_tokens=4, target_layer_ids=(0,), top_k=8, dtype="float32",
+                        val_fraction=0.0, responses=responses, min_prompt_tokens=lo, max_prompt_tokens=hi,
+                        kv_cache_memory=8 << 20)
+    m = gen_data(cfg)
+    assert [s["prompt_indices"] for s in m["shards"]] == [[1]]
+    assert sorted(m["shards"][0]["skipped_indices"]) == [0, 2, 3]
+    assert m["config"]["min_prompt_tokens"] == lo
+    assert CachedDataset(cfg.out).sequence(0)[2] == lens[1]  # the prompt kept whole
+    cfg.min_prompt_tokens = 0
+    with pytest.raises(SystemExit, match="min_prompt_tokens"):
+        gen_data(cfg)  # the same --out with another bound
 
 
 def test_gen_data_teacher_forces_the_datasets_own_responses(tmp_path, tiny_llama_dir, default_tokenizer):
