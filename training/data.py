@@ -266,6 +266,9 @@ def gen_data(cfg: GenDataConfig) -> dict:
         pattern = re.compile(cfg.match) if cfg.match else None
     except re.error as e:
         raise SystemExit(f"--match {cfg.match!r} is not a regular expression: {e}") from e
+    if not 0 <= cfg.min_prompt_tokens <= cfg.max_prompt_tokens:
+        raise SystemExit(f"--min-prompt-tokens {cfg.min_prompt_tokens} must lie in 0..--max-prompt-tokens "
+                         f"{cfg.max_prompt_tokens}")
     if cfg.responses not in ("target", "dataset"):
         raise SystemExit(f"responses must be 'target' or 'dataset', not {cfg.responses!r}")
     teacher_only = cfg.responses == "dataset"

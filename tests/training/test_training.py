@@ -348,6 +348,9 @@ def test_gen_data_min_prompt_tokens_keeps_only_long_prompts(tmp_path, tiny_llama
     cfg.min_prompt_tokens = 0
     with pytest.raises(SystemExit, match="min_prompt_tokens"):
         gen_data(cfg)  # the same --out with another bound
+    cfg.out, cfg.min_prompt_tokens = str(tmp_path / "data2"), hi + 1
+    with pytest.raises(SystemExit, match="min-prompt-tokens"):
+        gen_data(cfg)  # an empty range is an error, not a dataset of nothing
 
 
 def test_gen_data_teacher_forces_the_datasets_own_responses(tmp_path, tiny_llama_dir, default_tokenizer):
