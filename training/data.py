@@ -269,6 +269,9 @@ def gen_data(cfg: GenDataConfig) -> dict:
     if not 0 <= cfg.min_prompt_tokens <= cfg.max_prompt_tokens:
         raise SystemExit(f"--min-prompt-tokens {cfg.min_prompt_tokens} must lie in 0..--max-prompt-tokens "
                          f"{cfg.max_prompt_tokens}")
+    def prompt_fits(ids: list[int]) -> bool:
+        return cfg.min_prompt_tokens <= len(ids) <= cfg.max_prompt_tokens
+
     if cfg.responses not in ("target", "dataset"):
         raise SystemExit(f"responses must be 'target' or 'dataset', not {cfg.responses!r}")
     teacher_only = cfg.responses == "dataset"
@@ -323,7 +326,7 @@ def gen_data(cfg: GenDataConfig) -> dict:
                 break
             bar.update(1)
             ids = apply_chat_template(tok, [{"role": "user", "content": text}])
-            if reply is None or not cfg.min_prompt_tokens <= len(ids) <= cfg.max_prompt_tokens:
+            if reply is None or not prompt_fits(ids):
                 skipped.append(i)
                 continue
             r = dataset_response_ids(tok, reply, cfg.max_tokens, eos_id)
@@ -340,7 +343,7 @@ def gen_data(cfg: GenDataConfig) -> dict:
                 break
             i, pid, text, _ = item
             ids = apply_chat_template(tok, [{"role": "user", "content": text}])
-            if not cfg.min_prompt_tokens <= len(ids) <= cfg.max_prompt_tokens:
+            if not prompt_fits(ids):
                 skipped.append(i)
                 bar.update(1)
                 continue
