@@ -41,9 +41,11 @@ class SpecConfig:
     calibration: str | None = None  # calibration.json (default: the one beside the drafter, if any)
     # seeded sampled requests decode without drafts, so their output does not depend on load
     reproducible_seeds: bool = True
+    # the drafter's context window: None keeps its config.json's, 0 lets it see the whole context
+    draft_context_window: int | None = None
 
     KEYS = ("method", "model", "num_speculative_tokens", "verification", "threshold", "draft_skipping",
-            "online_calibration", "calibration", "reproducible_seeds")
+            "online_calibration", "calibration", "reproducible_seeds", "draft_context_window")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "SpecConfig":
@@ -63,9 +65,12 @@ class SpecConfig:
         verification = d.get("verification", "scheduled")
         if verification not in VERIFICATION_POLICIES:
             raise ValueError(f"verification must be one of {VERIFICATION_POLICIES}, got {verification!r}")
+        window = d.get("draft_context_window")
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 0):
+            raise ValueError("draft_context_window must be a non-negative integer (0: the whole context)")
         return cls(method, d.get("model"), n, verification, float(d.get("threshold", 0.5)),
                    bool(d.get("draft_skipping", True)), bool(d.get("online_calibration", True)),
-                   d.get("calibration"), bool(d.get("reproducible_seeds", True)))
+                   d.get("calibration"), bool(d.get("reproducible_seeds", True)), window)
 
     @property
     def enabled(self) -> bool:
@@ -124,15 +129,19 @@ class DraftProposer:
         dev = self.pool.device
         r = len(seqs)
         ctx_lens = [s.num_computed_tokens for s in seqs]
-        max_ctx = max(ctx_lens)
+        window = self.drafter.config.draft_context_window
+        # with a window, a block sees (and this gathers) only the last `window` context positions
+        starts = [max(0, n - window) if window else 0 for n in ctx_lens]
+        used = [n - s0 for n, s0 in zip(ctx_lens, starts)]
+        max_ctx = max(used)
         j = torch.arange(max_ctx)
         gather = torch.zeros(r, max_ctx, dtype=torch.long)
         for i, s in enumerate(seqs):
             blocks = torch.tensor(s.block_table.blocks, dtype=torch.long)
-            n = ctx_lens[i]
-            gather[i, :n] = blocks[j[:n] // block_size] * block_size + j[:n] % block_size
+            q = j[:used[i]] + starts[i]
+            gather[i, :used[i]] = blocks[q // block_size] * block_size + q % block_size
         gather = gather.to(dev)
-        mask = (j[None, :] < torch.tensor(ctx_lens)[:, None]).to(dev)
+        mask = (j[None, :] < torch.tensor(used)[:, None]).to(dev)
         flat = gather.reshape(-1)
         shape = (r, max_ctx, *self.pool.shape[3:])
         ctx = [(self.pool[i, 0].index_select(0, flat).view(shape), self.pool[i, 1].index_select(0, flat).view(shape))

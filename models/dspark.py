@@ -57,6 +57,10 @@ class DSparkConfig:
     # Restricted draft vocabulary (FR-Spec / EAGLE-3 style): the drafter scores only these target
     # token ids, stored as the `d2t` index tensor beside the weights. None: the full vocabulary.
     draft_vocab_size: int | None = None
+    # Sliding window over the context: a block attends to the last `draft_context_window` context
+    # positions only (None: all of them). Set by measurement for a drafter trained on short
+    # contexts, which drafts worse from far-away context it never saw (docs/benchmarks/drafter.md).
+    draft_context_window: int | None = None
     extra: dict = field(default_factory=dict)  # every other field of config.json, written back on save
 
     _OWN = (
@@ -64,7 +68,7 @@ class DSparkConfig:
         "head_dim", "vocab_size", "rms_norm_eps", "block_size", "mask_token_id", "target_layer_ids",
         "num_target_layers", "markov_rank", "markov_head_type", "enable_confidence_head",
         "confidence_head_with_markov", "attention_bias", "num_anchors", "max_position_embeddings",
-        "draft_vocab_size",
+        "draft_vocab_size", "draft_context_window",
     )
 
     @classmethod
@@ -77,6 +81,9 @@ class DSparkConfig:
         theta = d.get("rope_theta") or (rope_params or {}).get("rope_theta") or 1000000.0
         head_type = d.get("markov_head_type", "vanilla")
         rank = d.get("markov_rank", 256)
+        window = d.get("draft_context_window")
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+            raise ValueError(f"draft_context_window must be a positive integer or null, got {window!r}")
         return cls(
             hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"],
@@ -101,6 +108,7 @@ class DSparkConfig:
             rope_parameters=rope_params,
             max_position_embeddings=d.get("max_position_embeddings", 32768),
             draft_vocab_size=d.get("draft_vocab_size"),
+            draft_context_window=window,
             extra={k: v for k, v in d.items() if k not in cls._OWN},
         )
 
@@ -111,8 +119,9 @@ class DSparkConfig:
         d["markov_rank"] = self.markov_rank if self.enable_markov_head else 0
         d.setdefault("architectures", ["Qwen3DSparkModel"])
         d.setdefault("model_type", "qwen3")
-        if self.draft_vocab_size is None:
-            d.pop("draft_vocab_size")
+        for k in ("draft_vocab_size", "draft_context_window"):
+            if d[k] is None:
+                d.pop(k)
         d["tie_word_embeddings"] = False
         d["rope_theta"] = self.rope_theta
         if self.rope_parameters:

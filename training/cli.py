@@ -54,7 +54,7 @@ def cmd_train_drafter(args: argparse.Namespace) -> int:
         init_from_target=not args.no_init_from_target, autocast_bf16=args.bf16, eval_every=args.eval_every,
         eval_seqs=args.eval_seqs, save_every=args.save_every, seed=args.seed, max_train_seqs=args.max_train_seqs,
         time_budget_s=args.time_budget, init_drafter=args.init_drafter, grow_layers=args.grow_layers,
-        grow_vocab=args.grow_vocab, gate_head=args.gate_head, device=args.device,
+        grow_vocab=args.grow_vocab, gate_head=args.gate_head, device=args.device, context_window=args.context_window,
     )
     summary = train_drafter(cfg)
     print(json.dumps(summary))
@@ -85,7 +85,8 @@ def cmd_eval_drafter(args: argparse.Namespace) -> int:
             sets[item] = path
     report = eval_drafter(args.drafter, sets, args.out, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
                           temperatures=tuple(args.temperatures), gamma=args.gamma, model=args.model, dtype=args.dtype,
-                          max_num_seqs=args.max_num_seqs, seed=args.seed, num_threads=args.num_threads)
+                          max_num_seqs=args.max_num_seqs, seed=args.seed, num_threads=args.num_threads,
+                          context_window=args.draft_context_window)
     for row in summary_table(report):
         print(json.dumps(row))
     return 0
@@ -200,6 +201,10 @@ def add_training_parsers(sub) -> None:
     t.add_argument("--gate-head", action="store_true",
                    help="with --init-drafter: turn its vanilla Markov head into the gated head (the gate starts "
                         "constant and W2 compensates: training starts from the saved drafter's exact function)")
+    t.add_argument("--context-window", type=int, default=None,
+                   help="blocks attend to the last N context positions only, in training and when served "
+                        "(stored in config.json as draft_context_window; 0: the whole context; default: "
+                        "the --init-drafter's, else the whole context)")
     t.add_argument("--bf16", action="store_true",
                    help="bf16 autocast (GPUs; CPUs with fast bf16 kernels: check with models.loader.probe_cpu_bf16)")
     t.add_argument("--device", default="auto",
@@ -225,6 +230,8 @@ def add_training_parsers(sub) -> None:
     e.add_argument("--max-tokens", type=int, default=256)
     e.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     e.add_argument("--gamma", type=int, default=None, help="verification length (default: the drafter's block size)")
+    e.add_argument("--draft-context-window", type=int, default=None,
+                   help="serve the drafter with this context window (0: the whole context; default: its config.json's)")
     e.add_argument("--dtype", default="float32")
     e.add_argument("--max-num-seqs", type=int, default=16)
     e.add_argument("--num-threads", type=int, default=None)

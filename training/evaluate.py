@@ -133,7 +133,7 @@ def run_set(llm_factory, prompts: list[str] | list[list[int]], temperature: floa
 
 
 def spec_llm_factory(drafter: str, model: str | None, dtype: str, max_num_seqs: int, num_threads: int | None,
-                     seed: int, gamma: int | None = None):
+                     seed: int, gamma: int | None = None, context_window: int | None = None):
     """LLMs that verify a FIXED gamma every round (no skipping, no online calibration), recording rounds."""
     from engine import LLM
     from engine.engine import EngineConfig
@@ -142,6 +142,8 @@ def spec_llm_factory(drafter: str, model: str | None, dtype: str, max_num_seqs: 
             "online_calibration": False, "reproducible_seeds": False}  # seeded samples speculate too
     if gamma:
         spec["num_speculative_tokens"] = gamma
+    if context_window is not None:
+        spec["draft_context_window"] = context_window
 
     def factory(rec_path):
         return LLM.from_config(EngineConfig(model=model, dtype=dtype, max_num_seqs=max_num_seqs,
@@ -193,16 +195,20 @@ def calibrate_drafter(drafter: str, data: str, num_prompts: int = 64, max_tokens
 
 def eval_drafter(drafter: str, datasets: dict[str, str], out: str, num_prompts: int = 40, max_tokens: int = 256,
                  temperatures=(0.0, 1.0), gamma: int | None = None, model: str | None = None, dtype: str = "float32",
-                 max_num_seqs: int = 16, seed: int = 0, num_threads: int | None = None) -> dict:
+                 max_num_seqs: int = 16, seed: int = 0, num_threads: int | None = None,
+                 context_window: int | None = None) -> dict:
     from scheduler.calibration import STSCalibrator
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cal_file = Path(drafter) / "calibration.json"
     calibrator = STSCalibrator.from_json(cal_file) if cal_file.exists() else None
-    factory = spec_llm_factory(drafter, model, dtype, max_num_seqs, num_threads, seed, gamma)
+    factory = spec_llm_factory(drafter, model, dtype, max_num_seqs, num_threads, seed, gamma, context_window)
+    if context_window is None:
+        context_window = json.loads((Path(drafter) / "config.json").read_text()).get("draft_context_window")
     report = {"drafter": os.path.abspath(drafter), "num_prompts": num_prompts, "max_tokens": max_tokens,
-              "dtype": dtype, "calibration": str(cal_file) if calibrator else None, "results": {}}
+              "dtype": dtype, "draft_context_window": context_window or None,
+              "calibration": str(cal_file) if calibrator else None, "results": {}}
     for temp in temperatures:
         key = f"temperature_{temp:g}"
         report["results"][key] = {}

@@ -92,6 +92,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available)
     max_train_seqs: int | None = None  # data-size ablations: use only the first N training sequences
+    # the drafter's context window (DSparkConfig.draft_context_window), trained and served alike:
+    # None keeps a warm-started drafter's (a new one sees the whole context), 0 removes it
+    context_window: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -236,9 +239,14 @@ def make_blocks(seq_len: int, prompt_len: int, gamma: int, anchors: torch.Tensor
     return pos, pos - prompt_len, valid
 
 
-def context_mask(anchors: torch.Tensor, ctx_len: int) -> torch.Tensor:
-    """[A, ctx_len] bool: block a sees context position j iff j < anchors[a]."""
-    return torch.arange(ctx_len, device=anchors.device)[None, :] < anchors[:, None]
+def context_mask(anchors: torch.Tensor, ctx_len: int, window: int | None = None) -> torch.Tensor:
+    """[A, ctx_len] bool: block a sees context position j iff j < anchors[a] (and, with a
+    context window, j >= anchors[a] - window: what serving gathers)."""
+    j = torch.arange(ctx_len, device=anchors.device)[None, :]
+    seen = j < anchors[:, None]
+    if window:
+        seen &= j >= anchors[:, None] - window
+    return seen
 
 
 def block_attention(q, ctx_k, ctx_v, blk_k, blk_v, cmask, scale):
@@ -286,7 +294,7 @@ class TrainableDrafter(torch.nn.Module):
         x = d.embed(blk_ids).detach().float()
         bpos = (anchors[:, None] + torch.arange(gamma, device=dev)[None, :]).reshape(-1)
         cos_b, sin_b = d.rotary(bpos, x.dtype)
-        cmask = context_mask(anchors, n)
+        cmask = context_mask(anchors, n, cfg.draft_context_window)
         for layer in d.layers:
             attn = layer.self_attn
             hk, hd, hq = attn.num_kv_heads, attn.head_dim, attn.num_heads
@@ -626,6 +634,15 @@ def warm_start(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[TrainableDr
 
 
 def build_drafter(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[TrainableDrafter, torch.Tensor | None]:
+    tr, t2d = _build_drafter(cfg, ds, loaded)
+    if cfg.context_window is not None:
+        if cfg.context_window < 0:
+            raise ValueError("the context window must be a non-negative number of positions (0: the whole context)")
+        tr.drafter.config.draft_context_window = cfg.context_window or None
+    return tr, t2d
+
+
+def _build_drafter(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[TrainableDrafter, torch.Tensor | None]:
     from models.dspark import random_drafter_config
 
     if cfg.init_drafter:

@@ -117,6 +117,49 @@ def test_greedy_with_random_drafter_is_token_identical_tiny(tiny_pair, policy):
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
 
 
+def test_a_context_window_drafts_from_the_last_positions_only_and_stays_lossless(tiny_pair):
+    """With draft_context_window W the proposer drafts from the last W context positions: what the
+    drafter's pool holds before them does not change a draft; without it, it does. Output is the
+    plain greedy output either way."""
+    model, drafter = tiny_pair
+    gamma, window = 5, 8
+    prompt = list(range(30, 75))
+
+    def drafts(eng, corrupt_before=None):
+        seq = eng.seqs["w"]
+        pool = eng.runner.proposer.pool
+        saved = pool.clone()
+        if corrupt_before is not None:
+            bs = eng.kv.block_size
+            slots = torch.tensor([seq.block_table.blocks[p // bs] * bs + p % bs for p in range(corrupt_before)])
+            pool[:, :, slots] = torch.randn_like(pool[:, :, slots]) * 10
+        d = eng.runner.proposer.propose([seq], eng.kv.block_size, gamma)
+        pool.copy_(saved)
+        return d
+
+    results = {}
+    for w in (window, 0):
+        eng = _engine(model, drafter, gamma=gamma, speculative_config={
+            "method": "dspark", "model": drafter, "num_speculative_tokens": gamma, "verification": "fixed",
+            "draft_skipping": False, "draft_context_window": w})
+        assert eng.runner.proposer.drafter.config.draft_context_window == (w or None)
+        eng.add_request("w", params=SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                        prompt_token_ids=prompt)
+        eng.step()
+        n = eng.seqs["w"].num_computed_tokens
+        assert n > window
+        clean, corrupt = drafts(eng), drafts(eng, corrupt_before=n - window)
+        results[w] = torch.equal(clean.tokens, corrupt.tokens) and torch.equal(clean.confidence_logits, corrupt.confidence_logits)
+    assert results == {window: True, 0: False}
+    reqs = _reqs(n=4, max_tokens=48)
+    ref = drive(_engine(model), reqs)
+    got = drive(_engine(model, speculative_config={
+        "method": "dspark", "model": drafter, "num_speculative_tokens": 7, "verification": "fixed",
+        "draft_skipping": False, "draft_context_window": 6}), reqs)
+    for rid, _, _ in reqs:
+        assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
+
+
 def test_stop_inside_an_accepted_run_ends_at_the_right_token(tiny_pair, monkeypatch):
     model, drafter = tiny_pair
     reqs = _reqs(n=1, max_tokens=30)
@@ -143,6 +186,9 @@ def test_speculative_config_errors(tiny_llama_dir, tmp_path):
     (tmp_path / "bad" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not match the target"):
         _engine(tiny_llama_dir, bad)
+    for bad_window in (-1, 2.5, "64", True):
+        with pytest.raises(ValueError, match="draft_context_window"):
+            _engine(tiny_llama_dir, speculative_config={"method": "dspark", "model": "x", "draft_context_window": bad_window})
     none = _engine(tiny_llama_dir, speculative_config={"method": "none"})
     assert none.proposer is None
 

@@ -101,6 +101,24 @@ def test_round_trip_in_our_format(tmp_path, target):
         assert na == nb and torch.equal(pa, pb)
 
 
+def test_the_context_window_round_trips_and_is_checked(tmp_path, target):
+    deepspec_checkpoint(tmp_path / "a", target.config)
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert "draft_context_window" not in cfg  # DeepSpec's drafters have none: the whole context
+    assert load_drafter(tmp_path / "a", target=target).config.draft_context_window is None
+    cfg["draft_context_window"] = 256
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    a = load_drafter(tmp_path / "a", target=target)
+    assert a.config.draft_context_window == 256
+    save_drafter(a, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["draft_context_window"] == 256
+    for bad in (0, -3, 1.5, "256"):
+        cfg["draft_context_window"] = bad
+        (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="draft_context_window"):
+            load_drafter(tmp_path / "a", target=target)
+
+
 def test_unknown_and_missing_tensors_are_errors(tmp_path, target):
     from safetensors.torch import load_file
 

@@ -65,3 +65,10 @@ def test_eval_drafter_runs_real_speculative_decoding(tmp_path, tiny_llama_dir, t
         assert (tmp_path / "out" / f"reliability-{key}.png").stat().st_size > 0
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert saved["results"]["temperature_0"]["tiny"]["prompts"] == 3
+    assert saved["draft_context_window"] is None  # the tiny drafter's config has none
+    # --draft-context-window: served with a window, recorded in the report, the same greedy tokens
+    windowed = eval_drafter(tiny_drafter_dir, {"tiny": str(prompts)}, str(tmp_path / "out4"), num_prompts=3,
+                            max_tokens=12, temperatures=(0.0,), model=tiny_llama_dir, num_threads=1, context_window=4)
+    assert windowed["draft_context_window"] == 4
+    assert (windowed["results"]["temperature_0"]["tiny"]["generated_tokens"]
+            == report["results"]["temperature_0"]["tiny"]["generated_tokens"])

@@ -25,6 +25,14 @@ def test_context_mask_never_shows_a_block_its_own_future():
     assert m[1].tolist() == [True] * 5 + [False] * 3
 
 
+def test_a_context_window_shows_a_block_only_its_last_positions():
+    m = context_mask(torch.tensor([3, 7, 1]), 8, window=2)
+    assert m[0].tolist() == [False, True, True] + [False] * 5
+    assert m[1].tolist() == [False] * 5 + [True, True, False]
+    assert m[2].tolist() == [True] + [False] * 7  # shorter than the window: all of it
+    assert torch.equal(context_mask(torch.tensor([3, 7]), 8, window=None), context_mask(torch.tensor([3, 7]), 8))
+
+
 def test_block_attention_sees_past_context_and_its_whole_block_only():
     torch.manual_seed(0)
     a, g, h, hk, d, c = 2, 4, 4, 2, 8, 10
@@ -190,15 +198,18 @@ def test_ce_label_target_uses_the_targets_top1_not_the_datas_token(tmp_path, tin
                      TrainConfig(data="", out="", block_size=3, ce_label="labels"), t2d)
 
 
-def test_training_forward_is_the_serving_backbone(tmp_path, tiny_llama_dir):
+@pytest.mark.parametrize("window", [None, 6])
+def test_training_forward_is_the_serving_backbone(tmp_path, tiny_llama_dir, window):
     """The packed training forward (one masked call per sequence) equals the engine's backbone
-    run block by block with the context K/V of positions < anchor."""
+    run block by block with the context K/V of positions < anchor (the last `window` of them
+    with a context window, which the exported drafter keeps in its config)."""
     _chain_dataset(tmp_path / "data", list(range(300, 340)), n_seqs=4)
     cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=tiny_llama_dir, block_size=4,
-                      markov_rank=8, draft_vocab_size=64, num_layers=2, init_from_target=False)
+                      markov_rank=8, draft_vocab_size=64, num_layers=2, init_from_target=False, context_window=window)
     loaded = load_model(tiny_llama_dir, dtype="float32")
     ds = CachedDataset(cfg.data)
     tr, _ = build_drafter(cfg, ds, loaded)
+    assert tr.drafter.config.draft_context_window == window
     ids, hidden, p, _, _ = ds.sequence(ds.train[0])
     anchors = torch.tensor([p, p + 5, len(ids) - 2])
     with torch.no_grad():
@@ -207,9 +218,19 @@ def test_training_forward_is_the_serving_backbone(tmp_path, tiny_llama_dir):
         h_ctx = d.context_features([hidden.float()])
         kv = d.context_kv(h_ctx, torch.arange(len(ids)))
         for i, a in enumerate(anchors.tolist()):
-            ctx = [(k[None, :a], v[None, :a]) for k, v in kv]
-            ref = d.backbone(ids[a:a + 1], torch.tensor([a]), ctx, torch.ones(1, a, dtype=torch.bool), 4)
+            lo = max(0, a - window) if window else 0
+            ctx = [(k[None, lo:a], v[None, lo:a]) for k, v in kv]
+            ref = d.backbone(ids[a:a + 1], torch.tensor([a]), ctx, torch.ones(1, a - lo, dtype=torch.bool), 4)
             assert torch.allclose(got[i], ref[0], atol=1e-4), (got[i] - ref[0]).abs().max()
+    if window:  # a warm start keeps the saved drafter's window, or is told another (0: none)
+        from models.dspark import save_drafter
+
+        save_drafter(d, tmp_path / "saved")
+        for override, want in ((None, window), (3, 3), (0, None)):
+            warm = TrainConfig(data=cfg.data, out=str(tmp_path / "run2"), model=tiny_llama_dir,
+                               init_drafter=str(tmp_path / "saved"), context_window=override)
+            assert build_drafter(warm, ds, loaded)[0].drafter.config.draft_context_window == want
+        assert json.loads((tmp_path / "saved" / "config.json").read_text())["draft_context_window"] == window
 
 
 def test_gen_data_resumes_and_a_trained_drafter_serves_losslessly(tmp_path, tiny_llama_dir):
