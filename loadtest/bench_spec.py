@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -145,7 +146,13 @@ def main(argv=None) -> int:
     ap.add_argument("--drafter", default=None, help="DSpark drafter directory (default: random weights)")
     ap.add_argument("--gamma", type=int, default=7)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--context", type=int, nargs="+", default=[256],
+                    help="context lengths of the drafting-overhead table (one row per length and batch)")
+    ap.add_argument("--draft-context-window", type=int, nargs="+", default=None,
+                    help="drafter context windows to time side by side (0: the whole context; default: the "
+                         "drafter's config.json's)")
+    ap.add_argument("--skip-divergence", action="store_true", help="measure the drafting overhead only")
+    ap.add_argument("--name", default="spec", help="output basename: OUT/NAME.json and OUT/NAME.md")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default=str(OUT_DIR))
     args = ap.parse_args(argv)
@@ -156,42 +163,58 @@ def main(argv=None) -> int:
 
     tmp = tempfile.mkdtemp()
     drafter = args.drafter or _random_drafter(load_model(args.model, "float32").model, Path(tmp) / "drafter", args.gamma)
-    eng = LLMEngine(EngineConfig(model=args.model, dtype="auto", num_threads=args.threads, max_num_batched_tokens=8192,
-                                 speculative_config={"method": "dspark", "model": drafter, "num_speculative_tokens": args.gamma,
-                                                     "verification": "fixed", "draft_skipping": False}))
-    dtype = str(eng.runner.dtype).replace("torch.", "")
-    overhead = [drafting_overhead(eng, b, args.context, args.gamma) for b in (1, 16)]
-    del eng
-    divergence = bf16_divergence(args.model, drafter, args.gamma, args.new_tokens, args.threads)
+    batches = (1, 16)
+    overhead = []
+    for window in args.draft_context_window or [None]:
+        spec = {"method": "dspark", "model": drafter, "num_speculative_tokens": args.gamma, "verification": "fixed",
+                "draft_skipping": False}
+        if window is not None:
+            spec["draft_context_window"] = window
+        # every request of the largest batch is prefilled in one step, and its blocks fit
+        tokens = max(batches) * (max(args.context) + args.gamma + 2)
+        eng = LLMEngine(EngineConfig(model=args.model, dtype="auto", num_threads=args.threads,
+                                     max_num_batched_tokens=max(8192, tokens), speculative_config=spec,
+                                     kv_cache_memory=max(1 << 30, tokens * 64 * 1024)))
+        dtype = str(eng.runner.dtype).replace("torch.", "")
+        used = eng.runner.proposer.drafter.config.draft_context_window
+        overhead += [dict(drafting_overhead(eng, b, c, args.gamma), draft_context_window=used)
+                     for c in args.context for b in batches]
+        del eng
+    divergence = None if args.skip_divergence else bf16_divergence(args.model, drafter, args.gamma, args.new_tokens,
+                                                                   args.threads)
     result = {
-        "command": "python -m loadtest.bench_spec " + " ".join(argv or []),
+        "command": "python -m loadtest.bench_spec " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": _machine(), "threads": args.threads, "dtype": dtype,
         "drafter": "random weights, 1 layer" if not args.drafter else args.drafter,
         "drafting_overhead": overhead, "bf16_divergence": divergence,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = "\n".join(
-        f"| {o['batch']} | {o['context']} | {o['gamma']} | {o['draft_s'] * 1e3:.1f} | {o['verify_s'] * 1e3:.1f} | {o['draft_over_verify']:.2f} |"
+        f"| {o['draft_context_window'] or 'whole'} | {o['batch']} | {o['context']} | {o['gamma']} | "
+        f"{o['draft_s'] * 1e3:.1f} | {o['verify_s'] * 1e3:.1f} | {o['draft_over_verify']:.2f} |"
         for o in overhead
     )
-    dv = divergence
-    md = f"""# Speculative decoding: drafting overhead and bf16 numerics
+    md = f"""# Speculative decoding: drafting overhead{'' if divergence is None else ' and bf16 numerics'}
 
 Command: `{result['command'].strip()}`; {result['machine']['cpu']}, {args.threads} torch threads,
 drafter: {result['drafter']}, commit {result['machine']['commit']}.
 
 ## Drafting overhead ({dtype})
 
-| batch | context | gamma | drafter pass (ms) | target verify forward (ms) | ratio |
-| ---: | ---: | ---: | ---: | ---: | ---: |
+| drafter context window | batch | context | gamma | drafter pass (ms) | target verify forward (ms) | ratio |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: |
 {rows}
 
 The drafter pass is the parallel backbone over [anchor, mask x {args.gamma - 1}] against the cached
-context K/V, the base logits, and the sequential Markov loop with confidences for all requests at
-once; the verify forward is the target over every request's {args.gamma + 1}-token block.
-
+context K/V (all of it, or the last `draft_context_window` positions), the base logits, and the
+sequential Markov loop with confidences for all requests at once; the verify forward is the
+target over every request's {args.gamma + 1}-token block.
+"""
+    if divergence is not None:
+        dv = divergence
+        md += f"""
 ## bf16 greedy divergence
 
 {dv['prompts']} chat prompts x {dv['new_tokens']} tokens, greedy, gamma {dv['gamma']}, bfloat16:
@@ -211,7 +234,7 @@ Computing the final norm and lm_head in float32 was tried and did not reduce it 
 are token-identical (tests/engine/test_spec_default_model.py); use `--dtype float32` where
 bit-reproducible greedy output matters more than speed.
 """
-    (out / "spec.md").write_text(md)
+    (out / f"{args.name}.md").write_text(md)
     print(md)
     return 0
 
