@@ -70,7 +70,9 @@ bench-profile: install
 # with stages 3-4's data for WARM5_BUDGET seconds. 6: the target's own greedy answers to
 # `dspark synth-prompts` (templated math word problems, number questions and Python tasks: the eval
 # sets' domains without their text), and stage 5's drafter trained on them and the math/code answers
-# (each named twice) mixed with stages 3-4's data for WARM6_BUDGET seconds, then calibrated.
+# (each named twice) mixed with stages 3-4's data for WARM6_BUDGET seconds, then calibrated, and
+# served with a DRAFT_WINDOW-position context window (set in its config.json: the longest context it
+# was trained on; measured in drafter.md).
 DATA_DIR ?= $(HOME)/.cache/dspark/drafter-data
 DRAFTER_RUN ?= $(DATA_DIR)/run-tf
 WARM_RUN ?= $(DATA_DIR)/run-warm
@@ -93,6 +95,7 @@ SYN_DATA ?= $(DATA_DIR)/regen-synth
 SYN_RUN ?= $(DATA_DIR)/run-syn7
 GEN6_BUDGET ?= 2400
 WARM6_BUDGET ?= 3300
+DRAFT_WINDOW ?= 512
 MATHCODE_MATCH := (?i)\b(python|javascript|typescript|java|golang|rust|sql|html|css|react|node\.?js|bash|shell|regex|function|code|script|program|algorithm|class|method|json|compile|debug|bug|equation|solve|calculate|math|formula|probability|integral|derivative|percent|how many)\b
 GEN_FLAGS := --responses dataset --num-prompts 80000 --shard-size 256 --max-prompt-tokens 256 --max-tokens 384 \
 	--dtype bfloat16 --num-threads 2
@@ -127,6 +130,8 @@ drafter: install
 	$(VENV)/bin/dspark calibrate --drafter $(SYN_RUN)/drafter \
 		--data $(MC_DATA),$(SYN_DATA),$(DATA_DIR)/regen-greedy,$(DATA_DIR)/sharegpt-tf2 --num-prompts 48 --max-tokens 128
 	rm -rf models/default_drafter && cp -r $(SYN_RUN)/drafter models/default_drafter
+	$(PY) -c "import json, pathlib; p = pathlib.Path('models/default_drafter/config.json'); \
+		c = json.loads(p.read_text()); c['draft_context_window'] = $(DRAFT_WINDOW); p.write_text(json.dumps(c, indent=2) + '\n')"
 
 # The sequential-head ablation (docs/benchmarks/drafter.md): one arm per head, all with stage 2's data
 # (make drafter), the same ABL_BUDGET seconds of training from the same initialisation, then served tau
