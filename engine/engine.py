@@ -87,8 +87,7 @@ class LLMEngine:
             drafter = load_drafter(self.spec.model, target=loaded.model, dtype=next(loaded.model.parameters()).dtype,
                                    device=self.device)
             self.gamma = self.spec.num_speculative_tokens or drafter.config.block_size
-            if self.spec.draft_context_window is not None:  # the serving config overrides the drafter's
-                drafter.config.draft_context_window = self.spec.draft_context_window or None
+            drafter.config.override_context_window(self.spec.draft_context_window)  # the serving config's, if any
             if self.gamma > drafter.config.block_size:
                 raise ValueError(f"num_speculative_tokens {self.gamma} exceeds the drafter's block_size {drafter.config.block_size}")
         self.runner = ModelRunner(loaded, cfg.block_size, cfg.kv_cache_memory, self.device, drafter, self.gamma)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from models.dspark import DSparkDrafter
+from models.dspark import DSparkDrafter, check_context_window
 from scheduler.prefix import step_rate
 
 from .sampler import warp_probs
@@ -66,8 +66,7 @@ class SpecConfig:
         if verification not in VERIFICATION_POLICIES:
             raise ValueError(f"verification must be one of {VERIFICATION_POLICIES}, got {verification!r}")
         window = d.get("draft_context_window")
-        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 0):
-            raise ValueError("draft_context_window must be a non-negative integer (0: the whole context)")
+        check_context_window(window, override=True)
         return cls(method, d.get("model"), n, verification, float(d.get("threshold", 0.5)),
                    bool(d.get("draft_skipping", True)), bool(d.get("online_calibration", True)),
                    d.get("calibration"), bool(d.get("reproducible_seeds", True)), window)

@@ -30,6 +30,14 @@ from .llama import RMSNorm, apply_rope, check_all_loaded
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 
 
+def check_context_window(value, override: bool = False) -> None:
+    """A drafter context window: a positive integer or None in config.json; as an override
+    (serving config, training flag) also 0, which removes the window."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < (0 if override else 1)):
+        want = "a non-negative integer (0: the whole context)" if override else "a positive integer or null"
+        raise ValueError(f"draft_context_window must be {want}, got {value!r}")
+
+
 @dataclass
 class DSparkConfig:
     hidden_size: int
@@ -82,8 +90,7 @@ class DSparkConfig:
         head_type = d.get("markov_head_type", "vanilla")
         rank = d.get("markov_rank", 256)
         window = d.get("draft_context_window")
-        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-            raise ValueError(f"draft_context_window must be a positive integer or null, got {window!r}")
+        check_context_window(window)
         return cls(
             hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"],
@@ -111,6 +118,12 @@ class DSparkConfig:
             draft_context_window=window,
             extra={k: v for k, v in d.items() if k not in cls._OWN},
         )
+
+    def override_context_window(self, value: int | None) -> None:
+        """Apply a serving/training override: None keeps the window, 0 removes it, N sets it."""
+        check_context_window(value, override=True)
+        if value is not None:
+            self.draft_context_window = value or None
 
     def to_dict(self) -> dict:
         d = dict(self.extra)

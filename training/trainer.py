@@ -635,10 +635,7 @@ def warm_start(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[TrainableDr
 
 def build_drafter(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[TrainableDrafter, torch.Tensor | None]:
     tr, t2d = _build_drafter(cfg, ds, loaded)
-    if cfg.context_window is not None:
-        if cfg.context_window < 0:
-            raise ValueError("the context window must be a non-negative number of positions (0: the whole context)")
-        tr.drafter.config.draft_context_window = cfg.context_window or None
+    tr.drafter.config.override_context_window(cfg.context_window)
     return tr, t2d
 
 
