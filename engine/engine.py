@@ -492,6 +492,9 @@ class EngineStats:
     spec_num_draft_tokens: int = 0  # drafted tokens sent to verification
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: list = field(default_factory=list)  # index k: accepted at draft position k+1
+    spec_lookup_num_drafts: int = 0  # of the rounds above, those that verified a draft copied from the context
+    spec_lookup_num_draft_tokens: int = 0
+    spec_lookup_num_accepted_tokens: int = 0
     spec_verify_length_counts: dict = field(default_factory=dict)  # verify length -> rounds
     spec_last_expected_tokens: float = 0.0  # last step: tokens the plan expected (1 + sum of a_j per request)
     spec_last_realised_tokens: int = 0  # last step: tokens the drafted requests actually produced

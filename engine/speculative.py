@@ -23,6 +23,7 @@ import torch
 from models.dspark import DSparkDrafter, check_context_window
 from scheduler.prefix import step_rate
 
+from .lookup import LookupStats, TokenArrays, expected_accepted, find_match
 from .sampler import warp_probs
 
 
@@ -43,9 +44,14 @@ class SpecConfig:
     reproducible_seeds: bool = True
     # the drafter's context window: None keeps its config.json's, 0 lets it see the whole context
     draft_context_window: int | None = None
+    # context lookup (engine/lookup.py): drafts copied from the request's own context where its last
+    # n tokens (prompt_lookup_min <= n <= prompt_lookup_max) occurred before; 0 turns it off
+    prompt_lookup_max: int = 8
+    prompt_lookup_min: int = 1
 
     KEYS = ("method", "model", "num_speculative_tokens", "verification", "threshold", "draft_skipping",
-            "online_calibration", "calibration", "reproducible_seeds", "draft_context_window")
+            "online_calibration", "calibration", "reproducible_seeds", "draft_context_window",
+            "prompt_lookup_max", "prompt_lookup_min")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "SpecConfig":
@@ -67,9 +73,15 @@ class SpecConfig:
             raise ValueError(f"verification must be one of {VERIFICATION_POLICIES}, got {verification!r}")
         window = d.get("draft_context_window")
         check_context_window(window, override=True)
+        lookup_max, lookup_min = d.get("prompt_lookup_max", 8), d.get("prompt_lookup_min", 1)
+        for key, v in (("prompt_lookup_max", lookup_max), ("prompt_lookup_min", lookup_min)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{key} must be a non-negative integer, got {v!r}")
+        if lookup_max and not 1 <= lookup_min <= lookup_max:
+            raise ValueError(f"prompt_lookup_min must be between 1 and prompt_lookup_max ({lookup_max}), got {lookup_min}")
         return cls(method, d.get("model"), n, verification, float(d.get("threshold", 0.5)),
                    bool(d.get("draft_skipping", True)), bool(d.get("online_calibration", True)),
-                   d.get("calibration"), bool(d.get("reproducible_seeds", True)), window)
+                   d.get("calibration"), bool(d.get("reproducible_seeds", True)), window, lookup_max, lookup_min)
 
     @property
     def enabled(self) -> bool:
@@ -248,6 +260,8 @@ class SpeculativeDecoder:
         # The online fit starts from the file's temperatures (or T = 1) and refits in the background.
         self.online = OnlineCalibrator(gamma, initial=self.calibrator, background=True) if spec.online_calibration else None
         self.skipper = DraftSkipper() if spec.draft_skipping else None
+        self.lookup = LookupStats(spec.prompt_lookup_max, gamma) if spec.prompt_lookup_max else None
+        self._token_arrays = TokenArrays()
         self._draft_seconds = 0.0  # drafter pass of the current step
         self._draft_share = None  # EMA of the drafter's share of a step
         self._record = open(record_path, "a", buffering=1) if record_path else None
@@ -299,6 +313,7 @@ class SpeculativeDecoder:
         d = self.proposer.propose(seqs, block_size, gamma)
         self._draft_seconds = time.perf_counter() - t0
         conf = self.confidences(d.confidence_logits, len(seqs))
+        matched = self._offer_lookup(seqs, caps, d, conf) if self.lookup is not None else {}
         if hasattr(self.policy, "plan_with_stats"):
             # The drafting pass is done: its seconds are a constant of this step, which the cost table
             # (the verification forward alone) does not hold; the plan adds them to every B it weighs.
@@ -325,12 +340,39 @@ class SpeculativeDecoder:
                     self.skipper.record(seq.request_id, 0)
                 continue
             drafts[id(seq)] = d.tokens[i, :l].tolist()
+            n = matched.get(i, 0)
             info[id(seq)] = {
                 "probs": d.probs[i, :l] if d.probs is not None and not seq.params.greedy else None,
-                "logits": None if d.confidence_logits is None else d.confidence_logits[i, :gamma].tolist(),
+                "logits": None if d.confidence_logits is None or n else d.confidence_logits[i, :gamma].tolist(),
                 "expected_gain": float(survival[i, :l].sum()),
+                "lookup": n,  # the match length of a draft copied from the context; 0: the drafter's
             }
         return drafts, info
+
+    @torch.inference_mode()
+    def _offer_lookup(self, seqs, caps, d: Drafts, conf: torch.Tensor) -> dict[int, int]:
+        """Where a request's context predicts more accepted tokens than the drafter does, its draft
+        becomes the copied one (tokens, confidences and, for sampled requests, a point-mass draft
+        distribution replaced in place). Returns {row: match length} of the rows replaced."""
+        spec = self.spec
+        gamma = d.tokens.shape[1]
+        matched = {}
+        for i, (seq, cap) in enumerate(zip(seqs, caps)):
+            m = find_match(self._token_arrays.get(seq.request_id, seq.token_ids), spec.prompt_lookup_max, spec.prompt_lookup_min, gamma)
+            if m is None:
+                continue
+            n, tokens = m
+            c = self.lookup.confidences(seq.params.greedy, n)[:gamma]
+            if expected_accepted(c[:cap]) <= expected_accepted(conf[i, :cap].numpy()):
+                continue
+            matched[i] = n
+            tok = torch.tensor(tokens, dtype=torch.long, device=d.tokens.device)
+            d.tokens[i] = tok
+            conf[i] = torch.as_tensor(c, dtype=conf.dtype)
+            if d.probs is not None and not seq.params.greedy:
+                d.probs[i].zero_()
+                d.probs[i, torch.arange(gamma, device=tok.device), tok] = 1.0
+        return matched
 
     # ---------------------------------------------------------------- after verification
 
@@ -348,6 +390,15 @@ class SpeculativeDecoder:
             # realised acceptance, not the confidences' promise: an uncalibrated (or untrained)
             # confidence head must not keep a useless drafter running
             self.skipper.record(seq.request_id, num_accepted)
+        n = info.get("lookup", 0)
+        if n:
+            st.spec_lookup_num_drafts += 1
+            st.spec_lookup_num_draft_tokens += num_verified
+            st.spec_lookup_num_accepted_tokens += num_accepted
+            self.lookup.record(seq.params.greedy, n, num_verified, num_accepted)
+            if self._record is not None:
+                self._record.write(json.dumps({"lookup": n, "verified": num_verified, "accepted": num_accepted}) + "\n")
+            return
         logits = info["logits"]
         if logits is not None:
             if self.online is not None:
@@ -356,6 +407,7 @@ class SpeculativeDecoder:
                 self._record.write(json.dumps({"logits": logits, "verified": num_verified, "accepted": num_accepted}) + "\n")
 
     def finished(self, seq) -> None:
+        self._token_arrays.forget(seq.request_id)
         if self.skipper is not None:
             self.skipper.forget(seq.request_id)
 
@@ -380,4 +432,6 @@ class SpeculativeDecoder:
         if self.online is not None:
             out["online"] = self.online.stats()
             out["reliability"] = {k: self.online.reliability(k) for k in range(1, self.gamma + 1)}
+        if self.lookup is not None:
+            out["lookup_acceptance"] = self.lookup.acceptance()
         return out

@@ -148,6 +148,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         for line in f:
             if line.strip():
                 r = json.loads(line)
+                if r.get("lookup"):  # a draft copied from the context: no drafter confidences to fit
+                    continue
                 logits.append(r["logits"])
                 accepted.append(r["accepted"])
                 verified.append(r["verified"])

@@ -178,6 +178,13 @@ class EngineCollector:
                       s.get("spec_num_draft_tokens", 0))
         yield counter("dspark_spec_decode_num_accepted_tokens", "Drafted tokens accepted by verification",
                       s.get("spec_num_accepted_tokens", 0))
+        yield counter("dspark_spec_decode_lookup_num_drafts", "Verification rounds whose draft was copied from "
+                      "the request's context (context lookup) instead of drafted by the drafter",
+                      s.get("spec_lookup_num_drafts", 0))
+        yield counter("dspark_spec_decode_lookup_num_draft_tokens", "Context-lookup tokens sent to verification",
+                      s.get("spec_lookup_num_draft_tokens", 0))
+        yield counter("dspark_spec_decode_lookup_num_accepted_tokens", "Context-lookup tokens accepted by verification",
+                      s.get("spec_lookup_num_accepted_tokens", 0))
         per_pos = CounterMetricFamily(
             "dspark_spec_decode_num_accepted_tokens_per_pos", "Accepted drafted tokens by draft position (1-based)",
             labels=["position"],

@@ -86,7 +86,7 @@ def cmd_eval_drafter(args: argparse.Namespace) -> int:
     report = eval_drafter(args.drafter, sets, args.out, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
                           temperatures=tuple(args.temperatures), gamma=args.gamma, model=args.model, dtype=args.dtype,
                           max_num_seqs=args.max_num_seqs, seed=args.seed, num_threads=args.num_threads,
-                          context_window=args.draft_context_window)
+                          context_window=args.draft_context_window, prompt_lookup_max=args.prompt_lookup_max)
     for row in summary_table(report):
         print(json.dumps(row))
     return 0
@@ -232,6 +232,8 @@ def add_training_parsers(sub) -> None:
     e.add_argument("--gamma", type=int, default=None, help="verification length (default: the drafter's block size)")
     e.add_argument("--draft-context-window", type=int, default=None,
                    help="serve the drafter with this context window (0: the whole context; default: its config.json's)")
+    e.add_argument("--prompt-lookup-max", type=int, default=None,
+                   help="context lookup's longest n-gram (0: the drafter alone; default: the serving default)")
     e.add_argument("--dtype", default="float32")
     e.add_argument("--max-num-seqs", type=int, default=16)
     e.add_argument("--num-threads", type=int, default=None)

@@ -123,18 +123,39 @@ def run_set(llm_factory, prompts: list[str] | list[list[int]], temperature: floa
         else:
             outs = llm.generate(prompts, params)
         wall = time.monotonic() - t0
-        rows = [json.loads(x) for x in open(rec) if x.strip()]
+        every = [json.loads(x) for x in open(rec) if x.strip()]
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
+    rows = [r for r in every if not r.get("lookup")]  # the drafter's rounds (context lookup's have no logits)
+    lookup = [r for r in every if r.get("lookup")]
     gamma = max((len(r["logits"]) for r in rows), default=0)
     logits = np.array([r["logits"] + [0.0] * (gamma - len(r["logits"])) for r in rows], dtype=np.float64).reshape(-1, gamma)
     return {"logits": logits, "accepted": np.array([r["accepted"] for r in rows], dtype=np.int64),
             "verified": np.array([r["verified"] for r in rows], dtype=np.int64),
+            "lookup_accepted": np.array([r["accepted"] for r in lookup], dtype=np.int64),
+            "lookup_verified": np.array([r["verified"] for r in lookup], dtype=np.int64),
             "generated_tokens": gen, "wall_s": wall}
 
 
+def with_lookup(res: dict, r: dict) -> dict:
+    """`res` (analyse_rounds of the drafter's rounds) with tau over ALL rounds when context lookup
+    drafted some: tau is what serving got; drafter_tau and lookup describe the two sources."""
+    la = r["lookup_accepted"]
+    if not la.size:
+        return res
+    n_d = len(r["accepted"])
+    res["drafter_tau"] = res["tau"]
+    res["lookup"] = {"rounds": int(la.size), "share": float(la.size / (la.size + n_d)),
+                     "tau": float((la + 1).mean()), "mean_verified": float(r["lookup_verified"].mean())}
+    res["tau"] = float((np.concatenate([r["accepted"], la]) + 1).mean())
+    res["rounds"] = int(n_d + la.size)
+    return res
+
+
 def spec_llm_factory(drafter: str, model: str | None, dtype: str, max_num_seqs: int, num_threads: int | None,
-                     seed: int, gamma: int | None = None, context_window: int | None = None):
-    """LLMs that verify a FIXED gamma every round (no skipping, no online calibration), recording rounds."""
+                     seed: int, gamma: int | None = None, context_window: int | None = None,
+                     prompt_lookup_max: int | None = None):
+    """LLMs that verify a FIXED gamma every round (no skipping, no online calibration), recording rounds.
+    Context lookup follows the serving default unless `prompt_lookup_max` is given (0: the drafter alone)."""
     from engine import LLM
     from engine.engine import EngineConfig
 
@@ -144,6 +165,8 @@ def spec_llm_factory(drafter: str, model: str | None, dtype: str, max_num_seqs: 
         spec["num_speculative_tokens"] = gamma
     if context_window is not None:
         spec["draft_context_window"] = context_window
+    if prompt_lookup_max is not None:
+        spec["prompt_lookup_max"] = prompt_lookup_max
 
     def factory(rec_path):
         return LLM.from_config(EngineConfig(model=model, dtype=dtype, max_num_seqs=max_num_seqs,
@@ -180,7 +203,8 @@ def calibrate_drafter(drafter: str, data: str, num_prompts: int = 64, max_tokens
     if not prompts:
         raise SystemExit(f"{data} has no validation sequences to calibrate on")
     prompts = prompts[:num_prompts]
-    factory = spec_llm_factory(drafter, model, dtype, max_num_seqs, num_threads, seed)
+    # the confidences are the drafter's: fit them on rounds the drafter drafted, at every context
+    factory = spec_llm_factory(drafter, model, dtype, max_num_seqs, num_threads, seed, prompt_lookup_max=0)
     runs = [run_set(factory, prompts, t, max_tokens, seed) for t in temperatures]
     gamma = max(r["logits"].shape[1] for r in runs)
     logits = np.concatenate([np.pad(r["logits"], ((0, 0), (0, gamma - r["logits"].shape[1]))) for r in runs])
@@ -196,18 +220,22 @@ def calibrate_drafter(drafter: str, data: str, num_prompts: int = 64, max_tokens
 def eval_drafter(drafter: str, datasets: dict[str, str], out: str, num_prompts: int = 40, max_tokens: int = 256,
                  temperatures=(0.0, 1.0), gamma: int | None = None, model: str | None = None, dtype: str = "float32",
                  max_num_seqs: int = 16, seed: int = 0, num_threads: int | None = None,
-                 context_window: int | None = None) -> dict:
+                 context_window: int | None = None, prompt_lookup_max: int | None = None) -> dict:
     from scheduler.calibration import STSCalibrator
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cal_file = Path(drafter) / "calibration.json"
     calibrator = STSCalibrator.from_json(cal_file) if cal_file.exists() else None
-    factory = spec_llm_factory(drafter, model, dtype, max_num_seqs, num_threads, seed, gamma, context_window)
+    factory = spec_llm_factory(drafter, model, dtype, max_num_seqs, num_threads, seed, gamma, context_window,
+                               prompt_lookup_max)
     if context_window is None:
         context_window = json.loads((Path(drafter) / "config.json").read_text()).get("draft_context_window")
+    if prompt_lookup_max is None:
+        from engine.speculative import SpecConfig
+        prompt_lookup_max = SpecConfig.prompt_lookup_max
     report = {"drafter": os.path.abspath(drafter), "num_prompts": num_prompts, "max_tokens": max_tokens,
-              "dtype": dtype, "draft_context_window": context_window or None,
+              "dtype": dtype, "draft_context_window": context_window or None, "prompt_lookup_max": prompt_lookup_max,
               "calibration": str(cal_file) if calibrator else None, "results": {}}
     for temp in temperatures:
         key = f"temperature_{temp:g}"
@@ -215,7 +243,7 @@ def eval_drafter(drafter: str, datasets: dict[str, str], out: str, num_prompts: 
         for name, path in datasets.items():
             prompts = load_prompts(path, num_prompts)
             r = run_set(factory, prompts, temp, max_tokens, seed)
-            res = analyse_rounds(r["logits"], r["accepted"], r["verified"], calibrator)
+            res = with_lookup(analyse_rounds(r["logits"], r["accepted"], r["verified"], calibrator), r)
             res.update({"prompts": len(prompts), "generated_tokens": r["generated_tokens"],
                         "wall_s": round(r["wall_s"], 1)})
             report["results"][key][name] = res
@@ -234,6 +262,10 @@ def summary_table(report: dict) -> list[dict]:
             rows.append({"temperature": key, "dataset": name, "tau": round(res["tau"], 3) if res["tau"] else None,
                          "rounds": res["rounds"], "acceptance_by_position": [
                              None if p["acceptance"] is None else round(p["acceptance"], 3) for p in res["positions"]]})
+            if "lookup" in res:
+                rows[-1].update({"drafter_tau": round(res["drafter_tau"], 3) if res["drafter_tau"] else None,
+                                 "lookup_share": round(res["lookup"]["share"], 3),
+                                 "lookup_tau": round(res["lookup"]["tau"], 3)})
     return rows
 
 

@@ -18,6 +18,7 @@ from scipy.stats import chisquare
 import engine.engine as engine_mod
 from dspark_testing import make_random_drafter, make_tiny_model
 from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.lookup import LookupStats
 from engine.sampler import warp_probs
 from models.attention import AttentionMetadata
 
@@ -116,23 +117,33 @@ def _pvalue(counts, probs):
     return chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
 
 
-def _engine(toy, gamma, policy="fixed", restricted=False):
+def _engine(toy, gamma, policy="fixed", restricted=False, lookup="auto"):
+    """lookup: "auto" (the default choice between drafter and context), "always" (every round with a
+    context match verifies the copied draft: point-mass draft distributions), "off"."""
     target, drafter, restricted_drafter = toy
     drafter = restricted_drafter if restricted else drafter
-    return LLMEngine(EngineConfig(model=target, dtype="float32", num_threads=1, max_num_seqs=256,
-                                  max_num_batched_tokens=4096, speculative_config={
-                                      "method": "dspark", "model": drafter, "num_speculative_tokens": gamma,
-                                      "verification": policy, "draft_skipping": False,
-                                      "reproducible_seeds": False}))
+    eng = LLMEngine(EngineConfig(model=target, dtype="float32", num_threads=1, max_num_seqs=256,
+                                 max_num_batched_tokens=4096, speculative_config={
+                                     "method": "dspark", "model": drafter, "num_speculative_tokens": gamma,
+                                     "verification": policy, "draft_skipping": False,
+                                     "reproducible_seeds": False, "prompt_lookup_max": 0 if lookup == "off" else 8}))
+    if lookup == "always":
+        eng.speculative.lookup = LookupStats(8, gamma, prior=0.999, prior_weight=1e9)
+    return eng
 
 
-@pytest.mark.parametrize("gamma,top_p,policy,restricted", [
-    (1, 1.0, "fixed", False), (3, 1.0, "fixed", False), (7, 1.0, "fixed", False), (7, 0.8, "fixed", False),
-    (7, 1.0, "scheduled", False), (7, 1.0, "async", False), (7, 1.0, "fixed", True)])
-def test_sampled_output_matches_target_distribution(toy, gamma, top_p, policy, restricted):
-    eng = _engine(toy, gamma, policy, restricted)
+@pytest.mark.parametrize("gamma,top_p,policy,restricted,lookup", [
+    (1, 1.0, "fixed", False, "off"), (3, 1.0, "fixed", False, "off"), (7, 1.0, "fixed", False, "off"),
+    (7, 0.8, "fixed", False, "auto"), (7, 1.0, "scheduled", False, "auto"), (7, 1.0, "async", False, "auto"),
+    (7, 1.0, "fixed", True, "auto"), (7, 1.0, "fixed", False, "always"), (3, 0.8, "fixed", True, "always")])
+def test_sampled_output_matches_target_distribution(toy, gamma, top_p, policy, restricted, lookup):
+    eng = _engine(toy, gamma, policy, restricted, lookup)
     counts = _empirical(eng, gamma, top_p)
     st = eng.stats
+    if lookup == "always":  # most rounds verified a copied draft (a match exists unless t1 is new)
+        assert st.spec_lookup_num_drafts > 0.5 * st.spec_num_drafts
+    elif lookup == "off":
+        assert st.spec_lookup_num_drafts == 0
     # the drafter disagrees strongly: many rejections, yet some acceptances
     assert 0 < st.spec_num_accepted_tokens < 0.8 * st.spec_num_draft_tokens
     pv = _pvalue(counts, _exact_joint(eng, top_p))

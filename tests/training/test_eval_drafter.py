@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scheduler.calibration import STSCalibrator
-from training.evaluate import analyse_rounds, auc, eval_drafter, plot_report
+from training.evaluate import analyse_rounds, auc, eval_drafter, plot_report, with_lookup
 
 
 def test_auc_by_hand():
@@ -39,6 +39,21 @@ def test_rounds_give_tau_conditional_acceptance_and_the_threshold_sweep():
     assert "ece_calibrated" in res2["positions"][0] and res2["reliability_calibrated"][0]["count"]
 
 
+def test_tau_counts_the_context_lookup_rounds_and_the_confidence_statistics_do_not():
+    logits = np.array([[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]])
+    r = {"logits": logits, "accepted": np.array([2, 0]), "verified": np.array([3, 3]),
+         "lookup_accepted": np.array([3, 3, 1]), "lookup_verified": np.array([3, 3, 3])}
+    res = with_lookup(analyse_rounds(logits, r["accepted"], r["verified"]), r)
+    assert res["drafter_tau"] == pytest.approx((3 + 1) / 2)
+    assert res["lookup"]["rounds"] == 3 and res["lookup"]["share"] == pytest.approx(3 / 5)
+    assert res["lookup"]["tau"] == pytest.approx((4 + 4 + 2) / 3)
+    assert res["tau"] == pytest.approx((3 + 1 + 4 + 4 + 2) / 5) and res["rounds"] == 5
+    assert res["positions"][0]["n"] == 2  # the drafter's rounds only
+    none = {**r, "lookup_accepted": np.array([], dtype=np.int64), "lookup_verified": np.array([], dtype=np.int64)}
+    plain = with_lookup(analyse_rounds(logits, r["accepted"], r["verified"]), none)
+    assert "lookup" not in plain and plain["tau"] == pytest.approx(2.0)
+
+
 def test_positions_no_round_reached_still_plot(tmp_path):
     """A short run where no round gets past position 2: every per-position list keeps gamma
     entries (None where unreached) and the reliability plot skips them instead of failing."""
@@ -66,9 +81,12 @@ def test_eval_drafter_runs_real_speculative_decoding(tmp_path, tiny_llama_dir, t
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert saved["results"]["temperature_0"]["tiny"]["prompts"] == 3
     assert saved["draft_context_window"] is None  # the tiny drafter's config has none
-    # --draft-context-window: served with a window, recorded in the report, the same greedy tokens
+    assert saved["prompt_lookup_max"] == 8  # the serving default
+    # --draft-context-window / --prompt-lookup-max 0: recorded in the report, the same greedy tokens
     windowed = eval_drafter(tiny_drafter_dir, {"tiny": str(prompts)}, str(tmp_path / "out4"), num_prompts=3,
-                            max_tokens=12, temperatures=(0.0,), model=tiny_llama_dir, num_threads=1, context_window=4)
-    assert windowed["draft_context_window"] == 4
+                            max_tokens=12, temperatures=(0.0,), model=tiny_llama_dir, num_threads=1, context_window=4,
+                            prompt_lookup_max=0)
+    assert windowed["draft_context_window"] == 4 and windowed["prompt_lookup_max"] == 0
+    assert "lookup" not in windowed["results"]["temperature_0"]["tiny"]  # the drafter alone
     assert (windowed["results"]["temperature_0"]["tiny"]["generated_tokens"]
             == report["results"]["temperature_0"]["tiny"]["generated_tokens"])
