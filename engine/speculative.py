@@ -73,7 +73,8 @@ class SpecConfig:
             raise ValueError(f"verification must be one of {VERIFICATION_POLICIES}, got {verification!r}")
         window = d.get("draft_context_window")
         check_context_window(window, override=True)
-        lookup_max, lookup_min = d.get("prompt_lookup_max", 8), d.get("prompt_lookup_min", 1)
+        lookup_max = d.get("prompt_lookup_max", cls.prompt_lookup_max)
+        lookup_min = d.get("prompt_lookup_min", cls.prompt_lookup_min)
         for key, v in (("prompt_lookup_max", lookup_max), ("prompt_lookup_min", lookup_min)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{key} must be a non-negative integer, got {v!r}")
@@ -358,7 +359,8 @@ class SpeculativeDecoder:
         gamma = d.tokens.shape[1]
         matched = {}
         for i, (seq, cap) in enumerate(zip(seqs, caps)):
-            m = find_match(self._token_arrays.get(seq.request_id, seq.token_ids), spec.prompt_lookup_max, spec.prompt_lookup_min, gamma)
+            tokens = self._token_arrays.get(seq.request_id, seq.token_ids)
+            m = find_match(tokens, spec.prompt_lookup_max, spec.prompt_lookup_min, gamma)
             if m is None:
                 continue
             n, tokens = m
