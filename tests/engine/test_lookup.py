@@ -82,10 +82,11 @@ def test_lookup_config_keys_are_checked():
         SpecConfig.from_dict({"model": "d", "prompt_lookup_min": 0})
 
 
-def _engine(model, drafter, lookup_max=8, **spec):
+def _engine(model, drafter, lookup_max=8, record=None):
     cfg = {"method": "dspark", "model": drafter, "num_speculative_tokens": 7, "verification": "fixed",
-           "draft_skipping": False, "prompt_lookup_max": lookup_max, **spec}
-    return LLMEngine(EngineConfig(model=model, dtype="float32", num_threads=1, seed=0, speculative_config=cfg))
+           "draft_skipping": False, "prompt_lookup_max": lookup_max}
+    return LLMEngine(EngineConfig(model=model, dtype="float32", num_threads=1, seed=0, speculative_config=cfg,
+                                  record_acceptance=record))
 
 
 def _reqs(n=6, max_tokens=48):
@@ -104,8 +105,7 @@ def test_greedy_output_with_context_lookup_is_token_identical(tiny_llama_dir, ti
     plain = LLMEngine(EngineConfig(model=tiny_llama_dir, dtype="float32", num_threads=1, seed=0))
     ref = drive(plain, reqs)
     rec = tmp_path / "rounds.jsonl"
-    eng = _engine(tiny_llama_dir, tiny_drafter_dir)
-    eng.speculative._record = open(rec, "a", buffering=1)
+    eng = _engine(tiny_llama_dir, tiny_drafter_dir, record=str(rec))
     _always_lookup(eng)
     got = drive(eng, reqs, arrivals={0: [0, 1], 2: [2, 3], 5: [4, 5]})
     for rid, _, _ in reqs:
