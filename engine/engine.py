@@ -192,8 +192,7 @@ class LLMEngine:
         drafts, draft_info = {}, {}
         if caps:
             self.stats.spec_last_realised_tokens = 0
-            prefill_tokens = sum(n for seq, n in batch.entries if seq.num_pending_tokens > 1)
-            drafts, draft_info = spec.draft(batch.entries, self.kv.block_size, prefill_tokens)
+            drafts, draft_info = spec.draft(batch.entries, self.kv.block_size)
         logits, sampling = self.runner.execute(batch.entries, drafts)
         if self.faults is not None:
             self.faults.corrupt_logits(logits, [(s.request_id, r, n) for s, r, n in sampling])

@@ -109,3 +109,10 @@ class LookupStats:
 def expected_accepted(conf: np.ndarray) -> float:
     """Expected accepted drafts when all of `conf` (conditional acceptance per position) is verified."""
     return float(np.cumprod(conf).sum())
+
+
+def prefer_copy(copy_conf: np.ndarray, drafter_conf: np.ndarray, cap: int) -> bool:
+    """The draft-source rule: verify the copied draft where it promises more accepted tokens within
+    `cap` than the drafter. Lossless only when both confidences were fixed before any draft token
+    was sampled (the drafter's along its argmax path; see docs/scheduler.md)."""
+    return expected_accepted(copy_conf[:cap]) > expected_accepted(drafter_conf[:cap])

@@ -23,7 +23,7 @@ import torch
 from models.dspark import DSparkDrafter, check_context_window
 from scheduler.prefix import step_rate
 
-from .lookup import LookupStats, TokenArrays, expected_accepted, find_match
+from .lookup import LookupStats, TokenArrays, find_match, prefer_copy
 from .sampler import warp_probs
 
 
@@ -94,6 +94,10 @@ class Drafts:
     tokens: torch.Tensor  # [R, g] long
     confidence_logits: torch.Tensor | None  # [R, g] confidence-head logits; None without a confidence head
     probs: torch.Tensor | None  # [R, g, V] warped draft distributions (None rows for greedy requests)
+    # [R, g] confidence logits along the drafter's ARGMAX path: fixed before any draft token is
+    # sampled, so the choice between this draft and a copied one may read them (for greedy rows the
+    # drafted path is the argmax path; rows not asked for in `propose` hold the drafted path's)
+    choice_logits: torch.Tensor | None = None
 
 
 def _params_tensors(params_list, device):
@@ -136,8 +140,9 @@ class DraftProposer:
             self.pool[i, 1].index_copy_(0, slots, v.to(self.pool.dtype))
 
     @torch.inference_mode()
-    def propose(self, seqs: list, block_size: int, gamma: int) -> Drafts:
-        """Draft `gamma` tokens for each sequence (all in pure decode: one pending token, the anchor)."""
+    def propose(self, seqs: list, block_size: int, gamma: int, choice_rows=()) -> Drafts:
+        """Draft `gamma` tokens for each sequence (all in pure decode: one pending token, the anchor).
+        For the rows in `choice_rows` the drafter's argmax path is followed too, for `choice_logits`."""
         dev = self.pool.device
         r = len(seqs)
         ctx_lens = [s.num_computed_tokens for s in seqs]
@@ -171,17 +176,17 @@ class DraftProposer:
         conf = torch.zeros(r, gamma, device=dev) if d.confidence_head is not None else None
         vocab = d._lm_head_weight.shape[0]
         probs = torch.zeros(r, gamma, vocab, device=dev) if stochastic else None
-        prev = anchors
-        state = None
+        # A sampled row's confidences c_2.. depend on its sampled tokens (through the Markov feature);
+        # its argmax path's do not. Only those rows need the second path (docs/scheduler.md).
+        follow = [i for i in choice_rows if not greedy[i]] if conf is not None and d.confidence_head.with_markov else []
+        follow_conf = torch.zeros(len(follow), gamma, device=dev) if follow else None
+        prev, state = anchors, None
+        follow_prev, follow_state = anchors[follow], None
         for k in range(gamma):
-            logits = base[:, k]
-            prev_emb = None
-            if d.markov_head is not None:
-                prev_emb = d.markov_head.markov_w1(prev)
-                bias, state = d.markov_head.step(prev_emb, h[:, k], state)
-                logits = logits + bias.float()
-            if d.confidence_head is not None:
-                conf[:, k] = d.confidence_head(h[:, k], prev_emb).float()
+            bias, c, state = d.sequential_step(prev, h[:, k], state)
+            logits = base[:, k] if bias is None else base[:, k] + bias.float()
+            if c is not None:
+                conf[:, k] = c.float()
             x = logits.argmax(dim=-1)
             if stochastic:
                 p = warp_probs(logits[stochastic], *warp_args)
@@ -194,7 +199,27 @@ class DraftProposer:
             x = d.to_target_ids(x)
             tokens[:, k] = x
             prev = x
-        return Drafts(tokens, conf, probs)
+            if follow:
+                fbias, fc, follow_state = d.sequential_step(follow_prev, h[follow, k], follow_state)
+                follow_conf[:, k] = fc.float()
+                follow_prev = d.to_target_ids((base[follow, k] + fbias.float()).argmax(dim=-1))
+        choice = conf
+        if follow:
+            choice = conf.clone()
+            choice[follow] = follow_conf
+        return Drafts(tokens, conf, probs, choice)
+
+
+def acceptance_probability(p_x: float, q_x: float) -> float:
+    """A drafted token x is accepted with probability min(1, p(x) / q(x)) (p: target, q: draft)."""
+    return min(1.0, p_x / q_x) if q_x > 0 else 0.0
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """What a rejection samples from: norm(max(0, p - q)) (p itself where q covers p everywhere)."""
+    residual = (p - q).clamp_min(0)
+    total = float(residual.sum())
+    return p if total <= 0 else residual / total
 
 
 def verify(
@@ -224,15 +249,11 @@ def verify(
     )
     for k in range(l):
         x = draft_tokens[k]
-        q = draft_probs[k]
-        px, qx = float(p[k, x]), float(q[x])
         u = float(torch.rand(1, generator=generator, device=dev))
-        if qx > 0 and u * qx < px:  # accept with probability min(1, px / qx)
+        if u < acceptance_probability(float(p[k, x]), float(draft_probs[k, x])):
             continue
-        residual = (p[k] - q).clamp_min(0)
-        if float(residual.sum()) <= 0:
-            residual = p[k]
-        return k, int(torch.multinomial(residual / residual.sum(), 1, generator=generator)[0])
+        residual = residual_distribution(p[k], draft_probs[k])
+        return k, int(torch.multinomial(residual, 1, generator=generator)[0])
     return l, int(torch.multinomial(p[l], 1, generator=generator)[0])
 
 
@@ -302,19 +323,25 @@ class SpeculativeDecoder:
             return torch.as_tensor(self.calibrator.apply(logits.cpu()), dtype=torch.float32)
         return torch.sigmoid(logits.float().cpu())
 
-    def draft(self, entries, block_size: int, base_tokens: int) -> tuple[dict, dict]:
-        """One drafter pass for every decoding request with room for drafts; the policy picks lengths."""
+    def draft(self, entries, block_size: int) -> tuple[dict, dict]:
+        """One drafter pass for every decoding request with room for drafts; the policy picks lengths.
+        `entries`: the step's (sequence, tokens scheduled) pairs."""
         dec = [(seq, n - 1) for seq, n in entries if seq.num_pending_tokens == 1 and n > 1]
         if not dec:
             return {}, {}
+        # Algorithm 1's B starts from every token of the forward that is not a drafting request's:
+        # prefill chunks and the decoding requests that do not draft this step (skipped, penalties...)
+        drafting = {id(seq) for seq, _ in dec}
+        base_tokens = sum(min(n, seq.num_pending_tokens) for seq, n in entries if id(seq) not in drafting)
         seqs = [s for s, _ in dec]
         caps = [c for _, c in dec]
         gamma = max(caps)
+        copies = self._copies(seqs, gamma) if self.lookup is not None else {}
         t0 = time.perf_counter()
-        d = self.proposer.propose(seqs, block_size, gamma)
+        d = self.proposer.propose(seqs, block_size, gamma, choice_rows=list(copies))
         self._draft_seconds = time.perf_counter() - t0
         conf = self.confidences(d.confidence_logits, len(seqs))
-        matched = self._offer_lookup(seqs, caps, d, conf) if self.lookup is not None else {}
+        matched = self._offer_lookup(seqs, caps, d, conf, copies) if copies else {}
         if hasattr(self.policy, "plan_with_stats"):
             # The drafting pass is done: its seconds are a constant of this step, which the cost table
             # (the verification forward alone) does not hold; the plan adds them to every B it weighs.
@@ -332,7 +359,6 @@ class SpeculativeDecoder:
                 sum(1 + float(surv[i, :l].sum()) for i, l in enumerate(lengths)))
         st = self.stats
         drafts, info = {}, {}
-        survival = torch.cumprod(conf, dim=1)
         for i, (seq, l) in enumerate(zip(seqs, lengths)):
             st.spec_num_proposed_tokens += gamma
             st.spec_verify_length_counts[l] = st.spec_verify_length_counts.get(l, 0) + 1
@@ -345,27 +371,38 @@ class SpeculativeDecoder:
             info[id(seq)] = {
                 "probs": d.probs[i, :l] if d.probs is not None and not seq.params.greedy else None,
                 "logits": None if d.confidence_logits is None or n else d.confidence_logits[i, :gamma].tolist(),
-                "expected_gain": float(survival[i, :l].sum()),
                 "lookup": n,  # the match length of a draft copied from the context; 0: the drafter's
             }
         return drafts, info
 
-    @torch.inference_mode()
-    def _offer_lookup(self, seqs, caps, d: Drafts, conf: torch.Tensor) -> dict[int, int]:
-        """Where a request's context predicts more accepted tokens than the drafter does, its draft
-        becomes the copied one (tokens, confidences and, for sampled requests, a point-mass draft
-        distribution replaced in place). Returns {row: match length} of the rows replaced."""
+    def _copies(self, seqs, gamma: int) -> dict[int, tuple[int, list[int]]]:
+        """{row: (match length n, the gamma tokens after the match)} of the requests whose context has
+        a match: a function of the context alone, known before anything is drafted."""
         spec = self.spec
+        out = {}
+        for i, seq in enumerate(seqs):
+            m = find_match(self._token_arrays.get(seq.request_id, seq.token_ids),
+                           spec.prompt_lookup_max, spec.prompt_lookup_min, gamma)
+            if m is not None:
+                out[i] = m
+        return out
+
+    @torch.inference_mode()
+    def _offer_lookup(self, seqs, caps, d: Drafts, conf: torch.Tensor, copies: dict) -> dict[int, int]:
+        """Where a request's context promises more accepted tokens than the drafter does, its draft
+        becomes the copied one (tokens, confidences and, for sampled requests, a point-mass draft
+        distribution replaced in place). Returns {row: match length} of the rows replaced.
+
+        The drafter's promise is read along its ARGMAX path (`Drafts.choice_logits`), never from the
+        tokens it sampled: keeping a sampled draft only when its own tokens look good would bias
+        which tokens get verified, and sampled output would no longer follow the target."""
+        choice = self.confidences(d.choice_logits, len(seqs))
         gamma = d.tokens.shape[1]
         matched = {}
-        for i, (seq, cap) in enumerate(zip(seqs, caps)):
-            tokens = self._token_arrays.get(seq.request_id, seq.token_ids)
-            m = find_match(tokens, spec.prompt_lookup_max, spec.prompt_lookup_min, gamma)
-            if m is None:
-                continue
-            n, tokens = m
+        for i, (n, tokens) in copies.items():
+            seq = seqs[i]
             c = self.lookup.confidences(seq.params.greedy, n)[:gamma]
-            if expected_accepted(c[:cap]) <= expected_accepted(conf[i, :cap].numpy()):
+            if not prefer_copy(c, choice[i].numpy(), caps[i]):
                 continue
             matched[i] = n
             tok = torch.tensor(tokens, dtype=torch.long, device=d.tokens.device)

@@ -116,7 +116,7 @@ def bf16_divergence(target_model, drafter_dir, gamma, new_tokens, threads):
     oracle_eng = LLMEngine(EngineConfig(model=target_model, dtype="bfloat16", num_threads=threads, speculative_config=spec_cfg))
     by_prompt = {tuple(ids): ref[rid] for rid, ids, _ in reqs}
 
-    def oracle(seqs, block_size, g):
+    def oracle(seqs, block_size, g, choice_rows=()):
         rows = []
         for s in seqs:
             cont = by_prompt[tuple(s.prompt_token_ids)] + [0] * (g + 1)

@@ -363,6 +363,17 @@ class DSparkDrafter(nn.Module):
             h = layer(h, cos, sin, ck, cv, ctx_mask)
         return self.norm(h)
 
+    def sequential_step(self, prev: torch.Tensor, h: torch.Tensor, state: torch.Tensor | None):
+        """One position k of the sequential stage: prev = x_{k-1} (target ids) [R], h = h_k [R, d] ->
+        (Markov bias B_k [R, V'] or None, confidence logit of c_k [R] or None, the head's new state)."""
+        prev_emb, bias, conf = None, None, None
+        if self.markov_head is not None:
+            prev_emb = self.markov_head.markov_w1(prev)
+            bias, state = self.markov_head.step(prev_emb, h, state)
+        if self.confidence_head is not None:
+            conf = self.confidence_head(h, prev_emb)
+        return bias, conf, state
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], target=None) -> None:
         """DeepSpec tensor names in; copies of the target's embedding / lm_head are skipped
         (checked against the target when given). Unknown or missing tensors are errors."""

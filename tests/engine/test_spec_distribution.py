@@ -5,6 +5,12 @@ that disagrees with it strongly. Thousands of seeded requests generate a few
 tokens each; the empirical joint distribution of output tokens 2 and 3 (the
 first ones produced by verification rounds) is compared with the exact one,
 computed by enumerating every prefix through the target.
+
+The "compete" cases give the drafter a confidence head that reads only the
+previous draft token (c_k near 0 or 1 depending on x_{k-1}) and the context
+lookup a fixed middling acceptance, so the choice between the two sources
+flips with what the drafter samples: a choice that reads the sampled draft's
+confidences is caught here (the mutation test at the end).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 from scipy.stats import chisquare
 
 import engine.engine as engine_mod
+import engine.speculative as spec_mod
 from dspark_testing import make_random_drafter, make_tiny_model
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.lookup import LookupStats
@@ -64,10 +71,27 @@ def toy(tmp_path_factory):
     sd["norm.weight"] = torch.full_like(sd["norm.weight"], 8.0)
     sd["markov_head.markov_w2.weight"] = sd["markov_head.markov_w2.weight"] * 4.0
     save_file(sd, str(rpath / "model.safetensors"), metadata={"format": "pt"})
-    return str(path), str(dpath), str(rpath)
+    # The drafter whose confidences depend on the previous draft token above all.
+    cpath = tmp_path_factory.mktemp("toy-drafter-markov-confidence")
+    make_random_drafter(str(path), cpath, seed=5, block_size=7, markov_rank=8, mask_token_id=0)
+    sd = load_file(str(cpath / "model.safetensors"))
+    # draft distributions spread over several tokens (a peaky one would leave the choice nothing to bias)
+    sd["norm.weight"] = torch.ones_like(sd["norm.weight"])
+    # confidence logit +6 after an even token, -6 after an odd one (h is ignored): solve for the
+    # weights on the Markov feature W1[x_{k-1}] ([VOCAB, rank 8], invertible)
+    w = sd["confidence_head.proj.weight"]
+    w1 = sd["markov_head.markov_w1.weight"].double()
+    hidden = w.shape[1] - w1.shape[1]
+    want = torch.tensor([6.0 if v % 2 == 0 else -6.0 for v in range(VOCAB)], dtype=torch.float64)
+    w[:, :hidden] = 0.0
+    w[0, hidden:] = torch.linalg.solve(w1, want).to(w.dtype)
+    sd["confidence_head.proj.weight"] = w
+    sd["confidence_head.proj.bias"] = torch.zeros_like(sd["confidence_head.proj.bias"])
+    save_file(sd, str(cpath / "model.safetensors"), metadata={"format": "pt"})
+    return str(path), str(dpath), str(rpath), str(cpath)
 
 
-def _exact_joint(engine, top_p):
+def _exact_joint(engine, top_p, temperature=1.0):
     """P(t2, t3) under the target's own (warped) sampling, by enumerating t1, t2."""
     model = engine.runner.model
     cfg = model.config
@@ -84,7 +108,7 @@ def _exact_joint(engine, top_p):
         rows = torch.arange(n) * L + L - 1
         logits, _ = model(ids, meta.positions(), meta, pool, logits_indices=rows)
         one = torch.ones(n)
-        return warp_probs(logits.float(), one, torch.zeros(n, dtype=torch.long), one * top_p, one * 0)
+        return warp_probs(logits.float(), one * temperature, torch.zeros(n, dtype=torch.long), one * top_p, one * 0)
 
     p1 = dist([PROMPT])[0]
     p2 = dist([PROMPT + [a] for a in range(VOCAB)])  # [a, b]
@@ -94,8 +118,8 @@ def _exact_joint(engine, top_p):
     return joint.flatten().double()
 
 
-def _empirical(engine, gamma, top_p):
-    params = [SamplingParams(temperature=1.0, top_p=top_p, seed=i, max_tokens=gamma + 2, ignore_eos=True) for i in range(N)]
+def _empirical(engine, gamma, top_p, temperature=1.0):
+    params = [SamplingParams(temperature=temperature, top_p=top_p, seed=i, max_tokens=gamma + 2, ignore_eos=True) for i in range(N)]
     counts = torch.zeros(VOCAB * VOCAB, dtype=torch.float64)
     for i, p in enumerate(params):
         engine.add_request(f"s{i}", params=p, prompt_token_ids=PROMPT)
@@ -119,16 +143,23 @@ def _pvalue(counts, probs):
 
 def _engine(toy, gamma, policy="fixed", restricted=False, lookup="auto"):
     """lookup: "auto" (the default choice between drafter and context), "always" (every round with a
-    context match verifies the copied draft: point-mass draft distributions), "off"."""
-    target, drafter, restricted_drafter = toy
+    context match verifies the copied draft: point-mass draft distributions), "compete" (the drafter
+    whose confidences follow its previous token against a lookup of fixed acceptance 0.6 per position,
+    which promises 1.45 tokens: the drafter's draft wins when c_1 and c_2 are near 1), "off"."""
+    target, drafter, restricted_drafter, markov_conf_drafter = toy
     drafter = restricted_drafter if restricted else drafter
+    if lookup == "compete":
+        drafter = markov_conf_drafter
     eng = LLMEngine(EngineConfig(model=target, dtype="float32", num_threads=1, max_num_seqs=256,
                                  max_num_batched_tokens=4096, speculative_config={
                                      "method": "dspark", "model": drafter, "num_speculative_tokens": gamma,
                                      "verification": policy, "draft_skipping": False,
-                                     "reproducible_seeds": False, "prompt_lookup_max": 0 if lookup == "off" else 8}))
+                                     "reproducible_seeds": False, "prompt_lookup_max": 0 if lookup == "off" else 8,
+                                     "online_calibration": lookup != "compete"}))
     if lookup == "always":
         eng.speculative.lookup = LookupStats(8, gamma, prior=0.999, prior_weight=1e9)
+    if lookup == "compete":
+        eng.speculative.lookup = LookupStats(8, gamma, prior=0.6, prior_weight=1e9)
     return eng
 
 
@@ -148,6 +179,32 @@ def test_sampled_output_matches_target_distribution(toy, gamma, top_p, policy, r
     assert 0 < st.spec_num_accepted_tokens < 0.8 * st.spec_num_draft_tokens
     pv = _pvalue(counts, _exact_joint(eng, top_p))
     assert pv > 0.01
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_sampled_output_is_exact_where_lookup_competes_with_markov_confidences(toy, temperature):
+    eng = _engine(toy, 7, lookup="compete")
+    counts = _empirical(eng, 7, 1.0, temperature)
+    st = eng.stats
+    # both sources verified often: the choice really flips between them
+    assert 0.1 * st.spec_num_drafts < st.spec_lookup_num_drafts < 0.9 * st.spec_num_drafts
+    assert _pvalue(counts, _exact_joint(eng, 1.0, temperature)) > 0.01
+
+
+def test_the_check_has_power_a_choice_reading_the_sampled_draft_is_caught(toy, monkeypatch):
+    """Issue 28's defect, put back: the source choice reads the confidences of the tokens the drafter
+    sampled instead of its argmax path's. The chi-square test above must see the bias."""
+    real = spec_mod.DraftProposer.propose
+
+    def sampled_path_choice(self, *args, **kwargs):
+        d = real(self, *args, **kwargs)
+        d.choice_logits = d.confidence_logits
+        return d
+
+    monkeypatch.setattr(spec_mod.DraftProposer, "propose", sampled_path_choice)
+    eng = _engine(toy, 7, lookup="compete")
+    counts = _empirical(eng, 7, 1.0)
+    assert _pvalue(counts, _exact_joint(eng, 1.0)) < 1e-3
 
 
 def test_the_check_has_power_accepting_every_draft_is_caught(toy, monkeypatch):

@@ -35,13 +35,14 @@ def _replay(continuations: dict, transform=lambda t: t):
     is output k-1, so the drafts are outputs k..k+gamma-1 (padded with 0 past the end).
     """
 
-    def propose(seqs, block_size, gamma):
+    def propose(seqs, block_size, gamma, choice_rows=()):
         rows = []
         for s in seqs:
             cont = list(continuations[tuple(s.prompt_token_ids)]) + [0] * gamma
             k = s.num_output_tokens
             rows.append([transform(t) for t in cont[k:k + gamma]])
-        return Drafts(torch.tensor(rows), torch.full((len(seqs), gamma), 10.0), None)
+        conf = torch.full((len(seqs), gamma), 10.0)
+        return Drafts(torch.tensor(rows), conf, None, conf)
 
     return propose
 
