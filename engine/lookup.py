@@ -6,10 +6,14 @@ the last n tokens of a request (prompt + output) occurred before, the tokens
 that followed that earlier occurrence are a cheap draft of what comes next.
 The speculative decoder offers both drafts for every request and verifies the
 one with the larger expected number of accepted tokens: the DSpark drafter's
-from its calibrated confidences, the lookup's from the acceptance it has
-measured so far for that match length (`LookupStats`). Either way the target
-verifies, so the output distribution does not change: a copied token is a
-draft with all of its probability mass on one token.
+from its calibrated confidences ALONG ITS ARGMAX PATH, the lookup's from the
+acceptance it has measured so far for that match length (`LookupStats`). A
+copied token is a draft with all of its probability mass on one token, and the
+choice reads nothing that depends on the tokens the drafter sampled, so the
+target's verification keeps the output distribution exact. (Reading the
+sampled draft's own confidences would not: a draft kept because its tokens
+look good no longer follows the draft distribution; docs/scheduler.md and
+tests/engine/test_draft_choice.py.)
 """
 
 from __future__ import annotations

@@ -242,3 +242,26 @@ def test_the_cost_table_holds_the_verify_forward_and_the_plan_adds_the_drafting_
     assert fixed and min(fixed) >= slow
     assert observed and max(observed) < slow  # each drafted step's seconds minus its drafting pass
     assert min(sps for b, sps in eng.speculative.cost_table.points.items() if b <= 16) > 1 / slow
+
+
+def test_algorithm_1s_batch_counts_the_decodes_that_do_not_draft(tiny_pair, monkeypatch):
+    """B = every token of the forward: a decoding request that does not draft this step (penalties
+    here) still feeds its one token, and SPS(B) must be read with it."""
+    model, drafter = tiny_pair
+    eng = _engine(model, drafter, gamma=4)
+    seen = []
+    real = eng.speculative.policy.plan
+
+    def plan(conf, caps, base_tokens=0):
+        seen.append((len(caps), base_tokens))
+        return real(conf, caps, base_tokens)
+
+    monkeypatch.setattr(eng.speculative.policy, "plan", plan)
+    reqs = [("d0", list(range(20, 40)), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)),
+            ("d1", list(range(50, 70)), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)),
+            ("p", list(range(80, 100)), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                       repetition_penalty=1.2))]
+    drive(eng, reqs)
+    # every drafting step had both plain requests drafting and the penalised one decoding beside them
+    assert seen and all(base == 1 for n, base in seen if n == 2)
+    assert any(n == 2 for n, _ in seen)
