@@ -4,6 +4,10 @@ The engine thread owns the `LLMEngine`; nothing else touches it. Requests and
 aborts reach it through a command queue, and each step's outputs are handed
 to the waiting coroutines with `loop.call_soon_threadsafe`. Heavy tensor work
 releases the GIL, so the event loop stays responsive while a step runs.
+
+If the thread dies (anything but an Exception escaping a step, or a bug in
+the loop itself), `dead` says so, every request in flight or queued gets an
+EngineDeadError and new ones are refused with it; the server then exits.
 """
 
 from __future__ import annotations
@@ -94,8 +98,6 @@ class AsyncEngine:
         Leaving the iteration early (client gone, task cancelled) aborts the
         request and frees its KV blocks.
         """
-        if self.dead:
-            raise EngineDeadError(self.dead)
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         if prompt_token_ids is None:
@@ -103,15 +105,18 @@ class AsyncEngine:
                 raise RequestError("a prompt or prompt_token_ids is required", "prompt")
             prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         self.validate_prompt(prompt_token_ids)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            # Checked and queued under the lock `_die` takes: a request is refused, or ends with the rest.
+            if self.dead:
+                raise EngineDeadError(self.dead)
             # Requests beyond the free running slots wait; bound those.
             free_slots = max(0, self.engine.config.max_num_seqs - self.engine.num_running)
             if self.num_waiting + self._pending - free_slots >= self.max_waiting:
                 raise QueueFullError(f"{self.max_waiting} requests are already waiting")
             self._pending += 1
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        self._commands.put(_Add(request_id, prompt, prompt_token_ids, params, time.monotonic(), loop, q))
+            self._commands.put(_Add(request_id, prompt, prompt_token_ids, params, time.monotonic(), loop, q))
         self._wake.set()
         finished = False
         try:
@@ -212,7 +217,34 @@ class AsyncEngine:
             return
         finally:
             self._ready.set()
-        self._run()
+        try:
+            self._run()
+        except BaseException as e:  # not a failed step (that is handled in _run): the thread is ending
+            log.critical("the engine thread died: %s: %s", type(e).__name__, e, exc_info=e)
+            self._die()
+        else:
+            if not self._stop:
+                log.critical("the engine loop returned without a shutdown")
+                self._die()
+
+    def _die(self) -> None:
+        with self._lock:
+            self.dead = "the engine stopped after an internal error (see the server log)"
+        self._end_all(self.dead)
+
+    def _end_all(self, message: str) -> None:
+        """Every request still listening, or still queued, gets EngineDeadError(message)."""
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Add):
+                with self._lock:
+                    self._pending -= 1
+                self._streams[cmd.request_id] = (cmd.loop, cmd.queue)
+        for rid in list(self._streams):
+            self._deliver(rid, EngineDeadError(message), True)
 
     def _run(self) -> None:
         eng = self.engine
@@ -231,5 +263,4 @@ class AsyncEngine:
             for out in outputs:
                 self._deliver(out.request_id, out, out.finished)
         # Shutting down: whoever still waits gets an abort.
-        for rid in list(self._streams):
-            self._deliver(rid, EngineDeadError("the engine is shutting down"), True)
+        self._end_all("the engine is shutting down")

@@ -195,7 +195,7 @@ class LLMEngine:
             drafts, draft_info = spec.draft(batch.entries, self.kv.block_size)
         logits, sampling = self.runner.execute(batch.entries, drafts)
         if self.faults is not None:
-            self.faults.corrupt_logits(logits, [(s.request_id, r, n) for s, r, n in sampling])
+            self.faults.after_forward(logits, [(s.request_id, r, n) for s, r, n in sampling])
         # A request whose processing fails fails alone: {id(seq): client-facing reason}.
         failed = self._nonfinite_rows(logits, sampling)
         fed: dict[int, int] = {}
@@ -207,14 +207,17 @@ class LLMEngine:
             seq.num_computed_tokens += n_fed
         # Plain rows: one batched sample. Drafted rows: verification per request.
         plain = [(seq, row) for seq, row, nrows in sampling if id(seq) not in drafts and id(seq) not in failed]
-        result = self.sampler(logits[[r for _, r in plain]], [s for s, _ in plain]) if plain else None
+        result = self.sampler(logits[[r for _, r in plain]], [s for s, _ in plain], self.faults) if plain else None
         now = time.monotonic()
         self.stats.record_step(sum(fed.values()), len(batch.entries), now - t0)
         if spec is not None:
             spec.observe_step(sum(fed.values()), now - t0)
         emitted: dict[int, list[tuple[int, object]]] = {}
         for i, (seq, _) in enumerate(plain):
-            emitted[id(seq)] = [(result.token_ids[i], result.logprobs[i])]
+            if i in result.errors:  # its sampling preparation raised: it fails alone
+                failed[id(seq)] = self._internal_failure(seq, result.errors[i])
+            else:
+                emitted[id(seq)] = [(result.token_ids[i], result.logprobs[i])]
         for seq, row, nrows in sampling:
             if id(seq) in drafts and id(seq) not in failed:
                 try:

@@ -1,9 +1,11 @@
 """Test-only fault injection: make one request fail inside the engine, on purpose.
 
 Reliability tests need to prove that a failure inside one request's processing
-(a NaN in its logits, an exception in its detokenization) fails that request
-alone and leaves the others and the engine running. Such failures cannot be
-provoked from outside, so the engine has a hook for them, armed per request id.
+(a NaN in its logits, an exception in its sampling preparation or its
+detokenization) fails that request alone and leaves the others and the engine
+running, and that a dead engine thread is noticed (`kill_engine`). Such
+failures cannot be provoked from outside, so the engine has a hook for them,
+armed per request id.
 
 The hook exists only when the process was started with DSPARK_FAULT_INJECTION=1
 (`FaultInjector.from_env()` returns None otherwise, and every check in the
@@ -18,11 +20,16 @@ import os
 import torch
 
 ENV_VAR = "DSPARK_FAULT_INJECTION"
-KINDS = ("nan_logits", "detokenize")
+KINDS = ("nan_logits", "prepare", "detokenize", "kill_engine")
 
 
 class InjectedFault(RuntimeError):
-    """Raised by an armed `detokenize` fault."""
+    """Raised by an armed `prepare` or `detokenize` fault."""
+
+
+class EngineKilled(BaseException):
+    """Raised by an armed `kill_engine` fault. Not an Exception: it escapes the per-request and
+    per-step handlers and ends the engine thread, as a bug outside them would."""
 
 
 class FaultInjector:
@@ -44,12 +51,21 @@ class FaultInjector:
     def disarm(self, request_id: str) -> None:
         self._armed.pop(request_id, None)
 
-    def corrupt_logits(self, logits: torch.Tensor, rows: list[tuple[str, int, int]]) -> None:
+    def after_forward(self, logits: torch.Tensor, rows: list[tuple[str, int, int]]) -> None:
         """rows: (request id, first row, number of rows) of each request in `logits`."""
         for rid, row, nrows in rows:
-            if self._armed.get(rid) == "nan_logits":
+            kind = self._armed.get(rid)
+            if kind == "nan_logits":
                 with torch.inference_mode():  # the runner's logits are inference tensors
                     logits[row:row + nrows] = float("nan")
+            elif kind == "kill_engine":
+                raise EngineKilled(f"injected engine-thread death (request {rid})")
+
+    def before_prepare(self, request_ids: list[str]) -> None:
+        """Called by the Sampler on the requests of a batch, then on each alone after a failure."""
+        for rid in request_ids:
+            if self._armed.get(rid) == "prepare":
+                raise InjectedFault(f"injected sampling-preparation failure in request {rid}")
 
     def before_detokenize(self, request_id: str) -> None:
         if self._armed.get(request_id) == "detokenize":

@@ -7,11 +7,11 @@ the drafter's logits, which is what makes rejection sampling exact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .sampling_params import SamplingParams
+from .sampling_params import SAMPLING_EPS, SamplingParams
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]) -> None:
@@ -27,6 +27,20 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
         counts = torch.bincount(torch.tensor(output_ids, device=device), minlength=logits.shape[-1])[: logits.shape[-1]]
         logits -= params.frequency_penalty * counts.to(logits.dtype)
         logits -= params.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def sampling_tensors(params_list: list[SamplingParams], device, vocab_size: int | None = None):
+    """(temperature, top_k, top_p, min_p) as [B] tensors for `warp_probs`: the one builder of
+    plain and speculative sampling. Greedy requests (SamplingParams.greedy) take the argmax and
+    never need these; the SAMPLING_EPS floor only keeps a stray tiny temperature finite. A top_k
+    of at least the vocabulary (or beyond int64, without `vocab_size`) keeps every token: 0, off."""
+    top_k_limit = vocab_size or torch.iinfo(torch.long).max
+    return (
+        torch.tensor([max(p.temperature, SAMPLING_EPS) for p in params_list], device=device),
+        torch.tensor([p.top_k if p.top_k < top_k_limit else 0 for p in params_list], device=device),
+        torch.tensor([p.top_p for p in params_list], device=device),
+        torch.tensor([p.min_p for p in params_list], device=device),
+    )
 
 
 def warp_probs(
@@ -122,47 +136,94 @@ def sample_from_probs(probs: torch.Tensor, generators: list[torch.Generator | No
 
 @dataclass
 class SampleResult:
-    token_ids: list[int]
+    token_ids: list[int | None]
     # Per row: None, or (chosen token logprob, {token: logprob} of the top-k).
     logprobs: list[tuple[float, dict[int, float]] | None]
+    # Row -> the exception its preparation raised; that row has no token and its request fails alone.
+    errors: dict[int, Exception] = field(default_factory=dict)
+
+
+@dataclass
+class _Prepared:
+    logits: torch.Tensor  # [B, V] after penalties
+    stochastic: list[int]  # rows that draw (the others take the argmax)
+    probs: torch.Tensor | None  # [len(stochastic), V] their warped distributions
+    want: list[int]  # rows that asked for logprobs
+    logp: torch.Tensor | None  # [len(want), V] raw log-softmax of those rows
+    top: list[dict[int, float]]  # their top-k logprobs
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, seqs: list) -> SampleResult:
-        """Sample one token for each row of `logits` ([B, V]) for `seqs` (engine Sequences)."""
+    def __call__(self, logits: torch.Tensor, seqs: list, faults=None) -> SampleResult:
+        """Sample one token for each row of `logits` ([B, V]) for `seqs` (engine Sequences).
+
+        A request whose preparation (penalties, sampling tensors, truncation, top-k logprobs)
+        raises fails alone: its row is in `errors` and the others get exactly the tokens they
+        would have got without it. `faults`: the engine's test-only FaultInjector, or None."""
         raw = logits.float()
+        try:
+            prepared = self._prepare(raw, seqs, faults)
+        except Exception as e:
+            return self._isolate(raw, seqs, faults, e)
+        return self._draw(prepared, seqs)
+
+    def _prepare(self, raw: torch.Tensor, seqs: list, faults) -> _Prepared:
+        """Every per-request computation that can fail, and no random draw: a batch that fails
+        here is redone without its failing rows, and seeded rows still draw their own next uniform."""
+        if faults is not None:
+            faults.before_prepare([s.request_id for s in seqs])
         logits = raw
         if any(s.params.has_penalties for s in seqs):
             logits = raw.clone()
             for i, s in enumerate(seqs):
                 if s.params.has_penalties:
                     apply_penalties(logits[i], s.params, s.prompt_token_ids, s.output_token_ids)
-        greedy = [s.params.greedy for s in seqs]
-        tokens = logits.argmax(dim=-1)
-        stochastic = [i for i, g in enumerate(greedy) if not g]
+        stochastic = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        probs = None
         if stochastic:
-            sub = logits[stochastic]
-            ps = [seqs[i].params for i in stochastic]
-            dev = sub.device
-            probs = warp_probs(
-                sub,
-                torch.tensor([p.temperature for p in ps], device=dev),
-                torch.tensor([p.top_k for p in ps], device=dev),
-                torch.tensor([p.top_p for p in ps], device=dev),
-                torch.tensor([p.min_p for p in ps], device=dev),
-            )
-            tokens[stochastic] = sample_from_probs(probs, [seqs[i].generator for i in stochastic])
-        token_list = tokens.tolist()
-        lps: list = [None] * len(seqs)
+            tensors = sampling_tensors([seqs[i].params for i in stochastic], logits.device, logits.shape[-1])
+            probs = warp_probs(logits[stochastic], *tensors)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        logp, top = None, []
         if want:
             logp = raw[want].log_softmax(dim=-1)
             for row, i in enumerate(want):
                 k = seqs[i].params.logprobs
-                chosen = float(logp[row, token_list[i]])
-                top: dict[int, float] = {}
                 if k:
                     vals, idx = logp[row].topk(k)
-                    top = dict(zip(idx.tolist(), vals.tolist()))
-                lps[i] = (chosen, top)
+                    top.append(dict(zip(idx.tolist(), vals.tolist())))
+                else:
+                    top.append({})
+        return _Prepared(logits, stochastic, probs, want, logp, top)
+
+    @staticmethod
+    def _draw(p: _Prepared, seqs: list) -> SampleResult:
+        tokens = p.logits.argmax(dim=-1)
+        if p.stochastic:
+            tokens[p.stochastic] = sample_from_probs(p.probs, [seqs[i].generator for i in p.stochastic])
+        token_list = tokens.tolist()
+        lps: list = [None] * len(seqs)
+        for row, i in enumerate(p.want):
+            lps[i] = (float(p.logp[row, token_list[i]]), p.top[row])
         return SampleResult(token_list, lps)
+
+    def _isolate(self, raw: torch.Tensor, seqs: list, faults, batch_error: Exception) -> SampleResult:
+        """After a failed batch: prepare row by row to find the failing requests, then sample
+        the others as one batch. A failure no single row reproduces is the step's (re-raised)."""
+        errors = {}
+        for i, s in enumerate(seqs):
+            try:
+                self._prepare(raw[i:i + 1], [s], faults)
+            except Exception as e:
+                errors[i] = e
+        if not errors:
+            raise batch_error
+        ok = [i for i in range(len(seqs)) if i not in errors]
+        result = SampleResult([None] * len(seqs), [None] * len(seqs), errors)
+        if ok:
+            rest = [seqs[i] for i in ok]
+            sampled = self._draw(self._prepare(raw[ok], rest, faults), rest)
+            for j, i in enumerate(ok):
+                result.token_ids[i] = sampled.token_ids[j]
+                result.logprobs[i] = sampled.logprobs[j]
+        return result

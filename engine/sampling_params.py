@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from numbers import Integral
+
+# The sampler and the stop checks build int64 tensors from these per step: a value past this bound
+# would overflow there and fail the whole step (every request in it), so it is refused here instead.
+MAX_INT_PARAM = 2**31 - 1
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing logits by a tiny
+# positive temperature overflows to inf/NaN. The sampling tensors floor temperatures at it too.
+SAMPLING_EPS = 1e-5
 
 
 @dataclass
@@ -43,7 +58,17 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             bad(f"n must be at least 1, got {self.n}", "n")
-        if self.temperature < 0:
+        for name in ("top_k", "min_tokens"):
+            v = getattr(self, name)
+            if not _is_int(v) or v > MAX_INT_PARAM:
+                bad(f"{name} must be an integer of at most {MAX_INT_PARAM}, got {v!r}", name)
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens > MAX_INT_PARAM):
+            bad(f"max_tokens must be an integer of at most {MAX_INT_PARAM}, got {self.max_tokens!r}", "max_tokens")
+        if not all(_is_int(t) and 0 <= t <= MAX_INT_PARAM for t in self.stop_token_ids):
+            bad("stop_token_ids must be non-negative integer token ids", "stop_token_ids")
+        if self.seed is not None and not _is_int(self.seed):
+            bad(f"seed must be an integer, got {self.seed!r}", "seed")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             bad(f"temperature must be non-negative, got {self.temperature}", "temperature")
         if not 0.0 < self.top_p <= 1.0:
             bad(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
@@ -55,7 +80,7 @@ class SamplingParams:
             bad(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
         if self.min_tokens < 0:
             bad(f"min_tokens must be non-negative, got {self.min_tokens}", "min_tokens")
-        if self.repetition_penalty <= 0:
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             bad(f"repetition_penalty must be positive, got {self.repetition_penalty}", "repetition_penalty")
         if not -2.0 <= self.presence_penalty <= 2.0:
             bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}", "presence_penalty")
@@ -68,7 +93,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """The one rule for greedy decoding, shared by plain sampling and speculative verification."""
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     @property
     def has_penalties(self) -> bool:

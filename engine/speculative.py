@@ -14,6 +14,7 @@ the target KV because both are indexed by the same block table.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +25,10 @@ from models.dspark import DSparkDrafter, check_context_window
 from scheduler.prefix import step_rate
 
 from .lookup import LookupStats, TokenArrays, find_match, prefer_copy
-from .sampler import warp_probs
+from .sampler import sampling_tensors, warp_probs
 
+
+log = logging.getLogger(__name__)
 
 VERIFICATION_POLICIES = ("scheduled", "async", "threshold", "fixed", "off")
 
@@ -100,15 +103,6 @@ class Drafts:
     choice_logits: torch.Tensor | None = None
 
 
-def _params_tensors(params_list, device):
-    return (
-        torch.tensor([max(p.temperature, 1e-5) for p in params_list], device=device),
-        torch.tensor([p.top_k for p in params_list], device=device),
-        torch.tensor([p.top_p for p in params_list], device=device),
-        torch.tensor([p.min_p for p in params_list], device=device),
-    )
-
-
 def _draw(probs: torch.Tensor, generators: list) -> torch.Tensor:
     """One categorical draw per row with each row's own generator (None: global RNG)."""
     out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
@@ -170,7 +164,7 @@ class DraftProposer:
         base = d.base_logits(h).float()  # [R, g, V'] (V' = the draft vocabulary, V when unrestricted)
         greedy = [s.params.greedy for s in seqs]
         stochastic = [i for i, g in enumerate(greedy) if not g]
-        warp_args = _params_tensors([seqs[i].params for i in stochastic], dev) if stochastic else None
+        warp_args = sampling_tensors([seqs[i].params for i in stochastic], dev, base.shape[-1]) if stochastic else None
         gens = [seqs[i].generator for i in stochastic]
         tokens = torch.empty(r, gamma, dtype=torch.long, device=dev)
         conf = torch.zeros(r, gamma, device=dev) if d.confidence_head is not None else None
@@ -238,15 +232,8 @@ def verify(
         while a < l and draft_tokens[a] == best[a]:
             a += 1
         return a, best[a]
-    n = logits.shape[0]
     dev = logits.device
-    p = warp_probs(
-        logits,
-        torch.full((n,), max(params.temperature, 1e-5), device=dev),
-        torch.full((n,), params.top_k, device=dev),
-        torch.full((n,), params.top_p, device=dev),
-        torch.full((n,), params.min_p, device=dev),
-    )
+    p = warp_probs(logits, *sampling_tensors([params] * logits.shape[0], dev, logits.shape[-1]))
     for k in range(l):
         x = draft_tokens[k]
         u = float(torch.rand(1, generator=generator, device=dev))
@@ -287,6 +274,7 @@ class SpeculativeDecoder:
         self._draft_seconds = 0.0  # drafter pass of the current step
         self._draft_share = None  # EMA of the drafter's share of a step
         self._record = open(record_path, "a", buffering=1) if record_path else None
+        self.draft_failures = 0  # steps whose drafting raised and fell back to plain decoding
 
     # ---------------------------------------------------------------- before the forward
 
@@ -325,10 +313,24 @@ class SpeculativeDecoder:
 
     def draft(self, entries, block_size: int) -> tuple[dict, dict]:
         """One drafter pass for every decoding request with room for drafts; the policy picks lengths.
-        `entries`: the step's (sequence, tokens scheduled) pairs."""
+        `entries`: the step's (sequence, tokens scheduled) pairs. Returns ({id(seq): draft tokens},
+        {id(seq): what verification needs}); a request without an entry decodes plainly this step."""
         dec = [(seq, n - 1) for seq, n in entries if seq.num_pending_tokens == 1 and n > 1]
         if not dec:
             return {}, {}
+        try:
+            return self._draft(entries, dec, block_size)
+        except Exception as e:
+            # Drafting is an optimisation: if it fails, this step decodes plainly (lossless) and
+            # no request pays for it. Logged, sparingly if it keeps failing.
+            self.draft_failures += 1
+            if self.draft_failures == 1 or self.draft_failures % 1000 == 0:
+                log.error("drafting failed (%d times so far); this step decodes without drafts",
+                          self.draft_failures, exc_info=e)
+            self._draft_seconds = 0.0
+            return {}, {}
+
+    def _draft(self, entries, dec, block_size: int) -> tuple[dict, dict]:
         # Algorithm 1's B starts from every token of the forward that is not a drafting request's:
         # prefill chunks and the decoding requests that do not draft this step (skipped, penalties...)
         drafting = {id(seq) for seq, _ in dec}

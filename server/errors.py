@@ -74,17 +74,35 @@ def body_too_large(limit: int) -> APIError:
     return APIError(413, f"the request body is larger than the limit of {limit} bytes", code="request_too_large")
 
 
+def _is_type_mismatch(err: dict) -> bool:
+    t = err.get("type", "")
+    return t.endswith("_type") or t in ("none_required", "literal_error")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _field_path(loc: list) -> str:
+    # pydantic names union branches inside `loc` ("stop.list[constrained-str].3"); a client knows fields only.
+    kept = [loc[0]] + [p for p in loc[1:] if isinstance(p, int) or not ("[" in p or "-" in p or p in _TYPE_TAGS)]
+    return ".".join(str(p) for p in kept)
+
+
 def from_validation_errors(errors: list[dict]) -> APIError:
     """A pydantic / FastAPI validation failure -> 400, naming the first offending field."""
     err = errors[0] if errors else {"msg": "invalid request", "loc": (), "type": ""}
-    loc = [p for p in err.get("loc", ()) if p != "body"]  # FastAPI prefixes body fields with "body"
     if err.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {err.get('msg')}", code="invalid_json")
+    loc = [p for p in err.get("loc", ()) if p != "body"]  # FastAPI prefixes body fields with "body"
     if not loc:
         return APIError(400, f"invalid request body: {err.get('msg')}", code="invalid_request")
-    path = ".".join(str(p) for p in loc)
-    # Top-level field name as `param` (union branches add type names to deeper parts of `loc`).
-    return APIError(400, f"{path}: {err.get('msg')}", param=str(loc[0]), code="invalid_value")
+    # A union field reports one error per branch; the branch whose type matched says what is wrong
+    # (`stop` with 17 strings: "at most 16 items", not the str branch's "should be a valid string").
+    same_field = [e for e in errors if [p for p in e.get("loc", ()) if p != "body"][:1] == loc[:1]]
+    err = next((e for e in same_field if not _is_type_mismatch(e)), err)
+    loc = [p for p in err.get("loc", ()) if p != "body"]
+    # Top-level field name as `param`.
+    return APIError(400, f"{_field_path(loc)}: {err.get('msg')}", param=str(loc[0]), code="invalid_value")
 
 
 def from_engine_error(exc: Exception, retry_after: int = 1) -> APIError:
@@ -101,7 +119,9 @@ def from_engine_error(exc: Exception, retry_after: int = 1) -> APIError:
             code="queue_full", headers={"Retry-After": str(retry_after)},
         )
     if isinstance(exc, EngineDeadError):
-        return APIError(503, f"the engine is not running: {exc}", code="engine_unavailable")
+        # Why it died is the engine's internal story (exception text): the log has it.
+        log.warning("engine not running: %s", exc)
+        return APIError(503, "the engine is not running (see the server log)", code="engine_unavailable")
     # The details go to the log only: exception text can hold paths and internals.
     log.error("unexpected error: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return APIError(500, "internal server error (see the server log)", code="internal_error")

@@ -3,6 +3,9 @@
 On SIGTERM the server keeps listening but refuses new work with 503 (a load
 balancer sees /health fail and moves traffic away), lets running jobs finish
 within the grace period, aborts what is left, and only then lets uvicorn exit.
+
+When the engine thread dies, every job gets its error from the engine at once;
+`settle` gives the handlers time to send them before the server exits (status 1).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from .errors import APIError
 from .generation import GenerationJob
 
 log = logging.getLogger(__name__)
+
+# Seconds the handlers of ended jobs get to send their answers (a 503, a final error event).
+ANSWER_TIMEOUT = 5.0
 
 
 class Lifecycle:
@@ -49,9 +55,12 @@ class Lifecycle:
             log.warning("grace period over: aborting %d request(s)", len(self.jobs))
             for job in list(self.jobs):
                 job.abort("the server is shutting down", 503, "shutting_down")
-            # Let the handlers answer (a 503 or a final error event) before uvicorn stops.
-            await self._wait_idle(loop.time() + 5.0)
+            await self.settle()
         log.info("drained")
+
+    async def settle(self) -> None:
+        """Let the handlers of ended jobs answer before uvicorn stops."""
+        await self._wait_idle(asyncio.get_running_loop().time() + ANSWER_TIMEOUT)
 
     async def _wait_idle(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()

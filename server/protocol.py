@@ -3,6 +3,13 @@
 Requests are pydantic models in strict mode, so `"temperature": "0.5"` or
 `"stream": 1` is a 400 rather than a silent coercion; unknown fields are
 accepted and ignored, as OpenAI clients send fields we do not implement.
+Every numeric and list field has a bound (docs/reliability.md has the table):
+the ones that do not depend on the model are the constants below and are checked
+here; those that do (top_k and token ids against the vocabulary, min_tokens
+against the context length) are checked in serving.py. A value the engine cannot
+hold must be a 400 at the door, never a failure of the engine step that it would
+share with every request running beside it.
+
 Responses are plain dicts built by the functions at the bottom: the schema
 mixes fields that must appear as null (`finish_reason`, `logprobs`) with
 fields that must be absent (`delta.role` after the first chunk), which is
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +28,20 @@ MAX_N = 8  # choices per request
 MAX_PROMPTS = 32  # prompts in one /v1/completions batch
 MAX_TOP_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
+# max_tokens, max_completion_tokens, min_tokens: far above any context length, and int32-safe.
+MAX_TOKEN_COUNT = 2**31 - 1
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256  # stop strings are searched for in every detokenized delta
+MAX_STOP_TOKEN_IDS = 64
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 256  # text parts of one message
+MAX_ID_CHARS = 256  # `user` and a message's `name`
+MAX_MODEL_CHARS = 1024  # `model` (a 404 quotes it back)
+MAX_DRAFT_TOKENS = 64
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]
+TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKEN_COUNT)]
+NonNegativeId = Annotated[int, Field(ge=0)]  # the vocabulary bound is the model's: serving.py
 
 
 class _Strict(BaseModel):
@@ -38,46 +59,72 @@ class ContentPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    name: str | None = Field(None, max_length=MAX_ID_CHARS)
 
 
 class SamplingFields(_Strict):
     """Fields shared by chat and text completions (OpenAI's, plus vLLM's common extensions)."""
 
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    model: str | None = Field(None, max_length=MAX_MODEL_CHARS)
+    max_tokens: TokenCount | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), le=MAX_SEED - MAX_N)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[list[NonNegativeId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    user: str | None = None
+    user: str | None = Field(None, max_length=MAX_ID_CHARS)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKEN_COUNT)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # dspark extension: cap this request's speculative drafts (0: plain decoding for it).
-    max_draft_tokens: int | None = Field(None, ge=0, le=64)
+    max_draft_tokens: int | None = Field(None, ge=0, le=MAX_DRAFT_TOKENS)
+
+    # OpenAI / vLLM fields this server does not implement -> the values that mean "not used".
+    # Any other value is a 400 `unsupported`: ignoring it would answer a different request.
+    NOT_IMPLEMENTED: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "logit_bias": lambda v: v is None or v == {},
+        "best_of": lambda v: v is None or (type(v) is int and v == 1),
+        "use_beam_search": lambda v: v is None or v is False,
+        "prompt_logprobs": lambda v: v is None,
+    }
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def unsupported_field(self) -> str | None:
+        """The first field set to something this server does not implement (None: none)."""
+        extra = self.model_extra or {}
+        for name, unused in self.NOT_IMPLEMENTED.items():
+            if name in extra and not unused(extra[name]):
+                return name
+        return None
+
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    NOT_IMPLEMENTED: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "tools": lambda v: v is None or v == [],
+        "tool_choice": lambda v: v is None or v == "none",
+        "functions": lambda v: v is None or v == [],
+        "function_call": lambda v: v is None or v == "none",
+        "response_format": lambda v: v is None or v == {"type": "text"},
+        **SamplingFields.NOT_IMPLEMENTED,
+    }
 
     @property
     def output_limit(self) -> int | None:
@@ -94,6 +141,11 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    NOT_IMPLEMENTED: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "suffix": lambda v: v is None or v == "",
+        **SamplingFields.NOT_IMPLEMENTED,
+    }
 
     @property
     def output_limit(self) -> int | None:

@@ -7,7 +7,9 @@ argparse.SUPPRESS: only typed flags appear in the parsed namespace, and the
 real defaults are kept aside for the last layer.
 
 SIGTERM / SIGINT start a drain (see lifecycle.py) instead of uvicorn's
-immediate stop; a second signal stops at once.
+immediate stop; a second signal stops at once. If the engine thread dies, the
+server lets the in-flight requests receive their errors and exits with status 1,
+so that a supervisor (Kubernetes) restarts it.
 """
 
 from __future__ import annotations
@@ -197,24 +199,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
             access_log=False,  # dspark.access writes one line per request instead
             lifespan="off", timeout_graceful_shutdown=5,
         )
-        server = DrainingServer(config, app.state.lifecycle)
+        server = DrainingServer(config, app.state.lifecycle, engine)
         log.info("serving %s on http://%s:%d", app.state.settings.served_model_name or engine.model_name,
                  args.host, args.port)
         server.run()
-        return 0 if server.started else 1
+        return 0 if server.started and not engine.dead else 1
     finally:
         engine.shutdown()
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose first SIGTERM/SIGINT drains before exiting; a second one stops at once."""
+    """uvicorn.Server whose first SIGTERM/SIGINT drains before exiting; a second one stops at once.
+    It also stops when the engine thread has died (`engine.dead`)."""
 
-    def __init__(self, config: uvicorn.Config, lifecycle) -> None:
+    def __init__(self, config: uvicorn.Config, lifecycle, engine) -> None:
         super().__init__(config)
         self.lifecycle = lifecycle
+        self.engine = engine
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_started = False
         self._drain_task: asyncio.Future | None = None
+        self._death_task: asyncio.Future | None = None
+
+    async def on_tick(self, counter: int) -> bool:
+        # uvicorn's main loop calls this every 0.1 s.
+        if self.engine.dead and self._death_task is None:
+            log.critical("the engine thread has died: exiting with status 1 once the in-flight "
+                         "requests have their errors")
+            self._death_task = asyncio.ensure_future(self._exit_after_death())
+        return await super().on_tick(counter)
+
+    async def _exit_after_death(self) -> None:
+        try:
+            await self.lifecycle.settle()  # meanwhile /health and new requests get 503
+        finally:
+            self.should_exit = True
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import replace
 from typing import AsyncIterator, Callable
 
@@ -27,7 +28,7 @@ from .lifecycle import Lifecycle
 from .metrics import ServerMetrics
 from .middleware import AccessRecord, access_record
 
-MAX_STOP_STRINGS = 16
+log = logging.getLogger(__name__)
 
 
 class SSEResponse(StreamingResponse):
@@ -78,7 +79,7 @@ class OpenAIServing:
         self.lifecycle.check_admitting()
         req = await self._parse(request, P.ChatCompletionRequest)
         self._note(rec, req)
-        self._check_n(req.n)
+        self._check_fields(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs", code="invalid_value")
         messages = [self._message_dict(m, i) for i, m in enumerate(req.messages)]
@@ -140,11 +141,11 @@ class OpenAIServing:
         self.lifecycle.check_admitting()
         req = await self._parse(request, P.CompletionRequest)
         self._note(rec, req)
-        self._check_n(req.n)
+        self._check_fields(req)
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo together with logprobs is not supported (no prompt logprobs)",
                            param="echo", code="unsupported")
-        prompts = await asyncio.to_thread(self._completion_prompts, req.prompt)
+        prompts = await asyncio.to_thread(self._completion_prompts, req.prompt, req.output_limit)
         for _, ids in prompts:
             self._check_length(len(ids), req.output_limit, "prompt")
         prompt_tokens = sum(len(ids) for _, ids in prompts)
@@ -245,10 +246,12 @@ class OpenAIServing:
         try:
             return apply_chat_template(self.tokenizer, messages)
         except Exception as e:  # jinja raises for conversations the template refuses
-            raise APIError(400, f"the chat template cannot render these messages: {e}",
-                           param="messages", code="invalid_value") from None
+            # Its text is the template's (and can name files): the log gets it, the client a fixed line.
+            log.warning("the chat template refused a conversation: %s: %s", type(e).__name__, e)
+            raise APIError(400, "the chat template cannot render these messages (e.g. the roles are not in "
+                                "an order it accepts)", param="messages", code="invalid_value") from None
 
-    def _completion_prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
+    def _completion_prompts(self, prompt, max_tokens: int | None) -> list[tuple[str | None, list[int]]]:
         """The request's prompt(s) as (text or None, token ids)."""
         if isinstance(prompt, str):
             items: list = [prompt]
@@ -266,6 +269,7 @@ class OpenAIServing:
                 # Same tokenization as the engine applies to a text prompt.
                 out.append((item, self.tokenizer.encode(item, add_special_tokens=False)))
             else:
+                self._check_length(len(item), max_tokens, "prompt")  # before scanning a long list
                 if any(t < 0 or t >= self.vocab_size for t in item):
                     raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})",
                                    param="prompt", code="invalid_value")
@@ -276,10 +280,28 @@ class OpenAIServing:
         text, ids = prompt
         return text if text is not None else self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _check_n(self, n: int) -> None:
-        if n > self.settings.max_n:
-            raise APIError(400, f"n is {n}; this server allows at most {self.settings.max_n} choices per request",
+    def _check_fields(self, req: P.SamplingFields) -> None:
+        """The bounds that depend on the model or the settings (the others are the protocol models'), and
+        the fields this server does not implement. Before any tokenization: a bad request costs nothing."""
+        unsupported = req.unsupported_field()
+        if unsupported is not None:
+            raise APIError(400, f"`{unsupported}` with this value is not supported by this server (leave it out)",
+                           param=unsupported, code="unsupported")
+        if req.n > self.settings.max_n:
+            raise APIError(400, f"n is {req.n}; this server allows at most {self.settings.max_n} choices per request",
                            param="n", code="invalid_value")
+        # The sampler builds per-step tensors from these: a value past the vocabulary would fail the whole
+        # step, and with it every request running beside this one.
+        if req.top_k is not None and req.top_k > self.vocab_size:
+            raise APIError(400, f"top_k must be -1 or 0 (disabled) or at most the vocabulary size {self.vocab_size}",
+                           param="top_k", code="invalid_value")
+        if any(t >= self.vocab_size for t in req.stop_token_ids or ()):
+            raise APIError(400, f"stop_token_ids must be token ids in [0, {self.vocab_size})",
+                           param="stop_token_ids", code="invalid_value")
+        limit = self.engine.max_model_len
+        if req.min_tokens > limit:
+            raise APIError(400, f"min_tokens must not exceed this model's context length of {limit} tokens",
+                           param="min_tokens", code="invalid_value")
 
     def _check_length(self, num_prompt: int, max_tokens: int | None, param: str) -> None:
         limit = self.engine.max_model_len
@@ -302,9 +324,7 @@ class OpenAIServing:
                            param="max_tokens", code="context_length_exceeded")
 
     def _sampling_params(self, req: P.SamplingFields, num_logprobs: int | None) -> SamplingParams:
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > MAX_STOP_STRINGS:
-            raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop", code="invalid_value")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])  # count and length: the protocol model
         max_tokens = req.output_limit
         if max_tokens is None:  # the server's limit, else up to max_model_len - prompt length (the engine stops there)
             max_tokens = self.settings.max_output_tokens

@@ -129,3 +129,32 @@ def test_the_engine_is_built_and_stepped_in_its_own_thread(tiny_llama_dir, monke
 def test_an_engine_that_cannot_be_built_raises_in_the_caller(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         AsyncEngine(EngineConfig(model=str(tmp_path / "missing"), dtype="float32", num_threads=1))
+
+
+def test_a_dead_engine_thread_ends_every_request_and_refuses_new_ones(tiny_llama_dir, monkeypatch):
+    """The `kill_engine` fault raises a BaseException inside the step, past every handler: the
+    thread ends, and nobody is left waiting on it."""
+    from engine import EngineDeadError
+
+    monkeypatch.setenv("DSPARK_FAULT_INJECTION", "1")
+    eng = AsyncEngine(EngineConfig(model=tiny_llama_dir, dtype="float32", num_threads=1))
+    try:
+        async def main():
+            long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+            running = asyncio.create_task(_collect(eng, list(range(10, 40)), long, rid="running"))
+            while eng.stats()["num_running"] == 0:
+                await asyncio.sleep(0.01)
+            eng.faults.arm("killer", "kill_engine")
+            killer = asyncio.create_task(_collect(eng, list(range(50, 60)), long, rid="killer"))
+            results = await asyncio.gather(running, killer, return_exceptions=True)
+            with pytest.raises(EngineDeadError):
+                await _collect(eng, [5, 6, 7], SamplingParams(max_tokens=2))
+            return results
+
+        results = asyncio.run(main())
+        assert [type(r) for r in results] == [EngineDeadError, EngineDeadError]
+        assert eng.dead and "internal error" in eng.dead and "killer" not in eng.dead
+        eng._thread.join(5)
+        assert not eng._thread.is_alive()
+    finally:
+        eng.shutdown()

@@ -137,3 +137,19 @@ def test_seeded_sampling_is_reproducible_alone_or_batched(tiny):
         (f"z{i}", list(range(100 + i, 130)), SamplingParams(temperature=1.0, max_tokens=10)) for i in range(4)
     ])
     assert mixed["y"].outputs[0].token_ids == alone
+
+
+def test_a_request_whose_sampling_cannot_be_prepared_fails_alone(tiny):
+    """A value the API would refuse (here top logprobs past the vocabulary) reaching the engine fails its
+    own request; a greedy and a seeded neighbour in the same steps get their usual tokens."""
+    reqs = [("g", list(range(5, 25)), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)),
+            ("s", list(range(40, 70)), SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True))]
+    ref = drive(_engine(tiny), reqs)
+    bad = SamplingParams(temperature=0.7, max_tokens=12, ignore_eos=True)
+    bad.logprobs = 10**6
+    eng = _engine(tiny)
+    got = drive(eng, reqs + [("bad", list(range(80, 90)), bad)], arrivals={0: [0, 1], 3: [2]})
+    assert got["bad"].outputs[0].finish_reason == "error" and "internal error" in got["bad"].error
+    for rid in ("g", "s"):
+        assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
+    assert eng.kv.num_used_blocks == 0 and eng.stats.finished == {"length": 2, "error": 1}

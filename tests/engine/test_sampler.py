@@ -1,4 +1,4 @@
-"""Sampling: truncation rules, distribution, seeds, penalties, logprobs."""
+"""Sampling: truncation rules, distribution, seeds, penalties, logprobs, failures that stay with their row."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from engine.sampler import Sampler, apply_penalties, sample_from_probs, warp_probs
-from engine.sampling_params import SamplingParams
+from engine.faults import FaultInjector
+from engine.sampler import Sampler, apply_penalties, sample_from_probs, sampling_tensors, warp_probs
+from engine.sampling_params import SAMPLING_EPS, SamplingParams
 
 
 class _Seq:
-    def __init__(self, params, prompt=(), output=()):
+    def __init__(self, params, prompt=(), output=(), request_id="r"):
+        self.request_id = request_id
         self.params = params
         self.prompt_token_ids = list(prompt)
         self.output_token_ids = list(output)
@@ -132,3 +134,81 @@ def test_consecutive_request_seeds_sample_the_right_distribution():
     zero = torch.tensor([[0.0, 0.5, 0.0, 0.5]])
     draws = {int(sample_from_probs(zero, [torch.Generator().manual_seed(mix_seed(i))])) for i in range(200)}
     assert draws == {1, 3}  # never a zero-probability token
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 5e-324])
+def test_a_tiny_temperature_is_greedy(temperature):
+    """Dividing logits by 5e-324 overflows to inf and NaN; below SAMPLING_EPS a request is greedy."""
+    params = SamplingParams(temperature=temperature, seed=3)
+    assert params.greedy and not SamplingParams(temperature=SAMPLING_EPS).greedy
+    logits = torch.randn(4, 300) * 5
+    out = Sampler()(logits, [_Seq(params) for _ in range(4)])
+    assert out.token_ids == logits.argmax(-1).tolist()
+    # The tensor builder floors a stray tiny temperature, so even a caller that skipped the rule gets a
+    # finite distribution (all its mass on the argmax).
+    temp, *rest = sampling_tensors([params], "cpu", 300)
+    assert temp.item() == pytest.approx(SAMPLING_EPS)
+    probs = warp_probs(logits[:1], temp, *rest)
+    assert torch.isfinite(probs).all() and probs[0].argmax() == logits[0].argmax()
+
+
+def test_a_top_k_beyond_the_vocabulary_is_top_k_off():
+    vocab = 300
+    logits = torch.randn(3, vocab)
+    huge = SamplingParams(temperature=1.0, seed=5)
+    huge.top_k = 2**80  # past int64: building the tensor as given would overflow (the API answers 400)
+    at_vocab = SamplingParams(temperature=1.0, seed=5, top_k=vocab)
+    inside = SamplingParams(temperature=1.0, seed=5, top_k=vocab - 1)
+    assert sampling_tensors([huge, at_vocab, inside], "cpu", vocab)[1].tolist() == [0, 0, vocab - 1]
+    assert sampling_tensors([huge], "cpu")[1].tolist() == [0]  # no vocabulary given: still no overflow
+    off = Sampler()(logits, [_Seq(SamplingParams(temperature=1.0, seed=5)) for _ in range(3)]).token_ids
+    assert Sampler()(logits, [_Seq(huge) for _ in range(3)]).token_ids == off
+
+
+def _mixed_rows():
+    """Greedy, seeded sampled (with truncation, penalties and logprobs) and greedy with logprobs."""
+    return [
+        _Seq(SamplingParams(temperature=0.0), request_id="greedy"),
+        _Seq(SamplingParams(temperature=0.9, top_p=0.9, seed=11, repetition_penalty=1.3), prompt=[1, 2, 3],
+             request_id="seeded"),
+        _Seq(SamplingParams(temperature=0.7, top_k=20, seed=12, logprobs=2), output=[4, 4], request_id="seeded-lp"),
+        _Seq(SamplingParams(temperature=0.0, logprobs=3), request_id="greedy-lp"),
+    ]
+
+
+@pytest.mark.parametrize("breakage", ["logprobs", "temperature", "fault"])
+def test_a_row_whose_preparation_raises_fails_alone(breakage):
+    torch.manual_seed(0)
+    logits = torch.randn(5, 400) * 3
+    ref = Sampler()(logits[[0, 1, 2, 4]], _mixed_rows())
+    rows = _mixed_rows()
+    bad = _Seq(SamplingParams(temperature=0.8, seed=13), request_id="bad")
+    faults = None
+    if breakage == "logprobs":
+        bad.params.logprobs = 10**6  # topk past the vocabulary raises
+    elif breakage == "temperature":
+        bad.params.temperature = "hot"  # the sampling tensor cannot be built
+    else:
+        faults = FaultInjector()
+        faults.arm("bad", "prepare")
+    rows.insert(3, bad)
+    got = Sampler()(logits, rows, faults)
+    assert list(got.errors) == [3] and got.token_ids[3] is None and got.logprobs[3] is None
+    others = [0, 1, 2, 4]
+    assert [got.token_ids[i] for i in others] == ref.token_ids  # greedy and seeded: the same tokens
+    assert [got.logprobs[i] for i in others] == ref.logprobs
+    assert not ref.errors
+
+
+def test_a_batch_failure_no_row_reproduces_is_raised():
+    class Flaky(Sampler):
+        calls = 0
+
+        def _prepare(self, raw, seqs, faults):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("out of memory")
+            return super()._prepare(raw, seqs, faults)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Flaky()(torch.randn(2, 50), [_Seq(SamplingParams(temperature=0.0)) for _ in range(2)])

@@ -265,3 +265,29 @@ def test_algorithm_1s_batch_counts_the_decodes_that_do_not_draft(tiny_pair, monk
     # every drafting step had both plain requests drafting and the penalised one decoding beside them
     assert seen and all(base == 1 for n, base in seen if n == 2)
     assert any(n == 2 for n, _ in seen)
+
+
+def test_a_failing_drafting_pass_decodes_that_step_plainly(tiny_pair, monkeypatch):
+    """Drafting is an optimisation: when it raises, the step goes on without drafts and every
+    request keeps its exact greedy output (no request pays for it)."""
+    model, drafter = tiny_pair
+    reqs = _reqs(n=3, max_tokens=12)
+    ref = drive(_engine(model), reqs)
+    eng = _engine(model, drafter, gamma=4)
+    real = eng.proposer.propose
+    calls = [0]
+
+    def flaky(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] % 2:
+            raise RuntimeError("injected drafting failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eng.proposer, "propose", flaky)
+    got = drive(eng, reqs)
+    for rid, _, _ in reqs:
+        assert got[rid].outputs[0].finish_reason == "length"
+        assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
+    assert eng.speculative.draft_failures >= 1 and eng.stats.spec_num_drafts > 0
+    assert eng.kv.num_used_blocks == 0
+

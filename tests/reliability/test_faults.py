@@ -32,11 +32,13 @@ def _engine(model, drafter=None):
 
 
 def _reqs():
-    return [(f"q{i}", list(range(20 + 3 * i, 40 + 7 * i)), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
-            for i in range(4)]
+    """Greedy requests and a seeded sampled one (q3): both must come out token-identical."""
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)] * 3
+    params.append(SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=24, ignore_eos=True))
+    return [(f"q{i}", list(range(20 + 3 * i, 40 + 7 * i)), p) for i, p in enumerate(params)]
 
 
-@pytest.mark.parametrize("kind", ["nan_logits", "detokenize"])
+@pytest.mark.parametrize("kind", ["nan_logits", "prepare", "detokenize"])
 @pytest.mark.parametrize("speculative", [False, True], ids=["plain", "dspark"])
 def test_a_fault_in_one_request_fails_it_alone(tiny_llama_dir, tiny_drafter_dir, kind, speculative):
     drafter = tiny_drafter_dir if speculative else None
@@ -150,13 +152,15 @@ def test_server_fault_in_one_request_leaves_the_others_their_answers(fault_serve
             for p in prompts]
     fns = [lambda p=p: httpx.post(f"{url}{CHAT}", json=_chat(p), timeout=120) for p in prompts]
     fns.append(lambda: httpx.post(f"{url}{CHAT}", json=_chat("Count to ten.", dspark_fault="detokenize"), timeout=120))
+    fns.append(lambda: httpx.post(f"{url}{CHAT}", json=_chat("Name a bird.", dspark_fault="prepare"), timeout=120))
     fns.append(lambda: _stream(url, _chat("Count to five.", dspark_fault="nan_logits")))
-    *normal, detok, (stream_status, events) = _run_concurrently(fns)
+    *normal, detok, prepare, (stream_status, events) = _run_concurrently(fns)
     for r, text in zip(normal, solo):
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == text
-    assert detok.status_code == 500
-    err = detok.json()["error"]
-    assert err["code"] == "engine_error" and "Traceback" not in err["message"] and ".py" not in err["message"]
+    for r in (detok, prepare):
+        assert r.status_code == 500
+        err = r.json()["error"]
+        assert err["code"] == "engine_error" and "Traceback" not in err["message"] and ".py" not in err["message"]
     assert stream_status == 200 and events[-1] == "[DONE]"
     assert events[-2]["error"]["code"] == "engine_error" and "non-finite" in events[-2]["error"]["message"]
     wait_until(lambda: _idle(url), 10, what="KV blocks and requests back to 0")
@@ -177,6 +181,72 @@ def test_fault_field_is_ignored_without_the_hook():
     client = TestClient(create_app(FakeEngine()))
     r = client.post(CHAT, json={**_chat("hi"), "dspark_fault": "nan_logits"})
     assert r.status_code == 200
+
+
+def test_a_dead_engine_makes_health_and_new_requests_503(tiny_llama_dir, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from engine import AsyncEngine
+    from server.app import create_app
+
+    monkeypatch.setenv("DSPARK_FAULT_INJECTION", "1")
+    eng = AsyncEngine(EngineConfig(model=tiny_llama_dir, dtype="float32", num_threads=1))
+    try:
+        client = TestClient(create_app(eng))
+        assert client.get("/health").status_code == 200
+        r = client.post(CHAT, json=_chat("hi", dspark_fault="kill_engine"))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "engine_dead"
+        r = client.post(CHAT, json=_chat("hi again"))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+    finally:
+        eng.shutdown()
+
+
+def test_a_dead_engine_thread_ends_the_streams_and_the_server_exits_1(tmp_path, tiny_llama_dir):
+    srv = ServerProcess(["--model", tiny_llama_dir, "--max-num-seqs", "4"], tmp_path / "server.log",
+                        env={"DSPARK_FAULT_INJECTION": "1"})
+    srv.wait_ready()
+    url = srv.url
+    health: list = []
+
+    def watch_health():  # every answer until the server is gone (one kept-alive connection: the
+        # server exits about 0.1 s after the death once the in-flight requests have their errors)
+        with httpx.Client(timeout=2) as http:
+            while srv.proc.poll() is None:
+                try:
+                    r = http.get(f"{url}/health")
+                    health.append((r.status_code, r.json()["status"]))
+                except httpx.HTTPError:
+                    pass
+
+    watcher = threading.Thread(target=watch_health)
+    watcher.start()
+    streams: list = [None] * 2
+
+    def client(i):
+        streams[i] = _stream(url, _chat(f"Story number {i}, please.", max_tokens=800))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: _metric(url, "dspark_num_requests_running") == 2, 30, what="2 streams running")
+    killer = httpx.post(f"{url}{CHAT}", json=_chat("Goodbye.", dspark_fault="kill_engine"), timeout=60)
+    for t in threads:
+        t.join(60)
+    code = srv.proc.wait(30)
+    watcher.join(10)
+    srv.stop()
+    assert killer.status_code == 503 and killer.json()["error"]["code"] == "engine_unavailable"
+    for status, events in streams:  # in flight: an OpenAI-shaped error event, then [DONE]
+        assert status == 200 and events[-1] == "[DONE]"
+        assert events[-2]["error"]["code"] == "engine_unavailable", events[-2]
+        assert "choices" in events[0]
+    assert (503, "engine_dead") in health and health[0] == (200, "ok")
+    assert code == 1
+    log = srv.log_text()
+    assert "the engine thread died: EngineKilled" in log and "exiting with status 1" in log
 
 
 def test_kv_pressure_preempts_and_every_request_recovers(tmp_path):

@@ -136,3 +136,134 @@ def test_valid_chat_requests_round_trip(msgs, n, temperature, max_tokens, seed, 
     assert (req.n, req.temperature, req.max_tokens, req.seed, req.stop, req.stream) == (
         n, temperature, max_tokens, seed, stop, stream)
     assert req.output_limit == max_tokens
+
+
+# ---------------------------------------------------------------- extreme values beside running requests
+
+EXTREME_INTS = [0, -1, 1, 2**31 - 1, 2**31, 2**63 - 1, -(2**63), 2**64]
+# JSON's NaN/Infinity literals (json.dumps writes them), the strings, and a literal that overflows a double.
+EXTREME_FLOATS = [1e308, -1e308, 1e-308, -0.0, float("nan"), float("inf"), float("-inf"), "NaN", "Infinity",
+                  "RAW:1e999"]
+CHAT_INT_FIELDS = ["max_tokens", "max_completion_tokens", "min_tokens", "top_k", "seed", "n", "top_logprobs",
+                   "max_draft_tokens", "best_of"]
+COMPLETION_INT_FIELDS = ["max_tokens", "logprobs", "top_k", "min_tokens"]
+FLOAT_FIELDS = ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"]
+HI = [{"role": "user", "content": "hi"}]
+
+
+def extreme_requests() -> list[tuple[str, str, dict]]:
+    """(path, label, body): each field at each extreme value, then the long lists and strings."""
+    chat, cmpl = "/v1/chat/completions", "/v1/completions"
+    cases = []
+    for v in EXTREME_INTS:
+        for f in CHAT_INT_FIELDS:
+            extra = {"logprobs": True} if f == "top_logprobs" else {}
+            cases.append((chat, f, {"messages": HI, f: v, **extra}))
+        for f in COMPLETION_INT_FIELDS:
+            cases.append((cmpl, f, {"prompt": "hi", f: v}))
+        cases.append((chat, "stop_token_ids", {"messages": HI, "stop_token_ids": [v]}))
+        cases.append((cmpl, "prompt", {"prompt": [v]}))
+    for v in EXTREME_FLOATS:
+        for f in FLOAT_FIELDS:
+            cases.append((chat, f, {"messages": HI, f: v}))
+    long_cases = {
+        "stop_token_ids": list(range(10_000)),
+        "stop": ["x"] * 1000,
+        "messages": HI * 5000,
+        "user": "u" * 100_000,
+        "model": "m" * 100_000,
+        "logit_bias": {str(i): 100 for i in range(1000)},
+        "tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(1000)],
+    }
+    for f, v in long_cases.items():
+        cases.append((chat, f, {"messages": HI, f: v}))
+    cases.append((chat, "stop", {"messages": HI, "stop": ["y" * 100_000]}))
+    parts = [{"type": "text", "text": "a"}] * 5000
+    cases.append((chat, "messages", {"messages": [{"role": "user", "content": parts}]}))
+    for prompt in (list(range(100_000)), [[1] * 10] * 1000, [[]], [1] * 127, ["hi"] * 1000):
+        cases.append((cmpl, "prompt", {"prompt": prompt}))
+    return cases
+
+
+def _encode(body: dict) -> bytes:
+    text = json.dumps(body, allow_nan=True)  # NaN / Infinity / -Infinity as JSON literals
+    return text.replace('"RAW:1e999"', "1e999").encode()
+
+
+def test_extreme_values_never_fail_the_requests_running_beside_them(fuzz_server):
+    """Issue 28: one request's field value (top_k 2**63 - 1) failed the engine step and every request in it.
+
+    Normal greedy requests (4 at a time, half streamed) run throughout while every field is sent at
+    extreme values and with long lists: no fuzz request may get a 5xx, no normal request may fail.
+    """
+    import threading
+    import time
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    stop = threading.Event()
+    normal_done, normal_failures = Counter(), []
+
+    def normal(worker: int) -> None:
+        body = {"messages": [{"role": "user", "content": "Name a colour."}], "temperature": 0, "max_tokens": 4}
+        with httpx.Client(base_url=fuzz_server.url, timeout=60) as c:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    if i % 2:
+                        r = c.post("/v1/chat/completions", json=body)
+                        ok = r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+                        detail = r.text
+                    else:
+                        with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+                        events = [json.loads(ln[6:]) for ln in lines[:-1]]
+                        ok = (r.status_code == 200 and lines[-1] == "data: [DONE]"
+                              and not any("error" in e for e in events)
+                              and any(ch.get("finish_reason") in ("stop", "length")
+                                      for e in events for ch in e.get("choices", [])))
+                        detail = "\n".join(lines[-3:])
+                except httpx.HTTPError as e:
+                    ok, detail = False, repr(e)
+                if ok:
+                    normal_done[worker] += 1
+                else:
+                    normal_failures.append(detail[:500])
+
+    cases = extreme_requests()
+    statuses: Counter = Counter()
+    server_errors = []
+
+    def fuzz(case) -> None:
+        path, label, body = case
+        with httpx.Client(base_url=fuzz_server.url, timeout=60) as c:
+            r = c.post(path, content=_encode(body), headers={"content-type": "application/json"})
+        statuses[r.status_code] += 1
+        if r.status_code >= 500:
+            server_errors.append((label, str(body)[:120], r.text[:300]))
+        elif r.status_code >= 400:
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"}, r.text
+            assert len(err["message"]) < 1000, err  # a long field value is not quoted back
+
+    t0 = time.monotonic()
+    workers = [threading.Thread(target=normal, args=(w,), daemon=True) for w in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(fuzz, cases))
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(60)
+    elapsed = time.monotonic() - t0
+    print(f"extreme-value fuzz: {len(cases)} requests, statuses {dict(sorted(statuses.items()))}; "
+          f"{sum(normal_done.values())} normal requests completed beside them, {len(normal_failures)} failed; "
+          f"{elapsed:.1f} s")
+    assert not server_errors and not normal_failures, (server_errors, normal_failures[:3])
+    assert sum(normal_done.values()) >= 8
+    assert httpx.get(f"{fuzz_server.url}/health").status_code == 200

@@ -35,7 +35,11 @@ LONG_PROMPT = "hello " * 2100  # ~2100 tokens, over --max-model-len 2048
     (chat_body(max_tokens="5"), 400, "max_tokens", "invalid_value"),
     (chat_body(max_tokens=-1), 400, "max_tokens", "invalid_value"),
     (chat_body(max_tokens=0), 400, "max_tokens", "invalid_value"),
-    (chat_body(max_tokens=10**12), 400, "max_tokens", "context_length_exceeded"),
+    (chat_body(max_tokens=10**12), 400, "max_tokens", "invalid_value"),  # past MAX_TOKEN_COUNT
+    (chat_body(max_tokens=10**6), 400, "max_tokens", "context_length_exceeded"),
+    (chat_body(top_k=2**63 - 1), 400, "top_k", "invalid_value"),  # past the vocabulary (issue 28's live 500)
+    (chat_body(stop_token_ids=[2**40]), 400, "stop_token_ids", "invalid_value"),
+    (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "unsupported"),
     (chat_body(max_tokens=2040), 400, "max_tokens", "context_length_exceeded"),
     (chat_body(temperature=2.5), 400, "temperature", "invalid_value"),
     (chat_body(temperature=-0.1), 400, "temperature", "invalid_value"),
@@ -141,7 +145,8 @@ def test_bad_requests_do_not_disturb_a_running_one(server, client):
     t = threading.Thread(target=good)
     t.start()
     bad_bodies = [chat_body(temperature=9), {"messages": []}, chat_body(content=LONG_PROMPT),
-                  chat_body(max_tokens=-3), chat_body(model="x")]
+                  chat_body(max_tokens=-3), chat_body(model="x"), chat_body(top_k=2**63 - 1),
+                  chat_body(stop_token_ids=[10**9]), chat_body(min_tokens=2**62)]
     with httpx.Client(base_url=server.url, headers=client.headers, timeout=30) as other:
         while t.is_alive():
             for body in bad_bodies:
