@@ -491,6 +491,7 @@ class EngineStats:
     # Speculative decoding (all zero while speculation is off).
     spec_num_drafts: int = 0  # verification rounds, summed over requests
     spec_num_proposed_tokens: int = 0  # tokens drafted
+    spec_num_decode_steps: int = 0  # decoding requests summed over steps: proposed / this = positions drafted per request per step
     spec_num_draft_tokens: int = 0  # drafted tokens sent to verification
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: list = field(default_factory=list)  # index k: accepted at draft position k+1

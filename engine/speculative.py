@@ -254,7 +254,7 @@ class SpeculativeDecoder:
                  cost_table=None, drafter_dir: str | None = None, record_path: str | None = None):
         from pathlib import Path
 
-        from scheduler import DraftSkipper, OnlineCalibrator, STSCalibrator, make_policy
+        from scheduler import DraftBudget, DraftSkipper, OnlineCalibrator, STSCalibrator, make_policy
 
         self.spec = spec
         self.proposer = proposer
@@ -269,6 +269,8 @@ class SpeculativeDecoder:
         # The online fit starts from the file's temperatures (or T = 1) and refits in the background.
         self.online = OnlineCalibrator(gamma, initial=self.calibrator, background=True) if spec.online_calibration else None
         self.skipper = DraftSkipper() if spec.draft_skipping else None
+        # load-aware drafting (scheduler/draft_budget.py) for the policies that weigh costs
+        self.budget = DraftBudget(gamma) if cost_table is not None and hasattr(self.policy, "plan_with_stats") else None
         self.lookup = LookupStats(spec.prompt_lookup_max, gamma) if spec.prompt_lookup_max else None
         self._token_arrays = TokenArrays()
         self._draft_seconds = 0.0  # drafter pass of the current step
@@ -279,15 +281,23 @@ class SpeculativeDecoder:
     # ---------------------------------------------------------------- before the forward
 
     def caps(self, running) -> dict:
-        """Most drafts each decoding request may verify this step (absent: none)."""
+        """Most drafts each decoding request may verify this step (absent: none). Decided before
+        drafting, from the requests' state and the history of earlier steps only."""
         decoding = [s for s in running if s.num_pending_tokens == 1]
-        if self.skipper is not None and decoding:
+        if not decoding:
+            return {}
+        self.stats.spec_num_decode_steps += len(decoding)
+        # load-aware drafting: how many positions this step drafts (0: the recent plans say it does not pay)
+        positions = self.budget.positions() if self.budget is not None else self.gamma
+        if positions == 0:
+            return {}
+        if self.skipper is not None:
             keep = self.skipper.select([s.request_id for s in decoding])
             decoding = [s for s, k in zip(decoding, keep) if k]
         caps = {}
         for seq in decoding:
             p = seq.params
-            cap = self.gamma if p.max_draft_tokens is None else min(self.gamma, p.max_draft_tokens)
+            cap = positions if p.max_draft_tokens is None else min(positions, p.max_draft_tokens)
             if p.has_penalties:
                 cap = 0  # penalties depend on every previous token, drafts included
             if p.seed is not None and not p.greedy and self.spec.reproducible_seeds:
@@ -354,6 +364,10 @@ class SpeculativeDecoder:
             if self.cost_table is not None:
                 self.stats.spec_last_sps = float(step_rate(self.cost_table, plan.num_tokens, self._draft_seconds))
             self.stats.spec_capacity = int(getattr(self.policy, "capacity", 0) or 0)
+            if self.budget is not None:
+                # did drafting pay? the plan's rate, drafting pass included, vs this batch decoded plainly
+                plain = len(seqs) * self.cost_table.sps(len(seqs) + base_tokens)
+                self.budget.record(max(lengths), plan.theta > plain)
         else:
             lengths = self.policy.plan(conf, caps, base_tokens)
             surv = torch.cumprod(conf[:, :gamma], dim=1)

@@ -52,23 +52,29 @@ def plot_frontier(configs: list[dict], path: Path, title: str) -> Path:
 
 
 def plot_verify_budget(configs: list[dict], path: Path, title: str) -> Path:
-    """Mean verification budget per request per round, and tau, vs concurrency (paper Fig. 8)."""
+    """Mean verification budget per request per round (paper Fig. 8), the positions drafted per
+    request per step (load-aware drafting), and tau, vs concurrency."""
     plt = _pyplot()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a1, a3, a2) = plt.subplots(1, 3, figsize=(15, 4))
     any_spec = False
     for color, c in zip(_colors(len(configs)), configs):
-        pts = [(p["concurrency"], _spec(p).get("mean_verify_budget"), _spec(p).get("tau")) for p in c["points"]]
-        b = [(x, y) for x, y, _ in pts if y is not None]
-        t = [(x, y) for x, _, y in pts if y is not None]
+        pts = [(p["concurrency"], _spec(p).get("mean_verify_budget"), _spec(p).get("tau"),
+                _spec(p).get("mean_drafted_positions")) for p in c["points"]]
+        b = [(x, y) for x, y, _, _ in pts if y is not None]
+        t = [(x, y) for x, _, y, _ in pts if y is not None]
+        dp = [(x, y) for x, _, _, y in pts if y is not None]
         if b:
             a1.plot(*zip(*b), "o-", color=color, label=c["name"])
             any_spec = True
         if t:
             a2.plot(*zip(*t), "o-", color=color, label=c["name"])
+        if dp:
+            a3.plot(*zip(*dp), "o-", color=color, label=c["name"])
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     grid = sorted({p["concurrency"] for c in configs for p in c["points"]})
-    for ax, label in ((a1, "mean verification budget per request per round"), (a2, "tau (tokens per round)")):
+    for ax, label in ((a1, "mean verification budget per request per round"),
+                      (a3, "positions drafted per request per step"), (a2, "tau (tokens per round)")):
         ax.set_xscale("log", base=2)
         if grid:
             ax.set_xticks(grid)

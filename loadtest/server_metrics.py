@@ -55,6 +55,7 @@ def spec_decode_stats(d: Samples) -> dict | None:
     accepted = _value(d, PREFIX + "num_accepted_tokens_total")
     draft_tokens = _value(d, PREFIX + "num_draft_tokens_total")
     proposed = _value(d, PREFIX + "num_proposed_tokens_total")
+    decode_steps = _value(d, PREFIX + "num_decode_steps_total")
     per_pos = {int(k): v for k, v in _series(d, PREFIX + "num_accepted_tokens_per_pos_total", "position").items()}
 
     buckets = {float(le): v for le, v in _series(d, PREFIX + "verify_length_bucket", "le").items()}
@@ -90,6 +91,8 @@ def spec_decode_stats(d: Samples) -> dict | None:
         "tau": (accepted + rounds) / rounds if rounds else None,
         "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
         "mean_verify_budget": budget,
+        # positions the drafter drafted per decoding request per step (load-aware drafting shrinks it)
+        "mean_drafted_positions": proposed / decode_steps if decode_steps else None,
         "mean_verify_length_when_verifying": draft_tokens / rounds if rounds else None,
         "acceptance_per_position": per_position,
     }

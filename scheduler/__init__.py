@@ -7,6 +7,7 @@
 
 from .calibration import OnlineCalibrator, STSCalibrator, ece, reliability
 from .cost_table import CostTable, default_grid, profile_cost_table
+from .draft_budget import DraftBudget
 from .policies import FixedPolicy, OffPolicy, VerifyPolicy, make_policy
 from .prefix import AsyncPrefixScheduler, PlanResult, PrefixScheduler, RetrospectiveScheduler, ThresholdPolicy
 from .skipping import DraftSkipper
@@ -25,6 +26,7 @@ __all__ = [
     "OnlineCalibrator",
     "ece",
     "DraftSkipper",
+    "DraftBudget",
     # helpers
     "PlanResult",
     "profile_cost_table",

@@ -174,6 +174,9 @@ class EngineCollector:
                       s.get("spec_num_drafts", 0))
         yield counter("dspark_spec_decode_num_proposed_tokens", "Tokens proposed by the drafter",
                       s.get("spec_num_proposed_tokens", 0))
+        yield counter("dspark_spec_decode_num_decode_steps", "Decoding requests summed over engine steps (each "
+                      "could have drafted): num_proposed_tokens / this = positions drafted per request per step",
+                      s.get("spec_num_decode_steps", 0))
         yield counter("dspark_spec_decode_num_draft_tokens", "Drafted tokens sent to verification",
                       s.get("spec_num_draft_tokens", 0))
         yield counter("dspark_spec_decode_num_accepted_tokens", "Drafted tokens accepted by verification",

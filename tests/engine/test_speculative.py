@@ -291,3 +291,30 @@ def test_a_failing_drafting_pass_decodes_that_step_plainly(tiny_pair, monkeypatc
     assert eng.speculative.draft_failures >= 1 and eng.stats.spec_num_drafts > 0
     assert eng.kv.num_used_blocks == 0
 
+
+@pytest.mark.parametrize("curve,pays", [({1: 1.0, 64: 1.0}, True), ({1: 100.0, 3: 100.0, 4: 1.0}, False)])
+def test_load_aware_drafting_stops_drafting_where_it_does_not_pay(tiny_pair, monkeypatch, curve, pays):
+    """Before drafting, the step asks the budget how many positions to draft, from the last plans:
+    where verifying any draft costs more than it brings (SPS falls 100x past the 3 requests' B), it soon
+    decodes plainly, probing now and then; where drafting pays, it drafts every step. Greedy output
+    is plain decoding's either way."""
+    from scheduler import CostTable, DraftBudget, PrefixScheduler
+
+    model, drafter = tiny_pair
+    reqs = _reqs(n=3, max_tokens=40)
+    ref = drive(_engine(model), reqs)
+    eng = _engine(model, drafter, gamma=4)
+    spec = eng.speculative
+    spec.cost_table = CostTable.from_points(curve)
+    monkeypatch.setattr(spec.cost_table, "observe", lambda n, s: None)  # keep the curve as given
+    spec.policy = PrefixScheduler(spec.cost_table)
+    spec.budget = DraftBudget(4)
+    got = drive(eng, reqs)
+    for rid, _, _ in reqs:
+        assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
+    st = eng.stats
+    per_step = st.spec_num_proposed_tokens / st.spec_num_decode_steps
+    if pays:
+        assert spec.budget.plain_steps == 0 and per_step > 2.0
+    else:
+        assert spec.budget.plain_steps > 0.6 * st.steps and per_step < 1.0
