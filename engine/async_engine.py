@@ -154,7 +154,7 @@ class AsyncEngine:
         )
         spec = eng.speculative
         if spec is not None and spec.online is not None:
-            snap["spec_calibration_ece"] = spec.online.ece_by_position()
+            snap["spec_calibration_ece"] = {mode: cal.ece_by_position() for mode, cal in spec.online.items()}
         return snap
 
     def calibration_report(self) -> dict | None:

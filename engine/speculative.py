@@ -244,6 +244,14 @@ def verify(
     return l, int(torch.multinomial(p[l], 1, generator=generator)[0])
 
 
+CALIBRATION_MODES = ("greedy", "sampled")
+
+
+def calibration_mode(params) -> str:
+    """Which acceptance rule a request's rounds follow, hence which online calibrator is theirs."""
+    return "greedy" if params.greedy else "sampled"
+
+
 class SpeculativeDecoder:
     """Everything speculation needs around the step: per-request caps, draft skipping,
     calibrated confidences, the verification-length policy with its cost table, and
@@ -266,8 +274,11 @@ class SpeculativeDecoder:
         self.policy = make_policy(spec.verification, gamma, cost_table=cost_table, **options)
         cal_path = spec.calibration or (Path(drafter_dir) / "calibration.json" if drafter_dir else None)
         self.calibrator = STSCalibrator.from_json(cal_path) if cal_path and Path(cal_path).exists() else None
-        # The online fit starts from the file's temperatures (or T = 1) and refits in the background.
-        self.online = OnlineCalibrator(gamma, initial=self.calibrator, background=True) if spec.online_calibration else None
+        # The online fit starts from the file's temperatures (or T = 1) and refits in the background, one
+        # per acceptance rule: a greedy round accepts a draft when it is the argmax, a sampled one with
+        # probability min(1, p/q), so the same confidence logit means different odds in the two.
+        self.online = {mode: OnlineCalibrator(gamma, initial=self.calibrator, background=True)
+                       for mode in CALIBRATION_MODES} if spec.online_calibration else None
         self.skipper = DraftSkipper() if spec.draft_skipping else None
         # load-aware drafting (scheduler/draft_budget.py) for the policies that weigh costs
         self.budget = DraftBudget(gamma) if cost_table is not None and hasattr(self.policy, "plan_with_stats") else None
@@ -311,12 +322,18 @@ class SpeculativeDecoder:
                 caps[seq] = cap
         return caps
 
-    def confidences(self, logits: torch.Tensor | None, rows: int) -> torch.Tensor:
-        """Calibrated conditional confidences c_k (ones without a confidence head)."""
+    def confidences(self, logits: torch.Tensor | None, seqs: list) -> torch.Tensor:
+        """Calibrated conditional confidences c_k of `seqs`' rows (ones without a confidence head)."""
         if logits is None:
-            return torch.ones(rows, self.gamma)
+            return torch.ones(len(seqs), self.gamma)
         if self.online is not None:
-            return torch.as_tensor(self.online.apply(logits.cpu()), dtype=torch.float32)
+            logits = logits.cpu()
+            out = torch.empty(logits.shape, dtype=torch.float32)
+            for mode in CALIBRATION_MODES:
+                rows = [i for i, s in enumerate(seqs) if calibration_mode(s.params) == mode]
+                if rows:
+                    out[rows] = torch.as_tensor(self.online[mode].apply(logits[rows]), dtype=torch.float32)
+            return out
         if self.calibrator is not None:
             return torch.as_tensor(self.calibrator.apply(logits.cpu()), dtype=torch.float32)
         return torch.sigmoid(logits.float().cpu())
@@ -352,7 +369,7 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         d = self.proposer.propose(seqs, block_size, gamma, choice_rows=list(copies))
         self._draft_seconds = time.perf_counter() - t0
-        conf = self.confidences(d.confidence_logits, len(seqs))
+        conf = self.confidences(d.confidence_logits, seqs)
         matched = self._offer_lookup(seqs, caps, d, conf, copies) if copies else {}
         if hasattr(self.policy, "plan_with_stats"):
             # The drafting pass is done: its seconds are a constant of this step, which the cost table
@@ -412,7 +429,7 @@ class SpeculativeDecoder:
         The drafter's promise is read along its ARGMAX path (`Drafts.choice_logits`), never from the
         tokens it sampled: keeping a sampled draft only when its own tokens look good would bias
         which tokens get verified, and sampled output would no longer follow the target."""
-        choice = self.confidences(d.choice_logits, len(seqs))
+        choice = self.confidences(d.choice_logits, seqs)
         gamma = d.tokens.shape[1]
         matched = {}
         for i, (n, tokens) in copies.items():
@@ -457,7 +474,7 @@ class SpeculativeDecoder:
         logits = info["logits"]
         if logits is not None:
             if self.online is not None:
-                self.online.record(logits, num_verified, num_accepted)
+                self.online[calibration_mode(seq.params)].record(logits, num_verified, num_accepted)
             if self._record is not None:
                 self._record.write(json.dumps({"logits": logits, "verified": num_verified, "accepted": num_accepted}) + "\n")
 
@@ -485,8 +502,9 @@ class SpeculativeDecoder:
         """Live calibration quality, for metrics and /v1/dspark/calibration."""
         out = {"gamma": self.gamma, "file": self.calibrator.to_dict() if self.calibrator is not None else None}
         if self.online is not None:
-            out["online"] = self.online.stats()
-            out["reliability"] = {k: self.online.reliability(k) for k in range(1, self.gamma + 1)}
+            out["online"] = {mode: cal.stats() for mode, cal in self.online.items()}
+            out["reliability"] = {mode: {k: cal.reliability(k) for k in range(1, self.gamma + 1)}
+                                  for mode, cal in self.online.items()}
         if self.lookup is not None:
             out["lookup_acceptance"] = self.lookup.acceptance()
         return out

@@ -211,12 +211,14 @@ class EngineCollector:
         if True:  # always exposed (empty without speculation), so dashboards never see it vanish
             ece = GaugeMetricFamily("dspark_spec_decode_calibration_ece",
                                     "Expected calibration error of the survival probability a_k on recent "
-                                    "verification rounds, raw or after (online) temperature scaling",
-                                    labels=["position", "kind"])
-            for kind in ("before", "after"):
-                for k, v in enumerate(cal.get(kind) or [], start=1):
-                    if v is not None:
-                        ece.add_metric([str(k), "raw" if kind == "before" else "calibrated"], v)
+                                    "verification rounds, raw or after (online) temperature scaling, per "
+                                    "acceptance rule (mode: greedy or sampled requests)",
+                                    labels=["position", "kind", "mode"])
+            for mode, by_kind in cal.items():
+                for kind in ("before", "after"):
+                    for k, v in enumerate(by_kind.get(kind) or [], start=1):
+                        if v is not None:
+                            ece.add_metric([str(k), "raw" if kind == "before" else "calibrated", mode], v)
             yield ece
 
         counts = {int(k): v for k, v in s.get("spec_verify_length_counts", {}).items()}

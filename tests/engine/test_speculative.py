@@ -318,3 +318,30 @@ def test_load_aware_drafting_stops_drafting_where_it_does_not_pay(tiny_pair, mon
         assert spec.budget.plain_steps == 0 and per_step > 2.0
     else:
         assert spec.budget.plain_steps > 0.6 * st.steps and per_step < 1.0
+
+
+def test_greedy_and_sampled_rounds_have_calibrators_of_their_own(tiny_pair):
+    """A greedy round accepts a draft when it is the argmax, a sampled one with probability
+    min(1, p/q): each acceptance rule is calibrated on its own rounds and applied to its own rows."""
+    from types import SimpleNamespace
+
+    from scheduler import STSCalibrator
+
+    model, drafter = tiny_pair
+    spec_cfg = {"method": "dspark", "model": drafter, "num_speculative_tokens": 4, "verification": "fixed",
+                "draft_skipping": False, "online_calibration": True, "prompt_lookup_max": 0}
+    eng = LLMEngine(EngineConfig(model=model, dtype="float32", num_threads=1, seed=0, speculative_config=spec_cfg))
+    online = eng.speculative.online
+    drive(eng, _reqs(n=2, max_tokens=12))
+    assert online["greedy"].num_recorded > 0 and online["sampled"].num_recorded == 0
+    sampled = [(f"s{i}", ids, SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True))  # unseeded: they draft
+               for i, (_, ids, _) in enumerate(_reqs(n=2))]
+    drive(eng, sampled)
+    assert online["sampled"].num_recorded > 0
+    online["greedy"]._calibrator = STSCalibrator([1.0] * 4)
+    online["sampled"]._calibrator = STSCalibrator([10.0] * 4)
+    logits = torch.full((2, 4), 3.0)
+    rows = [SimpleNamespace(params=SamplingParams(temperature=0)), SimpleNamespace(params=SamplingParams(temperature=1.0))]
+    conf = eng.speculative.confidences(logits, rows)
+    assert torch.allclose(conf[0], torch.sigmoid(torch.tensor(3.0)).expand(4))
+    assert torch.allclose(conf[1], torch.sigmoid(torch.tensor(0.3)).expand(4))
