@@ -306,6 +306,7 @@ class OnlineCalibrator:
         self.num_fits = 0
         self._lock = threading.Lock()  # buffers and the current calibrator
         self._fit_lock = threading.Lock()  # one refit at a time
+        self._start_lock = threading.Lock()  # one background refit thread started at a time
         self._calibrator = initial or STSCalibrator(bins=bins)
         self._thread: threading.Thread | None = None
 
@@ -366,16 +367,19 @@ class OnlineCalibrator:
             self._fit_lock.release()
 
     def _start_background_refit(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._thread = threading.Thread(target=self.refit, name="sts-refit", daemon=True)
-        self._thread.start()
+        with self._start_lock:  # recorders in several threads: one refit thread at a time
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._thread = threading.Thread(target=self.refit, name="sts-refit", daemon=True)
+            self._thread.start()
 
     def wait(self, timeout: float | None = None) -> None:
-        """Wait for a background refit to finish."""
+        """Wait for a background refit to finish (and for any refit still holding the fit lock)."""
         t = self._thread
         if t is not None:
             t.join(timeout)
+        if self._fit_lock.acquire(timeout=-1 if timeout is None else timeout):
+            self._fit_lock.release()
 
     # ------------------------------------------------------------ reading
 
