@@ -183,7 +183,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         spec = self.speculative
-        caps = spec.caps(self.batcher.running) if spec is not None else None
+        b = self.batcher
+        caps = spec.caps(b.running, b.waiting, b.max_num_batched_tokens, b.max_num_seqs) if spec is not None else None
         batch = self.batcher.schedule(caps)
         self.stats.preemptions += len(batch.preempted)
         if not batch:

@@ -13,6 +13,7 @@ the target KV because both are indexed by the same block table.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -288,18 +289,28 @@ class SpeculativeDecoder:
         self._draft_share = None  # EMA of the drafter's share of a step
         self._record = open(record_path, "a", buffering=1) if record_path else None
         self.draft_failures = 0  # steps whose drafting raised and fell back to plain decoding
+        self._verdict = None  # this step's plan, for DraftBudget: (R, base tokens, B, expected tokens, longest)
 
     # ---------------------------------------------------------------- before the forward
 
-    def caps(self, running) -> dict:
+    def caps(self, running, waiting=(), token_budget: int | None = None, max_num_seqs: int | None = None) -> dict:
         """Most drafts each decoding request may verify this step (absent: none). Decided before
-        drafting, from the requests' state and the history of earlier steps only."""
+        drafting, from the queues' state and the history of earlier steps only. With the step's
+        `token_budget`, verification slots only take what prefill (running prompts not yet
+        prefilled, and the waiting ones that a free seat of `max_num_seqs` could admit) leaves over:
+        drafts never delay a first token."""
         decoding = [s for s in running if s.num_pending_tokens == 1]
         if not decoding:
             return {}
         self.stats.spec_num_decode_steps += len(decoding)
         # load-aware drafting: how many positions this step drafts (0: the recent plans say it does not pay)
         positions = self.budget.positions() if self.budget is not None else self.gamma
+        if token_budget is not None and positions:
+            prefill = sum(s.num_pending_tokens for s in running if s.num_pending_tokens > 1)
+            seats = len(waiting) if max_num_seqs is None else max(0, max_num_seqs - len(running))
+            prefill += sum(s.num_pending_tokens for s in itertools.islice(waiting, seats))
+            spare = token_budget - len(decoding) - prefill
+            positions = min(positions, max(0, spare) // len(decoding))
         if positions == 0:
             return {}
         if self.skipper is not None:
@@ -381,10 +392,8 @@ class SpeculativeDecoder:
             if self.cost_table is not None:
                 self.stats.spec_last_sps = float(step_rate(self.cost_table, plan.num_tokens, self._draft_seconds))
             self.stats.spec_capacity = int(getattr(self.policy, "capacity", 0) or 0)
-            if self.budget is not None:
-                # did drafting pay? the plan's rate, drafting pass included, vs this batch decoded plainly
-                plain = len(seqs) * self.cost_table.sps(len(seqs) + base_tokens)
-                self.budget.record(max(lengths), plan.theta > plain)
+            if self.budget is not None:  # judged once the step's seconds are known (observe_step)
+                self._verdict = (len(seqs), base_tokens, plan.num_tokens, plan.expected_tokens, max(lengths))
         else:
             lengths = self.policy.plan(conf, caps, base_tokens)
             surv = torch.cumprod(conf[:, :gamma], dim=1)
@@ -483,7 +492,23 @@ class SpeculativeDecoder:
         if self.skipper is not None:
             self.skipper.forget(seq.request_id)
 
+    def _judge_drafting(self, seconds: float) -> None:
+        """Did this step's drafting pay? Its plan's expected tokens per second of the whole step
+        against the same requests decoded plainly, the plain step's seconds taken from this step's
+        own verify forward and the profiled shape of SPS(B) (the live table's bucket for a plain
+        step lags while every step drafts, and the scale of a start-up profile can be off)."""
+        r, base, num_tokens, expected, longest = self._verdict
+        self._verdict = None
+        verify_seconds = seconds - self._draft_seconds
+        if verify_seconds <= 0:
+            return
+        t = self.cost_table
+        plain_seconds = verify_seconds * t.profiled_sps(num_tokens) / t.profiled_sps(r + base)
+        self.budget.record(longest, expected / seconds > r / plain_seconds)
+
     def observe_step(self, num_tokens: int, seconds: float) -> None:
+        if self._verdict is not None:
+            self._judge_drafting(seconds)
         if self.cost_table is not None and num_tokens > 0:
             # the table holds the verification forward only: this step's drafting pass comes off
             # (steps without drafts and steps with them then land on one scale)

@@ -26,6 +26,18 @@ VERSION = 1
 KEY_FIELDS = ("model", "dtype", "device", "threads")
 
 
+def _interpolate(xs: list[float], ys: list[float], num_tokens: float) -> float:
+    """Linear between points, held at the ends."""
+    b = float(num_tokens)
+    if b <= xs[0]:
+        return ys[0]
+    if b >= xs[-1]:
+        return ys[-1]
+    i = bisect.bisect_right(xs, b)  # xs[i-1] <= b < xs[i]
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (b - x0) / (x1 - x0)
+
+
 class CostTable:
     """SPS(B) as a piecewise-linear curve over measured points (B ascending)."""
 
@@ -82,17 +94,15 @@ class CostTable:
 
     def sps(self, num_tokens: float) -> float:
         """Steps per second with `num_tokens` tokens in the forward (linear between points, held at the ends)."""
-        xs, ys = self._xs, self._ys
-        b = float(num_tokens)
-        if b <= xs[0]:
-            return ys[0]
-        if b >= xs[-1]:
-            return ys[-1]
-        i = bisect.bisect_right(xs, b)  # xs[i-1] <= b < xs[i]
-        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-        return y0 + (y1 - y0) * (b - x0) / (x1 - x0)
+        return _interpolate(self._xs, self._ys, num_tokens)
 
     __call__ = sps
+
+    def profiled_sps(self, num_tokens: float) -> float:
+        """SPS at `num_tokens` as given at construction (the profile), before any live refresh: its
+        SHAPE stays right when the machine's speed drifts, while live steps refresh only the buckets
+        they visit."""
+        return _interpolate(self._xs, self._start, num_tokens)
 
     def seconds(self, num_tokens: float) -> float:
         """Seconds per step at `num_tokens` (1 / SPS)."""

@@ -12,8 +12,9 @@ this step is sampled and the output stays exact:
   budget can grow again, at most gamma. The drafter's block and its Markov loop
   shrink with it (the backbone's cost scales with the block).
 - whether to draft at all: a drafted step "paid" when its plan's expected
-  output rate, drafting pass included, beat the same batch decoded plainly
-  (R tokens at SPS(R + base), no drafting pass). After a step that did not pay,
+  tokens over its measured seconds, drafting pass included, beat the same
+  requests decoded plainly (the engine prices that plain step from the measured
+  verify forward and the profiled shape of SPS). After a step that did not pay,
   the next `backoff` steps decode plainly and the step after them drafts again
   as a probe; the backoff doubles while probes keep failing (up to
   `max_backoff`) and resets as soon as one pays.

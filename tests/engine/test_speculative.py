@@ -294,10 +294,10 @@ def test_a_failing_drafting_pass_decodes_that_step_plainly(tiny_pair, monkeypatc
 
 @pytest.mark.parametrize("curve,pays", [({1: 1.0, 64: 1.0}, True), ({1: 100.0, 3: 100.0, 4: 1.0}, False)])
 def test_load_aware_drafting_stops_drafting_where_it_does_not_pay(tiny_pair, monkeypatch, curve, pays):
-    """Before drafting, the step asks the budget how many positions to draft, from the last plans:
+    """Before drafting, the step asks the budget how many positions to draft, from the last steps:
     where verifying any draft costs more than it brings (SPS falls 100x past the 3 requests' B), it soon
-    decodes plainly, probing now and then; where drafting pays, it drafts every step. Greedy output
-    is plain decoding's either way."""
+    decodes plainly, probing now and then; where drafting pays (an oracle drafter, a flat SPS), it
+    drafts every step. Greedy output is plain decoding's either way."""
     from scheduler import CostTable, DraftBudget, PrefixScheduler
 
     model, drafter = tiny_pair
@@ -309,6 +309,9 @@ def test_load_aware_drafting_stops_drafting_where_it_does_not_pay(tiny_pair, mon
     monkeypatch.setattr(spec.cost_table, "observe", lambda n, s: None)  # keep the curve as given
     spec.policy = PrefixScheduler(spec.cost_table)
     spec.budget = DraftBudget(4)
+    if pays:  # drafts that are all accepted, drafted in no time: drafting pays at any flat SPS
+        by_prompt = {tuple(ids): ref[rid].outputs[0].token_ids for rid, ids, _ in reqs}
+        monkeypatch.setattr(eng.proposer, "propose", _replay(by_prompt))
     got = drive(eng, reqs)
     for rid, _, _ in reqs:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
@@ -345,3 +348,33 @@ def test_greedy_and_sampled_rounds_have_calibrators_of_their_own(tiny_pair):
     conf = eng.speculative.confidences(logits, rows)
     assert torch.allclose(conf[0], torch.sigmoid(torch.tensor(3.0)).expand(4))
     assert torch.allclose(conf[1], torch.sigmoid(torch.tensor(0.3)).expand(4))
+
+
+def test_verification_slots_never_take_the_token_budget_a_prefill_needs(tiny_pair, monkeypatch):
+    """Verification rows go after prefill: while prompts wait (or are mid-prefill) for more of the
+    step's token budget than the decodes leave, the step drafts nothing, so a first token is never
+    delayed by drafts; once the prompt is in, drafting resumes. Greedy output is unchanged."""
+    model, drafter = tiny_pair
+    reqs = [("a", list(range(20, 40)), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)),
+            ("b", list(range(60, 80)), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)),
+            ("long", list(range(100, 160)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))]
+    arrivals = {0: [0, 1], 3: [2]}
+    ref = drive(_engine(model, max_num_batched_tokens=48), reqs, arrivals)
+    eng = _engine(model, drafter, gamma=4, max_num_batched_tokens=48)
+    steps = []
+    real = eng.speculative.caps
+
+    def caps(running, waiting=(), token_budget=None, max_num_seqs=None):
+        out = real(running, waiting, token_budget, max_num_seqs)
+        prefill = sum(s.num_pending_tokens for s in list(running) + list(waiting) if s.num_pending_tokens > 1)
+        decodes = sum(1 for s in running if s.num_pending_tokens == 1)
+        steps.append((prefill, decodes, sum(out.values())))
+        return out
+
+    monkeypatch.setattr(eng.speculative, "caps", caps)
+    got = drive(eng, reqs, arrivals)
+    for rid, _, _ in reqs:
+        assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
+    assert all(slots == 0 or prefill + decodes + slots <= 48 for prefill, decodes, slots in steps)
+    assert any(prefill > 0 and slots == 0 for prefill, _, slots in steps)  # the 60-token prompt's steps
+    assert any(prefill == 0 and slots > 0 for prefill, _, slots in steps)  # drafting before and after it

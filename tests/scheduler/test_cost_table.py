@@ -222,3 +222,14 @@ def test_a_spread_keeps_unvisited_buckets_in_line_with_the_visited_ones():
     assert spread.sps(1) == pytest.approx(25.0, rel=0.02) and spread.sps(8) == pytest.approx(22.5, rel=0.02)
     # with it they carry the same 25% as their visited neighbours: 19 * 1.25
     assert spread.sps(2) == pytest.approx(23.75, rel=0.02) and spread.sps(4) == pytest.approx(23.75, rel=0.02)
+
+
+def test_the_profiled_shape_stays_while_live_steps_refresh_the_table():
+    """`profiled_sps` is the curve as profiled: load-aware drafting reads its shape to price a plain
+    step from a drafted step's measured seconds, whatever live steps did to the table since."""
+    t = CostTable.from_points({1: 100.0, 8: 80.0, 64: 20.0}, alpha=0.5)
+    for _ in range(20):
+        t.observe(8, 1 / 40.0)  # the machine got twice as slow at B = 8
+    assert t.sps(8) == pytest.approx(40.0, rel=1e-3)
+    assert t.profiled_sps(8) == 80.0 and t.profiled_sps(4.5) == pytest.approx(90.0)
+    assert t.profiled_sps(64) / t.profiled_sps(8) == pytest.approx(0.25)
