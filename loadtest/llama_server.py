@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .report import cpu_model
+
 # The llama-cpp-python release whose sdist provides llama.cpp (vendor/llama.cpp).
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 BINARY = "llama-server"
@@ -260,7 +262,7 @@ def build(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None, work
             "seconds": {"download": round(t_download, 1), "configure": round(t2 - t1, 1),
                         "build": round(t3 - t2, 1), "total": round(t3 - t0, 1)},
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": {"host_cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
+            "machine": {"host_cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
             "binary": {"path": str(dest), "sha256": _sha256(built), "shared_libs": _shared_libs(built)},
             "version_output": version_text,
         }
@@ -273,16 +275,6 @@ def build(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None, work
             _log(f"build tree kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
