@@ -438,7 +438,9 @@ class SpeculativeDecoder:
         The drafter's promise is read along its ARGMAX path (`Drafts.choice_logits`), never from the
         tokens it sampled: keeping a sampled draft only when its own tokens look good would bias
         which tokens get verified, and sampled output would no longer follow the target."""
-        choice = self.confidences(d.choice_logits, seqs)
+        rows = list(copies)  # only the rows with a copy compete
+        logits = d.choice_logits[rows] if d.choice_logits is not None else None
+        choice = dict(zip(rows, self.confidences(logits, [seqs[i] for i in rows])))
         gamma = d.tokens.shape[1]
         matched = {}
         for i, (n, tokens) in copies.items():
