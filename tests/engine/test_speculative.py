@@ -47,14 +47,17 @@ def _replay(continuations: dict, transform=lambda t: t):
     return propose
 
 
+def _replay_outputs(ref: dict, reqs, transform=lambda t: t):
+    """`_replay` of the plain greedy outputs `ref` ({id: RequestOutput}) of `reqs`."""
+    return _replay({tuple(ids): ref[rid].outputs[0].token_ids for rid, ids, _ in reqs}, transform)
+
+
 def test_oracle_drafter_accepts_everything(tiny_pair, monkeypatch):
     model, drafter = tiny_pair
     reqs = _reqs()
     ref = drive(_engine(model), reqs)
     eng = _engine(model, drafter, gamma=4)
-    by_prompt = {tuple(ids): ref[rid].outputs[0].token_ids for rid, ids, _ in reqs}
-
-    monkeypatch.setattr(eng.proposer, "propose", _replay(by_prompt))
+    monkeypatch.setattr(eng.proposer, "propose", _replay_outputs(ref, reqs))
     got = drive(eng, reqs)
     for rid, _, _ in reqs:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
@@ -70,9 +73,7 @@ def test_wrong_drafter_accepts_nothing_and_changes_nothing(tiny_pair, monkeypatc
     reqs = _reqs()
     ref = drive(_engine(model), reqs)
     eng = _engine(model, drafter, gamma=4)
-    by_prompt = {tuple(ids): ref[rid].outputs[0].token_ids for rid, ids, _ in reqs}
-
-    monkeypatch.setattr(eng.proposer, "propose", _replay(by_prompt, lambda t: (t + 1) % 1000))
+    monkeypatch.setattr(eng.proposer, "propose", _replay_outputs(ref, reqs, lambda t: (t + 1) % 1000))
     got = drive(eng, reqs)
     for rid, _, _ in reqs:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
@@ -310,8 +311,7 @@ def test_load_aware_drafting_stops_drafting_where_it_does_not_pay(tiny_pair, mon
     spec.policy = PrefixScheduler(spec.cost_table)
     spec.budget = DraftBudget(4)
     if pays:  # drafts that are all accepted, drafted in no time: drafting pays at any flat SPS
-        by_prompt = {tuple(ids): ref[rid].outputs[0].token_ids for rid, ids, _ in reqs}
-        monkeypatch.setattr(eng.proposer, "propose", _replay(by_prompt))
+        monkeypatch.setattr(eng.proposer, "propose", _replay_outputs(ref, reqs))
     got = drive(eng, reqs)
     for rid, _, _ in reqs:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
