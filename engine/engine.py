@@ -34,6 +34,7 @@ LIVE_SPREAD = 1.0
 class EngineConfig:
     model: str | None = None  # HF directory or .gguf file; None: the embedded default
     dtype: str = "auto"  # auto: bf16 on GPUs; CPUs: whichever a matmul probe measures faster (models.loader)
+    quantization: str = "auto"  # auto | none | int4 | int8: packed weight-only linears on CPU (models/quant.py)
     device: str = "auto"  # auto: cuda when available, else cpu
     seed: int = 0
     block_size: int = 16
@@ -73,7 +74,8 @@ class LLMEngine:
         torch.manual_seed(cfg.seed)
         t0 = time.monotonic()
         max_len = cfg.max_model_len
-        loaded = load_model(cfg.model, cfg.dtype, self.device, max_positions=(max_len + 64) if max_len else None)
+        loaded = load_model(cfg.model, cfg.dtype, self.device, max_positions=(max_len + 64) if max_len else None,
+                            quantization=cfg.quantization)
         self.loaded = loaded
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -292,11 +294,12 @@ class LLMEngine:
 
         from models.loader import cache_dir
 
-        key = {"model": self.loaded.path, "dtype": str(self.runner.dtype), "device": str(self.device),
+        key = {"model": self.loaded.path, "dtype": str(self.runner.dtype), "quantization": self.loaded.model.quantization,
+               "device": str(self.device),
                "threads": torch.get_num_threads(), "gamma": self.gamma, "measures": "verify-forward"}
         path = self.config.cost_table
         if path is None:
-            slug = "".join(c if c.isalnum() else "-" for c in f"{self.model_name}-{key['dtype']}-{key['device']}-t{key['threads']}")
+            slug = "".join(c if c.isalnum() else "-" for c in f"{self.model_name}-{key['dtype']}-{key['quantization']}-{key['device']}-t{key['threads']}")
             path = cache_dir() / "cost_tables" / f"{slug}-g{self.gamma}.json"
         table = CostTable.load(path, key)
         if table is not None:

@@ -23,6 +23,7 @@ class LLM:
         model: str | None = None,
         dtype: str = "auto",
         *,
+        quantization: str = "auto",
         seed: int = 0,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 1024,
@@ -35,7 +36,7 @@ class LLM:
     ):
         self.engine = LLMEngine(
             EngineConfig(
-                model=model, dtype=dtype, seed=seed, max_num_seqs=max_num_seqs,
+                model=model, dtype=dtype, quantization=quantization, seed=seed, max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                 block_size=block_size, kv_cache_memory=kv_cache_memory, device=device,
                 num_threads=num_threads, speculative_config=speculative_config,

@@ -68,26 +68,40 @@ class ModelRunner:
         that samples, (seq, first logits row, number of rows).
         """
         drafts = drafts or {}
+        # Rows are laid out prompt tokens first: packed linears run those through their dense
+        # weight and every generated token through the packed kernel (models/quant.py). An entry
+        # that crosses the prompt's end (a recompute after preemption) is split into two
+        # segments of the same sequence; the second attends to the first's KV, written first.
+        prompt_segs, other_segs = [], []
+        for seq, n in entries:
+            start = seq.num_computed_tokens
+            toks = seq.token_ids[start:start + min(n, seq.num_pending_tokens)]
+            extra = drafts.get(id(seq))
+            cut = min(len(toks), max(0, seq.num_prompt_tokens - start))
+            if cut and not extra:
+                prompt_segs.append((seq, start, toks[:cut], None, cut == len(toks)))
+            else:
+                cut = 0
+            if cut < len(toks) or extra:
+                other_segs.append((seq, start + cut, toks[cut:], extra, True))
         ids: list[int] = []
         qlens, clens, tables = [], [], []
         logits_rows: list[int] = []
         sampling: list[tuple[Sequence, int, int]] = []
-        for seq, n in entries:
-            start = seq.num_computed_tokens
-            extra = drafts.get(id(seq))
-            toks = seq.token_ids[start:start + min(n, seq.num_pending_tokens)]
+        for seq, start, toks, extra, last in prompt_segs + other_segs:
             if extra:
                 toks = toks + extra
                 sampling.append((seq, len(logits_rows), len(toks)))
                 logits_rows.extend(range(len(ids), len(ids) + len(toks)))
-            elif start + len(toks) == len(seq.token_ids):
+            elif last and start + len(toks) == len(seq.token_ids):
                 sampling.append((seq, len(logits_rows), 1))
                 logits_rows.append(len(ids) + len(toks) - 1)
             ids.extend(toks)
             qlens.append(len(toks))
             clens.append(start + len(toks))
             tables.append(seq.block_table.blocks)
-        meta = AttentionMetadata(qlens, clens, tables, self.block_size, device=self.device)
+        dense_rows = sum(len(seg[2]) for seg in prompt_segs)
+        meta = AttentionMetadata(qlens, clens, tables, self.block_size, device=self.device, dense_rows=dense_rows)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
         positions = meta.positions()

@@ -28,6 +28,9 @@ class AttentionMetadata:
     block_tables: list[list[int]]  # per sequence: block ids covering context_lens
     block_size: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # Leading flat rows that are prompt tokens: packed (quantized) linears run them through their
+    # dense weight, every later row through the packed kernel (models/quant.py).
+    dense_rows: int = 0
     # Filled lazily by the backend; shared by all layers of one forward.
     _cache: dict = field(default_factory=dict, repr=False)
 

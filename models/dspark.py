@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quant
+
 from .llama import RMSNorm, apply_rope, check_all_loaded
 
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
@@ -295,6 +297,8 @@ class DSparkDrafter(nn.Module):
         object.__setattr__(self, "_embed", None)
         object.__setattr__(self, "_lm_head_weight", None)
         object.__setattr__(self, "_draft_head", None)
+        object.__setattr__(self, "_draft_head_packed", None)  # a packed copy when the target's head is packed
+        object.__setattr__(self, "_head_kind", None)
         object.__setattr__(self, "rotary", None)
 
     # ---------------------------------------------------------------- wiring
@@ -305,6 +309,8 @@ class DSparkDrafter(nn.Module):
         # Plain attributes, not submodules: the target owns them (no copy, no second state_dict entry).
         object.__setattr__(self, "_embed", target.embed_tokens)
         object.__setattr__(self, "_lm_head_weight", target.lm_head_weight)
+        head = getattr(target, "head_packed", None)
+        object.__setattr__(self, "_head_kind", head.kind if head is not None else None)
         self.refresh_draft_head()
         # DeepSpec drafters copy the target's config, RoPE included: share its tables.
         object.__setattr__(self, "rotary", target.rotary)
@@ -323,10 +329,20 @@ class DSparkDrafter(nn.Module):
                 raise ValueError("drafter d2t holds token ids outside the target's vocabulary")
             w = w.detach()[self.d2t.to(w.device)]
         object.__setattr__(self, "_draft_head", w)
+        packed = None
+        if self._head_kind is not None and w.device.type == "cpu":
+            packed = quant.PackedWeight.quantize(w, self._head_kind, w.dtype)
+        object.__setattr__(self, "_draft_head_packed", packed)
 
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """U = lm_head(h) over the draft vocabulary [..., V']."""
-        return F.linear(h, self._draft_head)
+        """U = lm_head(h) over the draft vocabulary [..., V']: through the packed head (the target's
+        format) for few rows, where it reads fewer bytes, else the dense one. A draft distribution
+        need not match any other computation: verification uses the one drafted with."""
+        packed = self._draft_head_packed
+        rows = h.numel() // h.shape[-1]
+        if packed is None or rows > quant.PACKED_MAX_ROWS:
+            return F.linear(h, self._draft_head)
+        return packed.mm(h.reshape(rows, h.shape[-1])).view(*h.shape[:-1], -1)
 
     def to_target_ids(self, idx: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary indices -> target token ids."""

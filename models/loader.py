@@ -18,8 +18,9 @@ from typing import Any, Iterator
 
 import torch
 
+from . import quant
 from .config import ModelConfig
-from .llama import LlamaForCausalLM
+from .llama import _FUSED, LlamaForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -236,7 +237,8 @@ def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _iter_gguf(reader, hf_cfg) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_gguf(reader, hf_cfg, stored_types: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named float32 tensors; `stored_types` gets each one's GGUF type (Q4_1, Q8_0, F32...)."""
     import numpy as np
     from gguf.quants import dequantize
 
@@ -246,11 +248,11 @@ def _iter_gguf(reader, hf_cfg) -> Iterator[tuple[str, torch.Tensor]]:
         tensor = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
         name = t.name
         if name == "token_embd.weight":
-            yield "embed_tokens.weight", tensor
+            ours = "embed_tokens.weight"
         elif name == "output_norm.weight":
-            yield "norm.weight", tensor
+            ours = "norm.weight"
         elif name == "output.weight":
-            yield "lm_head.weight", tensor
+            ours = "lm_head.weight"
         elif name.startswith("blk."):
             _, idx, kind, suffix = name.split(".", 3)
             if kind not in _GGUF_NAMES:
@@ -259,11 +261,13 @@ def _iter_gguf(reader, hf_cfg) -> Iterator[tuple[str, torch.Tensor]]:
                 tensor = _unpermute_rope(tensor, hf_cfg.num_attention_heads)
             elif arch == "llama" and kind == "attn_k":
                 tensor = _unpermute_rope(tensor, hf_cfg.num_key_value_heads)
-            yield f"layers.{idx}.{_GGUF_NAMES[kind]}.{suffix}", tensor
+            ours = f"layers.{idx}.{_GGUF_NAMES[kind]}.{suffix}"
         elif name == "rope_freqs.weight":
             continue
         else:
             raise ValueError(f"unknown GGUF tensor {name}")
+        stored_types[ours] = t.tensor_type.name
+        yield ours, tensor
 
 
 def _gguf_tokenizer(gguf_path: Path):
@@ -289,13 +293,45 @@ def _gguf_tokenizer(gguf_path: Path):
 
 # ---------------------------------------------------------------- entry point
 
+def quantization_kinds(mode: str, net: LlamaForCausalLM, stored_types: dict[str, str]) -> dict[str, str]:
+    """The packed format of every projection and of the head under `--quantization mode`.
+
+    auto: as the checkpoint stores it (a GGUF's 4-bit types -> int4, 5- to 8-bit -> int8, float
+    tensors and safetensors checkpoints -> none); int4 / int8: everything; none: nothing. A fused
+    projection (qkv, gate_up) takes the finest format among its parts."""
+    quant.check_mode(mode)
+    names = [name for name, _ in net.linears()] + ["head"]
+    if mode in ("int4", "int8", "none"):
+        return {name: mode for name in names}
+    rank = {"none": 2, "int8": 1, "int4": 0}
+    fused = {ours: [] for ours, _ in _FUSED.values()}
+    for hf, (ours, _) in _FUSED.items():
+        fused[ours].append(hf)
+    kinds = {}
+    for name in names:
+        if name == "head":
+            sources = ["embed_tokens.weight" if net.lm_head is None else "lm_head.weight"]
+        else:
+            prefix, proj = name.rsplit(".", 1)
+            sources = [f"{prefix}.{part}.weight" for part in fused.get(proj, [proj])]
+        parts = [quant.gguf_kind(stored_types[s]) if s in stored_types else "none" for s in sources]
+        kinds[name] = max(parts, key=rank.__getitem__)
+    return kinds
+
+
 def load_model(
     model: str | None = None,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     max_positions: int | None = None,
+    quantization: str = "none",
 ) -> LoadedModel:
-    """Load a target model with its tokenizer. `model=None` is the embedded default."""
+    """Load a target model with its tokenizer. `model=None` is the embedded default.
+
+    `quantization` (models/quant.py): none keeps dense weights only (the reference arithmetic);
+    auto packs what the checkpoint stores quantized when serving in bfloat16 on a CPU (none
+    elsewhere: the packed kernels are CPU kernels, fast for bf16 activations); int4 / int8 pack
+    every projection and the head."""
     from transformers import AutoConfig, AutoTokenizer
 
     device = torch.device(device)
@@ -303,13 +339,26 @@ def load_model(
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist (models are never downloaded)")
     torch_dtype = resolve_dtype(dtype, device)
+    quant.check_mode(quantization)
+    if device.type != "cpu" and quantization != "none":
+        if quantization != "auto":
+            raise ValueError(f"--quantization {quantization} runs on the CPU only (packed CPU kernels); use none or auto")
+        quantization = "none"
+    if quantization == "auto" and torch_dtype != torch.bfloat16:
+        # torch's packed CPU kernels are fast for bf16 activations only (float32: slower than a
+        # dense GEMM, docs/benchmarks/quantization.md): auto keeps float32 serving dense
+        quantization = "none"
+    elif quantization != "none" and torch_dtype != torch.bfloat16:
+        log.warning("--quantization %s with %s activations: torch's packed CPU kernels are slow "
+                    "outside bfloat16 (use --dtype bfloat16)", quantization, torch_dtype)
+    stored_types: dict[str, str] = {}
     if path.is_file() and path.suffix == ".gguf":
         from gguf import GGUFReader
 
         reader = GGUFReader(str(path))
         hf_cfg = _gguf_hf_config(reader)
         cfg = ModelConfig.from_hf(hf_cfg)
-        weights = _iter_gguf(reader, hf_cfg)
+        weights = _iter_gguf(reader, hf_cfg, stored_types)
         tokenizer = _gguf_tokenizer(path)
         eos = list(cfg.eos_token_ids)
         name = DEFAULT_MODEL_NAME if model is None else path.stem
@@ -329,6 +378,10 @@ def load_model(
         net = LlamaForCausalLM(cfg, max_positions=max_pos)
     net = net.to_empty(device="cpu")
     net.load_weights(weights)
+    if quantization != "none":
+        kinds = quantization_kinds(quantization, net, stored_types)
+        net.quantize(kinds, torch_dtype)
+        log.info("quantization %s: %s", quantization, net.quantization)
     net = net.to(device=device, dtype=torch_dtype)
     # RoPE tables stay float32 (as HF computes them), built after the dtype cast.
     net.rotary = type(net.rotary)(cfg, max_pos).to(device)

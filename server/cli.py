@@ -43,6 +43,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on GPUs; on a CPU bfloat16 where a start-up matmul probe measures it >= 1.25x faster than float32, else float32 (DSPARK_CPU_DTYPE overrides)")
+    g.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"],
+                   help="weight-only packed linears on a CPU: auto keeps the checkpoint's quantization (a GGUF's 4-bit "
+                        "tensors -> int4, 8-bit -> int8; float checkpoints stay dense), int4/int8 pack every projection "
+                        "and the output head, none reads dense weights (docs/benchmarks/quantization.md)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
@@ -82,7 +86,7 @@ def engine_config_from_args(args: argparse.Namespace):
 
     args.speculative_config = default_speculative_config(args.model, args.speculative_config)
     return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+        model=args.model, dtype=args.dtype, quantization=args.quantization, device=args.device, seed=args.seed,
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         kv_cache_memory=args.kv_cache_memory, num_threads=args.num_threads,

@@ -110,3 +110,19 @@ def test_unknown_or_missing_tensors_are_clear_errors(family):
     missing = [(k, v) for k, v in sd.items() if "layers.1.mlp.down_proj" not in k]
     with pytest.raises(ValueError, match="lacks"):
         lm.model.load_weights(missing)
+
+
+def test_rmsnorm_half_types_match_hf_bitwise():
+    """RMSNorm in bf16 / fp16 uses the fused float32 kernel; it must give HF's bits exactly."""
+    from models.llama import RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        norm = RMSNorm(576, 1e-5).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(576, generator=gen))
+        for n in (1, 7, 300):
+            x = (torch.randn(n, 576, generator=gen) * 3).to(dtype)
+            xf = x.float()
+            hf = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+            assert torch.equal(norm(x), hf)

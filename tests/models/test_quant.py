@@ -1,0 +1,128 @@
+"""Packed (weight-only quantized) linears: exact Q4_1 recovery, batch invariance, the row split,
+what `--quantization` packs, and greedy output with packed weights through the engine."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import LLM, SamplingParams
+from models import quant
+from models.loader import load_model, quantization_kinds
+
+
+def q4_1_weight(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight as GGUF's Q4_1 stores it: per group of 32, fp16 d and m, codes 0..15 with both ends used."""
+    gen = torch.Generator().manual_seed(seed)
+    g = k // 32
+    d = (torch.rand(n, g, 1, generator=gen) * 0.02 + 1e-3).half().float()
+    m = (torch.randn(n, g, 1, generator=gen) * 0.05).half().float()
+    codes = torch.randint(0, 16, (n, g, 32), generator=gen)
+    codes[..., 0], codes[..., 1] = 0, 15  # llama.cpp's quantizer maps the min to 0 and the max to 15
+    w = (d * codes + m).view(n, k)  # float32, as gguf's dequantize computes it
+    return w, codes.view(n, k), d.squeeze(-1), m.squeeze(-1)
+
+
+def test_q4_1_codes_and_constants_are_recovered_exactly():
+    w, codes, d, m = q4_1_weight(64, 256)
+    packed = quant.PackedWeight.quantize(w, "int4", torch.float32)
+    scale, zero = packed.params[..., 0].t(), packed.params[..., 1].t()
+    torch.testing.assert_close(scale, d, rtol=1e-6, atol=0)
+    torch.testing.assert_close(zero, m + 8 * d, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(packed.dequantize(), w, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_matmul_is_batch_invariant(kind, dtype):
+    """A row's product does not depend on the other rows of the call (a decode row equals the same
+    row inside a verification block): what keeps greedy speculation equal to plain decoding."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 128, generator=gen) * 0.05
+    packed = quant.PackedWeight.quantize(w, kind, dtype)
+    x = torch.randn(40, 128, generator=gen).to(dtype)
+    full = packed.mm(x)
+    for rows in (1, 2, 3, 7, 8, 17, 33):
+        assert torch.equal(packed.mm(x[:rows]), full[:rows])
+    for i in (0, 5, 39):
+        assert torch.equal(packed.mm(x[i:i + 1]), full[i:i + 1])
+    ref = F.linear(x.float(), packed.dequantize())
+    torch.testing.assert_close(full.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_int8_error_is_bounded_by_half_a_step():
+    w = torch.randn(32, 64) * 0.1
+    packed = quant.PackedWeight.quantize(w, "int8", torch.float32)
+    step = w.abs().amax(1, keepdim=True) / 127
+    assert ((packed.dequantize() - w).abs() <= step / 2 + 1e-7).all()
+
+
+def test_linear_splits_rows_by_role():
+    """The first dense_rows rows take the dense weight, the rest the packed kernel; no packed
+    weight, or all rows dense, is exactly F.linear."""
+    layer = torch.nn.Linear(64, 48, bias=True)
+    x = torch.randn(10, 64)
+    with torch.no_grad():
+        assert torch.equal(quant.linear(x, layer, 3), F.linear(x, layer.weight, layer.bias))
+        packed = quant.pack_linear(layer, "int4", torch.float32)
+        out = quant.linear(x, layer, 3)
+        assert torch.equal(out[:3], F.linear(x[:3], layer.weight, layer.bias))
+        assert torch.equal(out[3:], packed.mm(x[3:]) + layer.bias)
+        assert torch.equal(quant.linear(x, layer, 10), F.linear(x, layer.weight, layer.bias))
+        assert not torch.equal(out[3:], F.linear(x[3:], layer.weight, layer.bias))  # the packed path really ran
+
+
+def test_gguf_kinds():
+    assert quant.gguf_kind("Q4_1") == quant.gguf_kind("Q4_0") == quant.gguf_kind("Q4_K") == "int4"
+    assert quant.gguf_kind("Q8_0") == quant.gguf_kind("Q6_K") == "int8"
+    assert quant.gguf_kind("F16") == quant.gguf_kind("F32") == quant.gguf_kind("BF16") == "none"
+    with pytest.raises(ValueError, match="unknown quantization"):
+        quant.check_mode("int3")
+
+
+def test_default_model_auto_keeps_the_checkpoint_formats():
+    """The default GGUF stores its projections as Q4_1 and its (tied) embedding as Q8_0: auto packs
+    the projections int4 and the head int8; every packed projection reproduces the checkpoint's
+    float32 weights (the Q4_1 values) closely."""
+    assert load_model(None, "float32", quantization="auto").model.quantization == "none"  # fp32: packed is slower
+    lm = load_model(None, "bfloat16", quantization="auto")
+    net = lm.model
+    assert net.quantization == "int4+int8"
+    assert net.head_packed is not None and net.head_packed.kind == "int8"
+    layers = dict(net.linears())
+    assert all(quant.packed_of(layer).kind == "int4" for layer in layers.values())
+    layer = layers["layers.0.self_attn.qkv_proj"]  # its dense copy: the Q4_1 values rounded to bf16
+    deq = quant.packed_of(layer).dequantize()
+    # the group constants are bf16 too: a group is off by at most one bf16 step of its zero point
+    torch.testing.assert_close(deq, layer.weight.float(), rtol=1 / 64, atol=8e-3)
+    kinds = quantization_kinds("int4", net, {})
+    assert set(kinds.values()) == {"int4"} and "head" in kinds
+
+
+def test_float_checkpoints_stay_dense_under_auto(tiny_llama_dir):
+    net = load_model(tiny_llama_dir, "bfloat16", quantization="auto").model
+    assert net.quantization == "none" and net.head_packed is None
+    assert all(quant.packed_of(layer) is None for _, layer in net.linears())
+    assert load_model(tiny_llama_dir, "float32", quantization="int8").model.quantization == "int8"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_speculation_equals_plain_with_packed_weights(tiny_llama_dir, tiny_drafter_dir, dtype):
+    """int4 everywhere on the tiny model: speculative greedy output equals plain greedy output,
+    through mixed batches (prefills beside decodes and verification blocks) and preemptions
+    (a small KV pool: a recompute chunk crosses the prompt's end and is split by the runner)."""
+    prompts = [[(7 * i + j) % 200 + 3 for j in range(5 + 9 * i)] for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+    def run(spec):
+        llm = LLM(tiny_llama_dir, dtype, quantization="int4", num_threads=1, block_size=4,
+                  kv_cache_memory=kv_bytes, max_num_batched_tokens=64, speculative_config=spec)
+        assert llm.engine.loaded.model.quantization == "int4"
+        outs = llm.generate(prompts, params)
+        return [o.outputs[0].token_ids for o in outs], llm.engine.stats.preemptions
+
+    itemsize = torch.finfo(getattr(torch, dtype)).bits // 8
+    kv_bytes = 120 * 4 * 2 * 2 * 1 * 16 * itemsize  # ~120 target blocks: enough for one request, too few for all
+    plain, _ = run({"method": "none"})
+    spec, preempted = run({"method": "dspark", "model": tiny_drafter_dir, "verification": "fixed"})
+    assert spec == plain
+    assert preempted > 0
