@@ -336,8 +336,7 @@ class DSparkDrafter(nn.Module):
 
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
         """U = lm_head(h) over the draft vocabulary [..., V']: through the packed head (the target's
-        format) for few rows, where it reads fewer bytes, else the dense one. A draft distribution
-        need not match any other computation: verification uses the one drafted with."""
+        format) for few rows, where it reads fewer bytes, else the dense one."""
         packed = self._draft_head_packed
         rows = h.numel() // h.shape[-1]
         if packed is None or rows > quant.PACKED_MAX_ROWS:

@@ -178,10 +178,12 @@ class LlamaForCausalLM(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of the rows that sample; with a packed head every such row takes it (a
-        generated token's logits never depend on the batch's shape)."""
+        """Logits of the rows that sample: through the packed head for up to
+        quant.PACKED_MAX_ROWS rows, else the dense one (models/quant.py)."""
         h = self.norm(hidden)
-        return F.linear(h, self.lm_head_weight) if self.head_packed is None else self.head_packed.mm(h)
+        if self.head_packed is None or h.shape[0] > quant.PACKED_MAX_ROWS:
+            return F.linear(h, self.lm_head_weight)
+        return self.head_packed.mm(h)
 
     def linears(self) -> Iterable[tuple[str, nn.Linear]]:
         """The decoder's projections by parameter prefix (what `quantize` packs)."""

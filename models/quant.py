@@ -19,14 +19,15 @@ through the same aten operator, so it adds nothing here (docs/benchmarks/quantiz
 The kernels are batch-invariant: a row's result does not depend on the other rows of the call
 (tests/models/test_quant.py checks it). They are fastest for few rows (a decode step reads the
 weights once); with many rows (prefill chunks) a dense GEMM is faster. A target linear therefore
-keeps its dense weight beside the packed one and splits its rows by role, never by count: the
-leading ``dense_rows`` rows of a forward (prompt tokens, `AttentionMetadata.dense_rows`) take the
-dense GEMM and every other row (decodes, verification blocks) the packed kernel. A generated
-token is thus always computed with the same arithmetic whatever else the batch holds, and greedy
-output with speculation stays equal to greedy output without it.
+keeps its dense weight beside the packed one and splits its rows by role: the leading
+``dense_rows`` rows of a forward (prompt tokens, `AttentionMetadata.dense_rows`) take the dense
+GEMM and the generated tokens' rows (decodes, verification blocks) the packed kernel, unless they
+are more than PACKED_MAX_ROWS, where the dense GEMM is faster for them too.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +35,13 @@ from torch import nn
 
 MODES = ("auto", "none", "int4", "int8")
 INT4_GROUP = 32
-# Where a caller may pick the kernel by row count (the drafter's head: its arithmetic need not be
-# batch-invariant), the packed kernel wins up to about this many rows on a 2-core Zen 4
-# (docs/benchmarks/quantization.md: int4 49152 x 576 is faster than bf16 to 16 rows, slower at 32).
-PACKED_MAX_ROWS = 24
+# The packed kernels win up to about this many rows on a 2-core Zen 4 and lose beyond (int4 is
+# 0.90x dense at 16 rows, 1.22x at 32: docs/benchmarks/quantization.md). A forward whose generated
+# rows exceed it runs them dense too (and so does the drafter's head). That choice depends on the
+# batch: at a near-tie a token computed in a large step can differ from the same token computed in
+# a small one, as bf16 attention already can. DSPARK_PACKED_MAX_ROWS=0 removes the limit (every
+# generated row packed: batch-invariant, slower at high concurrency).
+PACKED_MAX_ROWS = int(os.environ.get("DSPARK_PACKED_MAX_ROWS", "24")) or 1 << 62
 
 # GGUF tensor types by the packed format that keeps their precision (`auto`).
 _GGUF_INT4 = ("Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS")
@@ -118,7 +122,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, dense_rows: int = 0) -> torch.Tens
     """``layer(x)`` with the rows split by role: the first `dense_rows` rows through the dense
     weight, the others through the packed one (all dense when the layer has none)."""
     packed = packed_of(layer)
-    if packed is None or dense_rows >= x.shape[0]:
+    if packed is None or dense_rows >= x.shape[0] or x.shape[0] - dense_rows > PACKED_MAX_ROWS:
         return F.linear(x, layer.weight, layer.bias)
     if dense_rows > 0:
         out = torch.cat((F.linear(x[:dense_rows], layer.weight), packed.mm(x[dense_rows:])))
