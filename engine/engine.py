@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ from models.loader import load_model
 from .batcher import ContinuousBatcher
 from .block_manager import KVCacheManager
 from .cpu_alloc import keep_freed_memory
+from .cpu_threads import default_num_threads
 from .faults import FaultInjector
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
@@ -42,7 +42,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None
     kv_cache_memory: int | None = None  # bytes for the KV pool; None: 1 GiB on CPU, 85% of free on GPU
-    num_threads: int | None = None  # torch CPU threads; None: all cores
+    num_threads: int | None = None  # torch CPU threads; None: physical cores within affinity and cgroup quota (cpu_threads.py)
     speculative_config: dict[str, Any] | None = None
     cost_table: str | None = None  # SPS(B) JSON to load (or save after profiling); default: in the cache dir
     record_acceptance: str | None = None  # JSONL of verification rounds, for `dspark calibrate`
@@ -69,7 +69,7 @@ class LLMEngine:
         cfg = self.config
         self.device = cfg.resolved_device()
         if self.device.type == "cpu":
-            torch.set_num_threads(cfg.num_threads or os.cpu_count() or 1)
+            torch.set_num_threads(cfg.num_threads or default_num_threads())
             keep_freed_memory()
         torch.manual_seed(cfg.seed)
         t0 = time.monotonic()

@@ -55,7 +55,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                    help="KV cache pool size, bytes or with a unit (2GiB); default 1GiB on CPU, 85%% of free GPU memory")
-    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: the physical cores this process may use, within its affinity mask and cgroup CPU quota)")
     g.add_argument("--speculative-config", type=parse_json_dict, default=None,
                    help='JSON, e.g. {"method": "dspark", "model": PATH, "num_speculative_tokens": 7, '
                         '"verification": "scheduled"}; see README')
