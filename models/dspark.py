@@ -339,7 +339,7 @@ class DSparkDrafter(nn.Module):
         format) for few rows, where it reads fewer bytes, else the dense one."""
         packed = self._draft_head_packed
         rows = h.numel() // h.shape[-1]
-        if packed is None or rows > quant.PACKED_MAX_ROWS:
+        if not quant.takes_packed(packed, rows):
             return F.linear(h, self._draft_head)
         return packed.mm(h.reshape(rows, h.shape[-1])).view(*h.shape[:-1], -1)
 

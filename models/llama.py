@@ -181,7 +181,7 @@ class LlamaForCausalLM(nn.Module):
         """Logits of the rows that sample: through the packed head for up to
         quant.PACKED_MAX_ROWS rows, else the dense one (models/quant.py)."""
         h = self.norm(hidden)
-        if self.head_packed is None or h.shape[0] > quant.PACKED_MAX_ROWS:
+        if not quant.takes_packed(self.head_packed, h.shape[0]):
             return F.linear(h, self.lm_head_weight)
         return self.head_packed.mm(h)
 

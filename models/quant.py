@@ -118,11 +118,17 @@ def packed_of(layer: nn.Module) -> PackedWeight | None:
     return getattr(layer, "packed_weight", None)
 
 
+def takes_packed(packed: PackedWeight | None, rows: int) -> bool:
+    """Whether `rows` rows go through `packed` (None: there is no packed weight) rather than the
+    dense weight: the one rule for the projections, the head and the drafter's head."""
+    return packed is not None and 0 < rows <= PACKED_MAX_ROWS
+
+
 def linear(x: torch.Tensor, layer: nn.Linear, dense_rows: int = 0) -> torch.Tensor:
     """``layer(x)`` with the rows split by role: the first `dense_rows` rows through the dense
     weight, the others through the packed one (all dense when the layer has none)."""
     packed = packed_of(layer)
-    if packed is None or dense_rows >= x.shape[0] or x.shape[0] - dense_rows > PACKED_MAX_ROWS:
+    if not takes_packed(packed, x.shape[0] - dense_rows):
         return F.linear(x, layer.weight, layer.bias)
     if dense_rows > 0:
         out = torch.cat((F.linear(x[:dense_rows], layer.weight), packed.mm(x[dense_rows:])))
