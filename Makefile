@@ -79,6 +79,17 @@ bench-peers: install llama-server
 		--server-args "--speculative-config '{\"method\": \"none\"}'" \
 		--peer llama-server $(ARGS)
 
+# Prefix caching on vs off (docs/benchmarks/prefix-caching.md): ShareGPT conversations replayed
+# turn by turn, and ShareGPT questions behind one shared system prompt; every point sends
+# requests of its own (--fresh-prompts), so a hit comes only from what the workload shares.
+PREFIX_GRID ?= 1,8,32
+bench-prefix: install
+	for set in sharegpt-multiturn sharegpt-system-prompt; do \
+	$(PY) -m loadtest sweep --name prefix-caching-$$set --result-dir docs/benchmarks --dataset $$set \
+		--max-tokens 64 --temperature 0 --concurrency-grid $(PREFIX_GRID) --num-requests 32 --fresh-prompts \
+		--config-name caching-on --config-name caching-off --server-args "--no-enable-prefix-caching" \
+		--baseline caching-off --rounds 2 --no-progress $(ARGS) || exit 1; done
+
 # The embedded drafter, reproduced end to end (docs/benchmarks/drafter.md). Data and the run
 # directories live outside the repository (DATA_DIR); only the final drafter is copied in.
 # Two stages. 1: ShareGPT's own responses (prompts from 0) teacher-forced through the target in

@@ -151,6 +151,9 @@ class AsyncEngine:
             kv_used_blocks=eng.kv.num_used_blocks,
             kv_total_blocks=eng.kv.num_blocks,
             block_size=eng.kv.block_size,
+            prefix_cache_queries=eng.kv.prefix_queries,
+            prefix_cache_hits=eng.kv.prefix_hits,
+            kv_cached_blocks=eng.kv.allocator.num_cached,
         )
         spec = eng.speculative
         if spec is not None and spec.online is not None:

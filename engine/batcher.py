@@ -7,6 +7,10 @@ remaining budget is split into chunks over several steps (chunked prefill).
 When blocks run out, the most recently admitted running sequence is
 preempted by recompute: its blocks are freed and it goes back to the front
 of the queue, to be prefilled again from its prompt and outputs so far.
+
+With prefix caching, a sequence admitted with no blocks first shares the cached blocks of
+its longest cached prefix and computes only the rest; every scheduled sequence then
+registers the full prompt blocks this step completes (engine/block_manager.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ class ScheduledBatch:
     # (sequence, number of new tokens it feeds this step), in flat-batch order.
     entries: list[tuple[Sequence, int]] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Prompt tokens of requests admitted for the first time that the prefix cache supplied.
+    cached_prompt_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +73,12 @@ class ContinuousBatcher:
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
 
+    def _cache_prompt_blocks(self, seq: Sequence, n: int) -> None:
+        """Register the prompt blocks that this step's `n` fed tokens complete (only tokens already
+        fixed: the pending ones, never speculative slots)."""
+        upto = seq.num_computed_tokens + min(n, seq.num_pending_tokens)
+        self.kv.cache_prompt_blocks(seq.block_table, seq.token_ids, seq.num_prompt_tokens, upto)
+
     def schedule(self, extra_tokens: dict[Sequence, int] | None = None) -> ScheduledBatch:
         """Plan one step. `extra_tokens[seq]` asks for speculative slots beyond the next token."""
         batch = ScheduledBatch()
@@ -91,6 +103,7 @@ class ContinuousBatcher:
                 self._preempt(seq, batch)
                 continue  # running[i] is now the next sequence
             self.kv.grow(seq.block_table, total)
+            self._cache_prompt_blocks(seq, n)
             batch.entries.append((seq, n))
             scheduled.add(id(seq))
             budget -= n
@@ -99,13 +112,26 @@ class ContinuousBatcher:
             return batch  # no admissions while memory is short
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            hit = 0
+            if seq.num_computed_tokens == 0:
+                hit = self.kv.match_prefix(seq.block_table, seq.token_ids, seq.num_prompt_tokens)
+                seq.num_computed_tokens = hit
             n = min(seq.num_pending_tokens, budget)
             total = seq.num_computed_tokens + n
             # Keep a block in reserve while others run, so their decodes can grow.
             if not self.kv.can_grow(seq.block_table, total, reserve=1 if self.running else 0):
+                if hit:  # give the shared blocks back until it is admitted
+                    self.kv.free(seq.block_table)
+                    seq.num_computed_tokens = 0
                 break
+            if self.kv.prefix_caching:
+                self.kv.count_lookup(len(seq.token_ids), hit)
+                if seq.num_preemptions == 0:
+                    seq.num_cached_tokens = hit
+                    batch.cached_prompt_tokens += hit
             self.waiting.popleft()
             self.kv.grow(seq.block_table, total)
+            self._cache_prompt_blocks(seq, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.entries.append((seq, n))

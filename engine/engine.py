@@ -46,6 +46,7 @@ class EngineConfig:
     speculative_config: dict[str, Any] | None = None
     cost_table: str | None = None  # SPS(B) JSON to load (or save after profiling); default: in the cache dir
     record_acceptance: str | None = None  # JSONL of verification rounds, for `dspark calibrate`
+    enable_prefix_caching: bool = True  # reuse the KV (and drafter context) of cached prompt blocks
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved_device(self) -> torch.device:
@@ -94,7 +95,10 @@ class LLMEngine:
                 raise ValueError(f"num_speculative_tokens {self.gamma} exceeds the drafter's block_size {drafter.config.block_size}")
         self.runner = ModelRunner(loaded, cfg.block_size, cfg.kv_cache_memory, self.device, drafter, self.gamma)
         self.proposer = self.runner.proposer
-        self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size)
+        # Anything that changes a block's KV for the same tokens belongs in the salt of its hash.
+        salt = f"{loaded.path}|{self.runner.dtype}|{loaded.model.quantization}|{self.spec.model if drafter else ''}"
+        self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, prefix_caching=cfg.enable_prefix_caching,
+                                 cache_salt=salt)
         self.batcher = ContinuousBatcher(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
@@ -189,6 +193,7 @@ class LLMEngine:
         caps = spec.caps(b.running, b.waiting, b.max_num_batched_tokens, b.max_num_seqs) if spec is not None else None
         batch = self.batcher.schedule(caps)
         self.stats.preemptions += len(batch.preempted)
+        self.stats.prompt_tokens += batch.cached_prompt_tokens
         if not batch:
             return []
         t0 = time.monotonic()
@@ -451,6 +456,7 @@ class LLMEngine:
             "first_token_time": seq.first_token_time,
             "finish_time": seq.finish_time,
             "num_preemptions": seq.num_preemptions,
+            "num_cached_tokens": seq.num_cached_tokens,
         }
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [comp], seq.finished, seq.error, metrics)
 
@@ -459,6 +465,7 @@ class LLMEngine:
         the clients: keep internals out of it)."""
         outs = []
         now = time.monotonic()
+        self.kv.drop_prefix_cache()  # the failed step may have left registered blocks half written
         for seq in list(self.seqs.values()):
             outs.append(self._fail(seq, message, now))
             self._release(seq)
@@ -487,7 +494,7 @@ class EngineStats:
     preemptions: int = 0
     aborted: int = 0
     finished: dict = field(default_factory=dict)  # finish_reason -> count
-    prompt_tokens: int = 0  # prompt tokens prefilled (recomputation after preemption excluded)
+    prompt_tokens: int = 0  # prompt tokens of requests, each once: prefilled or from the prefix cache (recomputation after preemption excluded)
     generation_tokens: int = 0
     last_step_tokens: int = 0
     last_step_seqs: int = 0

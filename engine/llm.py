@@ -33,6 +33,7 @@ class LLM:
         device: str = "auto",
         num_threads: int | None = None,
         speculative_config: dict[str, Any] | None = None,
+        enable_prefix_caching: bool = True,
     ):
         self.engine = LLMEngine(
             EngineConfig(
@@ -40,6 +41,7 @@ class LLM:
                 max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                 block_size=block_size, kv_cache_memory=kv_cache_memory, device=device,
                 num_threads=num_threads, speculative_config=speculative_config,
+                enable_prefix_caching=enable_prefix_caching,
             )
         )
         self._ids = itertools.count()

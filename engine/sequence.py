@@ -60,6 +60,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.error: str | None = None
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens the prefix cache supplied at first admission
         self.output_logprobs: list[dict] = []
         self.cumulative_logprob = 0.0
         self.generator: torch.Generator | None = None

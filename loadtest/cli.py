@@ -53,11 +53,14 @@ def add_endpoint_args(p: argparse.ArgumentParser, base_url_default: str | None =
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--dataset", default="synthetic",
-                   help="synthetic (default), sharegpt, or a JSONL set of ../shared/eval_datasets by name "
-                        "(gsm8k, mbpp, humaneval, math500, aime24, arena-hard-v2)")
+                   help="synthetic (default), sharegpt, sharegpt-multiturn (conversations replayed turn by turn), "
+                        "sharegpt-system-prompt (ShareGPT questions behind one shared system prompt), or a JSONL "
+                        "set of ../shared/eval_datasets by name (gsm8k, mbpp, humaneval, math500, aime24, arena-hard-v2)")
     g.add_argument("--dataset-path", default=None,
                    help="file to read instead of the default (ShareGPT JSON or a {\"turns\": [...]} JSONL)")
     g.add_argument("--input-len", type=int, default=128, help="synthetic: words per prompt (default 128)")
+    g.add_argument("--system-prompt-words", type=int, default=300,
+                   help="sharegpt-system-prompt: words of the system prompt every request shares (default 300)")
     g.add_argument("--max-tokens", type=int, default=None,
                    help="max_tokens of each request (default: synthetic 128, JSONL 256, ShareGPT the first "
                         "gpt turn's length; for ShareGPT a given value caps that length)")

@@ -81,9 +81,10 @@ def check_base_url(url: str, allow_remote: bool) -> None:
 def build_payload(spec: RequestSpec, endpoint: str, model: str, stream: bool, temperature: float,
                   include_usage: bool, ignore_eos: bool, extra: dict | None) -> dict:
     if endpoint == "chat":
-        payload: dict = {"model": model, "messages": [{"role": "user", "content": spec.prompt}]}
+        payload: dict = {"model": model, "messages": spec.messages or [{"role": "user", "content": spec.prompt}]}
     else:
-        payload = {"model": model, "prompt": spec.prompt}
+        text = "\n\n".join(m["content"] for m in spec.messages) if spec.messages else spec.prompt
+        payload = {"model": model, "prompt": text}
     payload.update(max_tokens=spec.max_tokens, temperature=temperature, stream=stream)
     if stream and include_usage:
         payload["stream_options"] = {"include_usage": True}

@@ -105,6 +105,8 @@ def engine_stats(d: Samples) -> dict:
         "generation_tokens": _value(d, "dspark_generation_tokens_total"),
         "prompt_tokens": _value(d, "dspark_prompt_tokens_total"),
         "preemptions": _value(d, "dspark_engine_preemptions_total"),
+        "prefix_cache_queries": _value(d, "dspark_prefix_cache_queries_total"),
+        "prefix_cache_hits": _value(d, "dspark_prefix_cache_hits_total"),
         "errors_by_code": errors,
     }
 

@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, default=1,
                    help="measure the grid N times with the configurations interleaved point by point and all "
                         "servers kept up; a point reports its median round (default 1: one server at a time)")
+    g.add_argument("--fresh-prompts", action="store_true",
+                   help="every point (and round) sends requests of its own, none sent before: a server with a "
+                        "prefix cache then meets each prompt once, as in serving (default: every point replays "
+                        "the first requests of the workload)")
     g.add_argument("--baseline", default=None,
                    help="configuration the others are compared with, per round (default: the first)")
     add_sla_args(p)
@@ -136,11 +140,26 @@ def open_config(base_url: str, args, specs_all) -> tuple[dict, str]:
     return identity, model
 
 
-def measure_point(name: str, args, model: str, specs_all, c: int, per_point) -> dict:
+def measure_point(name: str, args, model: str, specs_all, c: int, per_point, round_index: int = 0) -> dict:
     cfg = load_config(args, model, concurrency=c)
-    point = asyncio.run(measure(specs_all[: per_point(c)], cfg, sla_from_args(args), args.save_itl))
+    point = asyncio.run(measure(point_specs(args, specs_all, c, per_point, round_index), cfg, sla_from_args(args),
+                                args.save_itl))
     print(point_line(name, c, point), file=sys.stderr)
     return {"concurrency": c, **point}
+
+
+def point_specs(args, specs_all, c: int, per_point, round_index: int = 0) -> list:
+    """The requests of one point: the first per_point(c) of the workload, or with --fresh-prompts
+    a slice of its own (after the warm-up ones), the same slice for every configuration."""
+    if not getattr(args, "fresh_prompts", False):
+        return specs_all[: per_point(c)]
+    start = args.warmup_requests
+    for r in range(round_index + 1):
+        for g in args.grid:
+            if (r, g) == (round_index, c):
+                return specs_all[start: start + per_point(c)]
+            start += per_point(g)
+    raise ValueError(f"concurrency {c} is not in the grid")
 
 
 def sweep_config(name: str, base_url: str, args, specs_all, grid: list[int], per_point) -> dict:
@@ -194,7 +213,7 @@ def sweep_interleaved(live: list[tuple[dict, str, argparse.Namespace, str]], arg
                     continue
                 try:
                     measured[name].setdefault(c, []).append(measure_point(f"{name} round {r + 1}", a, model,
-                                                                           specs_all, c, per_point))
+                                                                           specs_all, c, per_point, r))
                 except Exception as e:  # a server that died loses its later points, not the others'
                     entry["error"] = f"{type(e).__name__} in round {r + 1} at c={c}: {e}"
                     print(f"[{name}] FAILED: {entry['error']}", file=sys.stderr)
@@ -209,12 +228,18 @@ def _headers(args) -> dict:
     return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
 
+def _engine(point: dict) -> dict:
+    return (point.get("server_metrics") or {}).get("engine") or {}
+
+
 def markdown(sweep: dict) -> str:
     sla = any(p["summary"].get("goodput") for c in sweep["configs"] for p in c.get("points", []))
+    prefix = any(_engine(p).get("prefix_cache_queries") for c in sweep["configs"] for p in c.get("points", []))
     rounds = sweep.get("rounds", 1) > 1
     base = sweep.get("baseline")
     head = ("| config | concurrency | req/s | output tok/s | tok/s/user (mean) | TTFT p50 / p99 (ms) | "
             "TPOT p50 (ms) | E2E p99 (s) | tau | verify budget | failed |" + (" goodput tok/s |" if sla else "")
+            + (" prefix cache hits |" if prefix else "")
             + (f" output tok/s, each round | x {base}: output tok/s, tok/s/user (medians of per-round ratios) |"
                if rounds else ""))
     lines = [f"# Sweep {sweep['name']}", "", f"`{sweep['command']}`", "",
@@ -238,6 +263,10 @@ def markdown(sweep: dict) -> str:
                    fmt(spec.get("mean_verify_budget")), str(s["requests_failed"])]
             if sla:
                 row.append(fmt((s.get("goodput") or {}).get("output_token_throughput")))
+            if prefix:
+                e = _engine(p)
+                q = e.get("prefix_cache_queries") or 0
+                row.append(f"{100 * (e.get('prefix_cache_hits') or 0) / q:.0f}%" if q else "-")
             if rounds:
                 row.append(" / ".join(fmt(r["output_token_throughput"]) for r in p.get("rounds", [])))
                 vs = p.get("vs_baseline") or {}
@@ -314,7 +343,10 @@ def sweep_main(argv: list[str]) -> int:
     def per_point(c: int) -> int:
         return args.num_requests or max(16, 4 * c)
 
-    specs_all, workload = build_workload(args, max(per_point(c) for c in grid))
+    args.grid = grid
+    total = (args.warmup_requests + args.rounds * sum(per_point(c) for c in grid) if args.fresh_prompts
+             else max(per_point(c) for c in grid))
+    specs_all, workload = build_workload(args, total)
     name = args.name or f"sweep-{args.dataset}-{report.timestamp()}"
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix=f"loadtest-{name}-"))
     sweep = {
@@ -326,7 +358,8 @@ def sweep_main(argv: list[str]) -> int:
         "workload": workload,
         "grid": grid,
         "per_point": (f"{args.num_requests} requests per point" if args.num_requests
-                      else "max(16, 4 x concurrency) requests per point") + f", at most {args.max_duration:g} s",
+                      else "max(16, 4 x concurrency) requests per point") + f", at most {args.max_duration:g} s"
+                     + (", fresh requests at every point" if args.fresh_prompts else ""),
         "sla": sla_from_args(args).to_dict(),
         "log_dir": str(log_dir),
         "rounds": args.rounds,

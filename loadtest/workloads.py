@@ -26,6 +26,8 @@ class RequestSpec:
     max_tokens: int
     prompt_len: int | None = None  # tokens, when a tokenizer measured it
     source: str | None = None  # record id / line number in the dataset
+    # Chat history to send instead of one user message `prompt` (multi-turn and system-prompt sets).
+    messages: list[dict] | None = None
 
 
 # ---------------------------------------------------------------- tokenizer (lengths only)
@@ -132,25 +134,91 @@ def iter_json_array(fp: TextIO, chunk_size: int = 1 << 20) -> Iterator[object]:
         yield item
 
 
-def sharegpt_pairs(fp: TextIO) -> Iterator[tuple[str, str, str]]:
-    """(id, first human turn, first gpt turn after it) of each complete record."""
+def _sharegpt_records(fp: TextIO) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """(id, [(speaker, text), ...]) of each record, without malformed or empty turns."""
     for rec in iter_json_array(fp):
         if not isinstance(rec, dict):
             continue
-        human = gpt = None
+        turns = []
         for turn in rec.get("conversations") or []:
-            if not isinstance(turn, dict):
-                continue
-            who, text = turn.get("from"), turn.get("value")
-            if not isinstance(text, str) or not text.strip():
-                continue
+            if isinstance(turn, dict) and isinstance(turn.get("value"), str) and turn["value"].strip():
+                turns.append((turn.get("from"), turn["value"]))
+        yield str(rec.get("id", "")), turns
+
+
+def sharegpt_pairs(fp: TextIO) -> Iterator[tuple[str, str, str]]:
+    """(id, first human turn, first gpt turn after it) of each complete record."""
+    for rid, turns in _sharegpt_records(fp):
+        human = None
+        for who, text in turns:
             if human is None and who == "human":
                 human = text
             elif human is not None and who == "gpt":
-                gpt = text
+                yield rid, human, text
                 break
-        if human is not None and gpt is not None:
-            yield str(rec.get("id", "")), human, gpt
+
+
+def sharegpt_conversations(fp: TextIO) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """(id, [(human, gpt), ...]) of each complete record: its alternating turns, from the first
+    human turn to the last answered one."""
+    for rid, turns in _sharegpt_records(fp):
+        pairs, human = [], None
+        for who, text in turns:
+            if who == "human":
+                human = text
+            elif who == "gpt" and human is not None:
+                pairs.append((human, text))
+                human = None
+        if pairs:
+            yield rid, pairs
+
+
+def load_sharegpt_multiturn(path: Path, num: int, seed: int, count: Callable[[str], int], max_input_len: int,
+                            max_tokens: int | None, max_turns: int = 4) -> list[RequestSpec]:
+    """Conversations of at least two turns replayed turn by turn: request k sends the first k human
+    turns with the dataset's answers between them (so each prompt extends the one before, as a
+    chat client's does), and asks for as many tokens as the k-th answer has (capped at
+    `max_tokens`). A conversation's turns are consecutive in the list; conversations are drawn
+    (seeded) until `num` requests, stopping a conversation at `max_turns` or `max_input_len`."""
+    convs = []
+    with open(path, encoding="utf-8", errors="replace") as fp:
+        for rid, pairs in sharegpt_conversations(fp):
+            if len(pairs) < 2:
+                continue
+            convs.append((rid, pairs))
+            if len(convs) >= max(4 * num, 500):
+                break
+    random.Random(seed).shuffle(convs)
+    out: list[RequestSpec] = []
+    for rid, pairs in convs:
+        history: list[dict] = []
+        plen = 0
+        for k, (human, gpt) in enumerate(pairs[:max_turns]):
+            plen += count(human)
+            olen = count(gpt)
+            if plen > max_input_len or olen < MIN_LEN:
+                break
+            history.append({"role": "user", "content": human})
+            out.append(RequestSpec(human, olen if max_tokens is None else min(olen, max_tokens), plen,
+                                   f"{rid} turn {k + 1}", messages=list(history)))
+            history.append({"role": "assistant", "content": gpt})
+            plen += olen
+            if len(out) >= num:
+                return out
+    if not out:
+        raise SystemExit(f"no multi-turn ShareGPT conversation of {path} passes the length filters")
+    return out
+
+
+def with_system_prompt(specs: list[RequestSpec], words: int, seed: int) -> list[RequestSpec]:
+    """The same requests behind one shared system prompt of `words` words (an assistant's long
+    instructions; the same for every request, as in a deployed application)."""
+    rng = random.Random(seed + 1)
+    system = "You are the assistant of an application. Follow these instructions: " + " ".join(
+        rng.choice(_WORDS) for _ in range(words))
+    return [RequestSpec(s.prompt, s.max_tokens, s.prompt_len, s.source,
+                        messages=[{"role": "system", "content": system}, {"role": "user", "content": s.prompt}])
+            for s in specs]
 
 
 def sharegpt_path() -> Path:
@@ -252,7 +320,15 @@ def build_workload(args, num: int) -> tuple[list[RequestSpec], dict]:
         max_tokens = args.max_tokens or 128
         specs = synthetic(num, args.input_len, max_tokens, args.seed)
         info.update(input_len_words=args.input_len, max_tokens=max_tokens)
-    elif name == "sharegpt":
+    elif name == "sharegpt-multiturn":
+        counter = load_token_counter(args.tokenizer)
+        path = Path(args.dataset_path) if args.dataset_path else sharegpt_path()
+        specs = load_sharegpt_multiturn(path, num, args.seed, counter.count, args.max_input_len, args.max_tokens)
+        info.update(path=str(path), tokenizer=counter.name, max_input_len=args.max_input_len,
+                    turns="conversations of >= 2 turns replayed turn by turn (the dataset's answers in the "
+                          "history), at most 4 turns each", max_tokens=f"the turn's answer length, capped at "
+                          f"{args.max_tokens}" if args.max_tokens else "the turn's answer length")
+    elif name in ("sharegpt", "sharegpt-system-prompt"):
         counter = load_token_counter(args.tokenizer)
         path = Path(args.dataset_path) if args.dataset_path else sharegpt_path()
         specs = load_sharegpt(path, num, args.seed, counter.count, args.max_input_len, args.max_total_len,
@@ -261,6 +337,9 @@ def build_workload(args, num: int) -> tuple[list[RequestSpec], dict]:
                     max_total_len=args.max_total_len,
                     max_tokens=f"first gpt turn's length, capped at {args.max_tokens}" if args.max_tokens
                     else "first gpt turn's length")
+        if name == "sharegpt-system-prompt":
+            specs = with_system_prompt(specs, args.system_prompt_words, args.seed)
+            info["system_prompt_words"] = args.system_prompt_words
     else:
         path = Path(args.dataset_path) if args.dataset_path else eval_dataset_path(name)
         if not path.exists():

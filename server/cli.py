@@ -55,6 +55,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                    help="KV cache pool size, bytes or with a unit (2GiB); default 1GiB on CPU, 85%% of free GPU memory")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV and drafter context of cached prompt blocks (system prompts, earlier turns, "
+                        "the n choices of a request); --no-enable-prefix-caching recomputes every prompt")
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: the physical cores this process may use, within its affinity mask and cgroup CPU quota)")
     g.add_argument("--speculative-config", type=parse_json_dict, default=None,
                    help='JSON, e.g. {"method": "dspark", "model": PATH, "num_speculative_tokens": 7, '
@@ -91,7 +94,7 @@ def engine_config_from_args(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         kv_cache_memory=args.kv_cache_memory, num_threads=args.num_threads,
         speculative_config=args.speculative_config, cost_table=args.cost_table,
-        record_acceptance=args.record_acceptance,
+        record_acceptance=args.record_acceptance, enable_prefix_caching=args.enable_prefix_caching,
     )
 
 

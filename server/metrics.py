@@ -164,9 +164,15 @@ class EngineCollector:
             success.add_metric([reason], count)
         yield success
 
-        yield counter("dspark_prompt_tokens", "Prompt tokens prefilled (recomputation after preemption excluded)",
+        yield counter("dspark_prompt_tokens", "Prompt tokens of requests, each once (prefilled or from the prefix cache; recomputation after preemption excluded)",
                       s["prompt_tokens"])
         yield counter("dspark_generation_tokens", "Output tokens generated", s["generation_tokens"])
+        yield counter("dspark_prefix_cache_queries", "Prefix caching: tokens of admitted requests looked up in "
+                      "the cache (preempted requests again at resumption)", s.get("prefix_cache_queries", 0))
+        yield counter("dspark_prefix_cache_hits", "Prefix caching: of those tokens, the ones found cached (their "
+                      "KV and drafter context reused, not computed)", s.get("prefix_cache_hits", 0))
+        yield gauge("dspark_kv_cache_cached_blocks", "KV cache blocks holding a cached prompt prefix (in use or "
+                    "free; free ones are evicted least recently used first)", s.get("kv_cached_blocks", 0))
         yield counter("dspark_engine_preemptions", "Requests preempted (KV blocks freed, recomputed later)",
                       s["preemptions"])
 

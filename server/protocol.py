@@ -163,12 +163,22 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens the prefix cache supplied."""
+    out = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
+
+
+def cached_tokens(finals: dict, stride: int = 1) -> int:
+    """Prompt tokens served from the prefix cache, counted once per prompt: the first choice of
+    each (finals maps choice index -> RequestOutput; choices of one prompt are `stride` apart)."""
+    return sum(int(out.metrics.get("num_cached_tokens", 0)) for i, out in finals.items() if i % stride == 0)
 
 
 def _finite(lp: float) -> float:

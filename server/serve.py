@@ -84,8 +84,21 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 def _setting_name(action: argparse.Action) -> str:
     """--max-num-seqs -> max_num_seqs (the YAML key; the env variable is DSPARK_ + its upper case)."""
-    flag = max(action.option_strings, key=len)
+    flag = max((o for o in action.option_strings if not o.startswith("--no-")), key=len)
     return flag.lstrip("-").replace("-", "_")
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _parse_bool(value: Any) -> bool:
+    """An on/off flag's value from the environment ("true", "0"...) or YAML (a boolean)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
 
 
 def _convert(parser: argparse.ArgumentParser, action: argparse.Action, value: Any, source: str) -> Any:
@@ -93,6 +106,8 @@ def _convert(parser: argparse.ArgumentParser, action: argparse.Action, value: An
     if value is None:
         return None
     try:
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return _parse_bool(value)
         if action.type in (int, float) and not isinstance(value, str):
             # YAML already typed it: refuse `port: yes` or `max-num-seqs: 2.5` rather than coerce.
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (

@@ -103,7 +103,7 @@ class OpenAIServing:
             choices.append(P.chat_choice(k, comp.text, comp.finish_reason, lp))
         self._note_finish(rec, finals, completion_tokens)
         return JSONResponse(P.chat_response(rid, created, self.model_name, choices,
-                                            P.usage(len(prompt_ids), completion_tokens)))
+                                            P.usage(len(prompt_ids), completion_tokens, P.cached_tokens(finals, req.n))))
 
     async def _chat_events(self, job: GenerationJob, req: P.ChatCompletionRequest, rid: str, created: int,
                            prompt_tokens: int, rec: AccessRecord) -> AsyncIterator[dict]:
@@ -132,7 +132,7 @@ class OpenAIServing:
             yield chunk([P.chat_chunk_choice(k, delta, finish, lp)])
         self._note_finish(rec, finals, completion_tokens)
         if with_usage:
-            yield chunk([], P.usage(prompt_tokens, completion_tokens))
+            yield chunk([], P.usage(prompt_tokens, completion_tokens, P.cached_tokens(finals, req.n)))
 
     # ------------------------------------------------------------ completions
 
@@ -173,7 +173,7 @@ class OpenAIServing:
             choices.append(P.completion_choice(i, echo_texts.get(i, "") + comp.text, comp.finish_reason, lp))
         self._note_finish(rec, finals, completion_tokens)
         return JSONResponse(P.completion_response(rid, created, self.model_name, choices,
-                                                  P.usage(prompt_tokens, completion_tokens)))
+                                                  P.usage(prompt_tokens, completion_tokens, P.cached_tokens(finals, n))))
 
     async def _completion_events(self, job: GenerationJob, req: P.CompletionRequest, rid: str, created: int,
                                  prompt_tokens: int, num_choices: int, echo_texts: dict[int, str],
@@ -204,7 +204,7 @@ class OpenAIServing:
             yield chunk([P.completion_choice(i, comp.delta_text, finish, lp)])
         self._note_finish(rec, finals, completion_tokens)
         if with_usage:
-            yield chunk([], P.usage(prompt_tokens, completion_tokens))
+            yield chunk([], P.usage(prompt_tokens, completion_tokens, P.cached_tokens(finals, req.n)))
 
     # ------------------------------------------------------------ shared steps
 

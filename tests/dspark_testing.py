@@ -107,6 +107,34 @@ def drive(engine, requests, arrivals=None) -> dict:
     return done
 
 
+def drive_mixed(engine, rng, make_request, num: int = 200, abort_rate: float = 0.2, check=None) -> tuple[int, int]:
+    """`num` requests added one by one with 0-3 steps between them, a random live one aborted with
+    probability `abort_rate` after each, then run to the end. make_request(rng, i) gives (token ids,
+    SamplingParams); check(engine) runs after every addition. Returns (finished, aborted)."""
+    live: list[str] = []
+    finished = aborted = 0
+    for i in range(num):
+        ids, p = make_request(rng, i)
+        engine.add_request(f"m{i}", params=p, prompt_token_ids=ids)
+        live.append(f"m{i}")
+        for _ in range(rng.randint(0, 3)):
+            for out in engine.step():
+                if out.finished:
+                    finished += 1
+                    live.remove(out.request_id)
+        if live and rng.random() < abort_rate:
+            victim = rng.choice(live)
+            assert engine.abort_request(victim)
+            live.remove(victim)
+            aborted += 1
+        if check is not None:
+            check(engine)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            finished += out.finished
+    return finished, aborted
+
+
 # ---------------------------------------------------------------- a real server on loopback
 
 def free_port() -> int:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from dspark_testing import drive
+from dspark_testing import drive, drive_mixed
 from engine import EngineConfig, LLMEngine, RequestError, SamplingParams
 
 
@@ -47,29 +47,16 @@ def test_kv_accounting_after_200_mixed_requests(tiny):
     rng = random.Random(1)
     eng = _engine(tiny, kv_cache_memory=24 * 16 * 2 * 2 * 1 * 16 * 4, max_num_seqs=16, max_num_batched_tokens=96)
     total = eng.kv.num_blocks
-    live: list[str] = []
-    finished = aborted = 0
-    for i in range(200):
-        rid = f"m{i}"
+
+    def request(rng, i):
         p = SamplingParams(temperature=rng.choice([0.0, 1.0]), max_tokens=rng.randint(1, 40),
                            seed=rng.choice([None, i]), top_p=rng.choice([1.0, 0.9]))
-        eng.add_request(rid, params=p, prompt_token_ids=_prompt(rng, rng.randint(1, 90)))
-        live.append(rid)
-        for _ in range(rng.randint(0, 3)):
-            for out in eng.step():
-                if out.finished:
-                    finished += 1
-                    live.remove(out.request_id)
-        if live and rng.random() < 0.2:
-            victim = rng.choice(live)
-            assert eng.abort_request(victim)
-            live.remove(victim)
-            aborted += 1
-        assert eng.kv.num_used_blocks <= total
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            if out.finished:
-                finished += 1
+        return _prompt(rng, rng.randint(1, 90)), p
+
+    def check(e):
+        assert e.kv.num_used_blocks <= total
+
+    finished, aborted = drive_mixed(eng, rng, request, check=check)
     assert finished + aborted == 200 and aborted > 10
     assert eng.stats.preemptions > 0
     assert eng.kv.num_used_blocks == 0 and eng.kv.num_free_blocks == total

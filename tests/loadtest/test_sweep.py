@@ -133,7 +133,7 @@ def test_interleaved_rounds_alternate_the_configurations_point_by_point(monkeypa
     calls = []
     speed = {"a": 100.0, "b": 150.0}
 
-    def fake_point(name, args, model, specs_all, c, per_point):
+    def fake_point(name, args, model, specs_all, c, per_point, round_index=0):
         calls.append((name, c))
         slow = 0.5 if len(calls) in (3, 4) else 1.0  # a slow spell hits the two neighbouring points alike
         return {**_pt(speed[name.split()[0]] * slow), "concurrency": c}
@@ -147,6 +147,21 @@ def test_interleaved_rounds_alternate_the_configurations_point_by_point(monkeypa
     a, b = entries
     assert [p["concurrency"] for p in b["points"]] == [1, 4] and "vs_baseline" not in a["points"][0]
     assert all(p["vs_baseline"]["throughput_ratio"] == pytest.approx(1.5) for p in b["points"])
+
+
+def test_fresh_prompts_give_every_point_and_round_a_slice_of_its_own():
+    import argparse
+
+    from loadtest.sweep import point_specs
+
+    specs = list(range(100))
+    args = argparse.Namespace(fresh_prompts=True, warmup_requests=2, grid=[1, 4])
+    per_point = lambda c: 3 * c  # noqa: E731
+    got = {(r, c): point_specs(args, specs, c, per_point, r) for r in range(2) for c in (1, 4)}
+    assert got[(0, 1)] == [2, 3, 4] and got[(0, 4)] == list(range(5, 17))
+    assert got[(1, 1)] == [17, 18, 19] and got[(1, 4)] == list(range(20, 32))
+    args.fresh_prompts = False
+    assert point_specs(args, specs, 4, per_point, 1) == list(range(12))
 
 
 def test_sweep_rounds_end_to_end_keeps_every_server_up_and_writes_the_ratio_column(tmp_path):

@@ -8,8 +8,10 @@ from argparse import Namespace
 
 import pytest
 
-from loadtest.workloads import (ApproxTokenizer, build_workload, iter_json_array, load_jsonl_turns, load_sharegpt,
-                                sharegpt_pairs, synthetic)
+from loadtest.client import build_payload
+from loadtest.workloads import (ApproxTokenizer, RequestSpec, build_workload, iter_json_array, load_jsonl_turns,
+                                load_sharegpt, load_sharegpt_multiturn, sharegpt_conversations, sharegpt_pairs,
+                                synthetic, with_system_prompt)
 
 
 def record(rid: str, human: str, gpt: str, first: str = "human") -> dict:
@@ -77,6 +79,37 @@ def test_load_sharegpt_filters_by_length_and_uses_the_answer_length(tmp_path):
     assert all(s.max_tokens == 8 for s in specs)  # capped
     with pytest.raises(SystemExit):
         load_sharegpt(path, 1, seed=0, count=count, max_input_len=1, max_total_len=2, max_tokens=None)
+
+
+def test_multiturn_replays_each_conversation_turn_by_turn(tmp_path):
+    path = tmp_path / "sharegpt.json"
+    path.write_text(truncated_text(), encoding="utf-8")
+    convs = dict(sharegpt_conversations(io.StringIO(truncated_text())))
+    assert [h for h, _ in convs["a"]] == ["What is a prompt?", "and a second question"]
+    count = ApproxTokenizer().count
+    specs = load_sharegpt_multiturn(path, 6, seed=0, count=count, max_input_len=1024, max_tokens=None)
+    assert len(specs) == 6  # three conversations of two turns
+    for first, second in zip(specs[::2], specs[1::2]):
+        assert first.source.endswith("turn 1") and second.source.endswith("turn 2")
+        assert [m["role"] for m in first.messages] == ["user"]
+        assert [m["role"] for m in second.messages] == ["user", "assistant", "user"]
+        assert second.messages[0] == first.messages[0]  # each turn extends the one before
+        assert second.messages[2]["content"] == "and a second question"
+        assert second.max_tokens == count("second answer")
+    # too long a history stops the conversation
+    short = load_sharegpt_multiturn(path, 6, seed=0, count=count, max_input_len=6, max_tokens=4)
+    assert all(s.source.endswith("turn 1") for s in short) and all(s.max_tokens <= 4 for s in short)
+
+
+def test_system_prompt_workload_shares_one_system_message():
+    specs = with_system_prompt([RequestSpec("q1", 8), RequestSpec("q2", 8)], words=50, seed=3)
+    assert specs[0].messages[0] == specs[1].messages[0] and specs[0].messages[0]["role"] == "system"
+    assert len(specs[0].messages[0]["content"].split()) > 50
+    assert specs[1].messages[1] == {"role": "user", "content": "q2"}
+    chat = build_payload(specs[0], "chat", "m", False, 0.0, False, False, None)
+    assert chat["messages"] == specs[0].messages
+    text = build_payload(specs[0], "completions", "m", False, 0.0, False, False, None)
+    assert text["prompt"].endswith("q1") and text["prompt"].startswith("You are the assistant")
 
 
 def test_packaged_sharegpt_file_parses():

@@ -36,7 +36,8 @@ def test_required_metric_names_are_documented():
         "dspark_spec_decode_num_drafts_total", "dspark_spec_decode_num_proposed_tokens_total",
         "dspark_spec_decode_num_draft_tokens_total", "dspark_spec_decode_num_accepted_tokens_total",
         "dspark_spec_decode_num_accepted_tokens_per_pos_total", "dspark_spec_decode_verify_length",
-        "dspark_engine_preemptions_total", "dspark_model_info",
+        "dspark_engine_preemptions_total", "dspark_model_info", "dspark_prefix_cache_queries_total",
+        "dspark_prefix_cache_hits_total", "dspark_kv_cache_cached_blocks",
     }
     assert required <= set(documented_metrics())
 
@@ -88,6 +89,16 @@ def test_counters_follow_a_request(client):
     assert delta("dspark_request_prompt_tokens_sum") == usage["prompt_tokens"]
     assert delta("dspark_request_generation_tokens_sum") == 5
     assert metric_value(after, "dspark_kv_cache_total_blocks") > 0
+    # the same conversation again: its full prompt blocks come from the prefix cache
+    second = client.post("/v1/chat/completions", json=chat_body(max_tokens=2, ignore_eos=True)).json()
+    again = client.get("/metrics").text
+    hits = metric_value(again, "dspark_prefix_cache_hits_total") - metric_value(after, "dspark_prefix_cache_hits_total")
+    block = 16
+    assert hits == (usage["prompt_tokens"] - 1) // block * block > 0
+    assert metric_value(again, "dspark_prefix_cache_queries_total") - metric_value(after, "dspark_prefix_cache_queries_total") == usage["prompt_tokens"]
+    assert metric_value(again, "dspark_prompt_tokens_total") - metric_value(after, "dspark_prompt_tokens_total") == usage["prompt_tokens"]
+    assert metric_value(again, "dspark_kv_cache_cached_blocks") >= hits // block
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": hits}  # OpenAI's field
     info = [s for f in text_string_to_metric_families(after) if f.name == "dspark_model_info" for s in f.samples]
     assert info[0].labels["model"] == "SmolLM2-135M-Instruct" and info[0].labels["dtype"]
 

@@ -57,6 +57,19 @@ def test_values_are_converted_like_flags(tmp_path):
     assert a.speculative_config == {"method": "dspark"} and a.kv_cache_memory == 2 << 30
 
 
+def test_prefix_caching_is_on_by_default_and_off_from_any_layer(tmp_path):
+    assert resolve([]).enable_prefix_caching is True
+    assert engine_config_from_args(resolve([])).enable_prefix_caching is True
+    assert resolve(["--no-enable-prefix-caching"]).enable_prefix_caching is False
+    assert resolve([], env={"DSPARK_ENABLE_PREFIX_CACHING": "false"}).enable_prefix_caching is False
+    assert resolve([], env={"DSPARK_ENABLE_PREFIX_CACHING": "1"}).enable_prefix_caching is True
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("enable-prefix-caching: false\n")
+    a = resolve(["--config", str(cfg)])
+    assert a.enable_prefix_caching is False and engine_config_from_args(a).enable_prefix_caching is False
+    assert resolve(["--config", str(cfg), "--enable-prefix-caching"]).enable_prefix_caching is True
+
+
 def test_config_file_can_come_from_the_environment(tmp_path):
     cfg = tmp_path / "serve.yaml"
     cfg.write_text("served-model-name: my-model\n")
@@ -79,6 +92,8 @@ def test_log_level_from_any_layer():
     ("", {"DSPARK_PORT": "eighty"}),
     ("", {"DSPARK_KV_CACHE_MEMORY": "lots"}),
     ("", {"DSPARK_SPECULATIVE_CONFIG": "[1]"}),
+    ("", {"DSPARK_ENABLE_PREFIX_CACHING": "maybe"}),
+    ("enable-prefix-caching: 3\n", {}),
 ])
 def test_bad_settings_exit_with_a_message(tmp_path, capsys, yaml_text, env):
     cfg = tmp_path / "serve.yaml"
