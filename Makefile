@@ -87,7 +87,7 @@ bench-prefix: install
 	for set in sharegpt-multiturn sharegpt-system-prompt; do \
 	$(PY) -m loadtest sweep --name prefix-caching-$$set --result-dir docs/benchmarks --dataset $$set \
 		--max-tokens 64 --temperature 0 --concurrency-grid $(PREFIX_GRID) --num-requests 32 --fresh-prompts \
-		--config-name caching-on --config-name caching-off --server-args "--no-enable-prefix-caching" \
+		--config-name caching-on --config-name caching-off --server-args="--no-enable-prefix-caching" \
 		--baseline caching-off --rounds 2 --no-progress $(ARGS) || exit 1; done
 
 # The embedded drafter, reproduced end to end (docs/benchmarks/drafter.md). Data and the run

@@ -68,6 +68,9 @@ class AsyncEngine:
         self._ready = threading.Event()
         self._init_error: BaseException | None = None
         self.engine: LLMEngine | None = None
+        self._snapshot: dict[str, Any] = {}  # published by the engine thread (`_publish`)
+        self._ece: dict = {}
+        self._ece_time = float("-inf")
         self._thread = threading.Thread(target=self._main, args=(config,), name="dspark-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -112,7 +115,7 @@ class AsyncEngine:
             if self.dead:
                 raise EngineDeadError(self.dead)
             # Requests beyond the free running slots wait; bound those.
-            free_slots = max(0, self.engine.config.max_num_seqs - self.engine.num_running)
+            free_slots = max(0, self.engine.config.max_num_seqs - self._snapshot["num_running"])
             if self.num_waiting + self._pending - free_slots >= self.max_waiting:
                 raise QueueFullError(f"{self.max_waiting} requests are already waiting")
             self._pending += 1
@@ -142,23 +145,38 @@ class AsyncEngine:
         self._wake.set()
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot for metrics: queue sizes, KV blocks and the engine's cumulative counters."""
+        """A snapshot for metrics: queue sizes, KV blocks and the engine's cumulative counters, as
+        the engine thread published them after its last step (never read from the engine while a
+        step runs), plus the requests submitted since and not yet seen by that thread."""
+        snap = dict(self._snapshot)
+        with self._lock:
+            snap["num_waiting"] += self._pending
+        return snap
+
+    def _publish(self) -> None:
+        """Engine thread: take the snapshot `stats()` serves (a few dozen counters, ~10 us). The
+        online calibration's ECE costs more and changes slowly: refreshed at most once a second."""
         eng = self.engine
         snap = eng.stats.snapshot()
+        kv = eng.kv
         snap.update(
             num_running=eng.num_running,
-            num_waiting=eng.num_waiting + self._pending,
-            kv_used_blocks=eng.kv.num_used_blocks,
-            kv_total_blocks=eng.kv.num_blocks,
-            block_size=eng.kv.block_size,
-            prefix_cache_queries=eng.kv.prefix_queries,
-            prefix_cache_hits=eng.kv.prefix_hits,
-            kv_cached_blocks=eng.kv.allocator.num_cached,
+            num_waiting=eng.num_waiting,
+            kv_used_blocks=kv.num_used_blocks,
+            kv_total_blocks=kv.num_blocks,
+            block_size=kv.block_size,
+            prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits,
+            kv_cached_blocks=kv.allocator.num_cached,
         )
         spec = eng.speculative
         if spec is not None and spec.online is not None:
-            snap["spec_calibration_ece"] = {mode: cal.ece_by_position() for mode, cal in spec.online.items()}
-        return snap
+            now = time.monotonic()
+            if now - self._ece_time >= 1.0:
+                self._ece = {mode: cal.ece_by_position() for mode, cal in spec.online.items()}
+                self._ece_time = now
+            snap["spec_calibration_ece"] = self._ece
+        self._snapshot = snap  # one reference assignment: readers see the old dict or the new one
 
     def calibration_report(self) -> dict | None:
         """Live calibration of the drafter's confidences (None without speculation)."""
@@ -167,7 +185,7 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        return self.engine.num_waiting
+        return self._snapshot["num_waiting"]
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop = True
@@ -215,6 +233,7 @@ class AsyncEngine:
     def _main(self, config: EngineConfig) -> None:
         try:
             self.engine = LLMEngine(config)
+            self._publish()
         except BaseException as e:  # reported by __init__, in the caller's thread
             self._init_error = e
             return
@@ -253,6 +272,7 @@ class AsyncEngine:
         eng = self.engine
         while not self._stop:
             self._drain_commands()
+            self._publish()
             if not eng.has_unfinished_requests():
                 self._wake.wait(0.1)
                 self._wake.clear()
@@ -263,6 +283,7 @@ class AsyncEngine:
                 log.error("engine step failed: %s: %s\n%s", type(e).__name__, e, traceback.format_exc())
                 # Every request of the step fails (the error cannot be pinned on one); the engine goes on.
                 outputs = eng.fail_all("internal error in the engine step (see the server log)")
+            self._publish()  # before the outputs go out: a client that got its answer sees it counted
             for out in outputs:
                 self._deliver(out.request_id, out, out.finished)
         # Shutting down: whoever still waits gets an abort.

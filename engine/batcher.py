@@ -22,20 +22,47 @@ from .block_manager import KVCacheManager
 from .sequence import Sequence, SequenceStatus
 
 
+@dataclass(eq=False)
+class StepRow:
+    """One sequence's part in one engine step, from scheduling to commit (`LLMEngine.step` reads
+    the stages in order; each fills its fields)."""
+
+    seq: Sequence
+    scheduled: int  # token slots it holds this step: `pending` + room for drafts
+    pending: int  # tokens of seq.token_ids it feeds: a prefill chunk, or the last sampled token (the anchor)
+    # drafting (SpeculativeDecoder.draft): tokens fed after the anchor, and what verification needs
+    draft: list[int] = field(default_factory=list)
+    draft_info: dict | None = None  # draft probabilities (sampled requests), confidence logits, lookup match
+    # the forward (ModelRunner.execute): its logits rows; None: it does not sample this step (a prefill chunk)
+    logits_row: int | None = None
+    num_logits: int = 0
+    fed: int = 0  # tokens whose KV and drafter context the forward wrote: pending + len(draft)
+    accepted: int = 0  # drafts verification accepted
+    emitted: list = field(default_factory=list)  # (token, logprob) to append at commit
+    failure: str | None = None  # why this request fails (alone), in words for its client
+
+
 @dataclass
 class ScheduledBatch:
-    # (sequence, number of new tokens it feeds this step), in flat-batch order.
-    entries: list[tuple[Sequence, int]] = field(default_factory=list)
+    rows: list[StepRow] = field(default_factory=list)  # in flat-batch order
     preempted: list[Sequence] = field(default_factory=list)
     # Prompt tokens of requests admitted for the first time that the prefix cache supplied.
     cached_prompt_tokens: int = 0
 
     @property
+    def entries(self) -> list[tuple[Sequence, int]]:
+        """(sequence, token slots) pairs."""
+        return [(r.seq, r.scheduled) for r in self.rows]
+
+    @property
     def num_tokens(self) -> int:
-        return sum(n for _, n in self.entries)
+        return sum(r.scheduled for r in self.rows)
 
     def __bool__(self) -> bool:
-        return bool(self.entries)
+        return bool(self.rows)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.rows.append(StepRow(seq, n, min(n, seq.num_pending_tokens)))
 
 
 class ContinuousBatcher:
@@ -104,7 +131,7 @@ class ContinuousBatcher:
                 continue  # running[i] is now the next sequence
             self.kv.grow(seq.block_table, total)
             self._cache_prompt_blocks(seq, n)
-            batch.entries.append((seq, n))
+            batch.add(seq, n)
             scheduled.add(id(seq))
             budget -= n
             i += 1
@@ -134,6 +161,6 @@ class ContinuousBatcher:
             self._cache_prompt_blocks(seq, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            batch.entries.append((seq, n))
+            batch.add(seq, n)
             budget -= n
         return batch

@@ -12,14 +12,14 @@ import torch
 from models.dspark import load_drafter
 from models.loader import load_model
 
-from .batcher import ContinuousBatcher
+from .batcher import ContinuousBatcher, StepRow
 from .block_manager import KVCacheManager
 from .cpu_alloc import keep_freed_memory
 from .cpu_threads import default_num_threads
 from .faults import FaultInjector
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
-from .sampler import Sampler
+from .sampler import Sampler, top_logprobs
 from .speculative import SpecConfig, SpeculativeDecoder, verify
 from .sampling_params import SamplingParams
 from .sequence import Sequence, SequenceStatus
@@ -47,7 +47,6 @@ class EngineConfig:
     cost_table: str | None = None  # SPS(B) JSON to load (or save after profiling); default: in the cache dir
     record_acceptance: str | None = None  # JSONL of verification rounds, for `dspark calibrate`
     enable_prefix_caching: bool = True  # reuse the KV (and drafter context) of cached prompt blocks
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -188,83 +187,135 @@ class LLMEngine:
     # ------------------------------------------------------------ the step
 
     def step(self) -> list[RequestOutput]:
+        """One engine step, in the order it happens (one `StepRow` per scheduled sequence carries
+        it through):
+
+        1. schedule: the speculative caps (from the queues and earlier steps only, before anything
+           is drafted), then the batch: running requests first, then admissions (sharing cached
+           prefix blocks), each row with its token slots: pending tokens + room for drafts;
+        2. draft and plan (`SpeculativeDecoder.draft`): one drafter pass for the decoding rows with
+           room, context lookup, the policy's verification lengths -> row.draft;
+        3. one forward (`ModelRunner.execute`): target KV and drafter context written for every fed
+           token, logits for the rows that sample;
+        4. count the fed tokens as computed; sample the plain rows (one batched sample);
+        5. verify the drafted rows: an accepted prefix of the drafts and one token more;
+        6. commit (`_commit`): rejected drafts and unused slots rolled back, tokens appended, stop
+           rules, outputs, finished requests released.
+        """
         spec = self.speculative
         b = self.batcher
         caps = spec.caps(b.running, b.waiting, b.max_num_batched_tokens, b.max_num_seqs) if spec is not None else None
-        batch = self.batcher.schedule(caps)
+        batch = b.schedule(caps)
         self.stats.preemptions += len(batch.preempted)
         self.stats.prompt_tokens += batch.cached_prompt_tokens
-        if not batch:
+        rows = batch.rows
+        if not rows:
             return []
         t0 = time.monotonic()
-        drafts, draft_info = {}, {}
         if caps:
             self.stats.spec_last_realised_tokens = 0
-            drafts, draft_info = spec.draft(batch.entries, self.kv.block_size)
-        logits, sampling = self.runner.execute(batch.entries, drafts)
+            spec.draft(rows, self.kv.block_size)
+        logits = self.runner.execute(rows)
+        sampling = [r for r in rows if r.logits_row is not None]
         if self.faults is not None:
-            self.faults.after_forward(logits, [(s.request_id, r, n) for s, r, n in sampling])
-        # A request whose processing fails fails alone: {id(seq): client-facing reason}.
-        failed = self._nonfinite_rows(logits, sampling)
-        fed: dict[int, int] = {}
-        for seq, n in batch.entries:
-            n_fed = min(n, seq.num_pending_tokens) + len(drafts.get(id(seq), ()))
-            fed[id(seq)] = n_fed
-            if seq.num_preemptions == 0:
-                self.stats.prompt_tokens += max(0, min(n_fed, seq.num_prompt_tokens - seq.num_computed_tokens))
-            seq.num_computed_tokens += n_fed
-        # Plain rows: one batched sample. Drafted rows: verification per request.
-        plain = [(seq, row) for seq, row, nrows in sampling if id(seq) not in drafts and id(seq) not in failed]
-        result = self.sampler(logits[[r for _, r in plain]], [s for s, _ in plain], self.faults) if plain else None
+            self.faults.after_forward(logits, [(r.seq.request_id, r.logits_row, r.num_logits) for r in sampling])
+        self._mark_nonfinite(sampling, logits)
+        self._count_fed(rows)
+        self._sample_plain([r for r in sampling if not r.draft and r.failure is None], logits)
         now = time.monotonic()
-        self.stats.record_step(sum(fed.values()), len(batch.entries), now - t0)
+        num_fed = sum(r.fed for r in rows)
+        self.stats.record_step(num_fed, len(rows), now - t0)
         if spec is not None:
-            spec.observe_step(sum(fed.values()), now - t0)
-        emitted: dict[int, list[tuple[int, object]]] = {}
-        for i, (seq, _) in enumerate(plain):
-            if i in result.errors:  # its sampling preparation raised: it fails alone
-                failed[id(seq)] = self._internal_failure(seq, result.errors[i])
-            else:
-                emitted[id(seq)] = [(result.token_ids[i], result.logprobs[i])]
-        for seq, row, nrows in sampling:
-            if id(seq) in drafts and id(seq) not in failed:
+            spec.observe_step(num_fed, now - t0)
+        for r in sampling:
+            if r.draft and r.failure is None:
                 try:
-                    emitted[id(seq)] = self._verify(seq, logits[row:row + nrows], drafts[id(seq)], draft_info[id(seq)])
+                    self._verify_drafts(r, logits[r.logits_row:r.logits_row + r.num_logits])
                 except Exception as e:
-                    failed[id(seq)] = self._internal_failure(seq, e)
+                    r.failure = self._internal_failure(r.seq, e)
+        return self._commit(rows, now)
+
+    def _mark_nonfinite(self, rows: list[StepRow], logits: torch.Tensor) -> None:
+        """A request with a NaN or inf among its logits fails alone (one reduction over the batch)."""
+        if not rows:
+            return
+        finite = torch.isfinite(logits.sum(dim=-1)).tolist()
+        for r in rows:
+            if not all(finite[r.logits_row:r.logits_row + r.num_logits]):
+                log.error("request %s: non-finite logits; failing it alone", r.seq.request_id)
+                r.failure = "the model produced non-finite logits (NaN or inf) for this request"
+
+    def _count_fed(self, rows: list[StepRow]) -> None:
+        """The forward wrote the KV (and drafter context) of each row's pending tokens and drafts:
+        they count as computed until verification rejects some."""
+        for r in rows:
+            seq = r.seq
+            r.fed = r.pending + len(r.draft)
+            if seq.num_preemptions == 0:
+                self.stats.prompt_tokens += max(0, min(r.fed, seq.num_prompt_tokens - seq.num_computed_tokens))
+            seq.num_computed_tokens += r.fed
+
+    def _sample_plain(self, rows: list[StepRow], logits: torch.Tensor) -> None:
+        """One batched sample for the rows without drafts; a row whose sampling cannot be prepared
+        fails alone."""
+        if not rows:
+            return
+        result = self.sampler(logits[[r.logits_row for r in rows]], [r.seq for r in rows], self.faults)
+        for i, r in enumerate(rows):
+            if i in result.errors:
+                r.failure = self._internal_failure(r.seq, result.errors[i])
+            else:
+                r.emitted = [(result.token_ids[i], result.logprobs[i])]
+
+    def _verify_drafts(self, row: StepRow, logits: torch.Tensor) -> None:
+        """Accept a prefix of the row's drafts (greedy: while they are the argmax; sampled: rejection
+        sampling) plus the next token; `logits` holds one row per fed token, anchor first."""
+        seq, draft = row.seq, row.draft
+        row.accepted, nxt = verify(seq.params, logits, draft, row.draft_info["probs"], seq.generator)
+        self.speculative.record_round(seq, len(draft), row.accepted, row.draft_info)
+        tokens = draft[:row.accepted] + [nxt]
+        lps: list = [None] * len(tokens)
+        k = seq.params.logprobs
+        if k is not None:
+            logp = logits[: len(tokens)].float().log_softmax(dim=-1)
+            lps = [(float(logp[j, t]), top_logprobs(logp[j], k)) for j, t in enumerate(tokens)]
+        row.emitted = list(zip(tokens, lps))
+
+    def _commit(self, rows: list[StepRow], now: float) -> list[RequestOutput]:
+        """The end of the step, per row:
+
+        - the computed count drops the rejected drafts (accepted ones and the anchor keep their KV);
+        - the target KV is truncated to that count, which frees the blocks of rejected drafts and of
+          speculative slots the plan did not use. The drafter's context needs no rollback of its
+          own: it lives in the same slots of the same block table, so the truncation releases it
+          too, and the next step's forward overwrites those slots before any draft reads them;
+        - the emitted tokens are appended (stop rules may end the request inside an accepted run),
+          an output is made for every row that sampled, and finished requests leave the engine.
+        """
         outputs = []
-        for seq, n in batch.entries:
+        for r in rows:
+            seq = r.seq
+            seq.num_computed_tokens -= len(r.draft) - r.accepted
             if seq.block_table.num_tokens > seq.num_computed_tokens:
-                # unused speculative slots and rejected drafts: roll the KV back
                 self.kv.truncate(seq.block_table, seq.num_computed_tokens)
-        for seq, _, _ in sampling:
-            out = None
-            if id(seq) not in failed:
+        for r in rows:
+            if r.logits_row is None:
+                continue  # a prefill chunk: nothing to say yet
+            seq, out = r.seq, None
+            if r.failure is None:
                 try:
-                    for token, lp in emitted[id(seq)]:
+                    for token, lp in r.emitted:
                         if self._append_token(seq, token, lp, now):
                             break
                     out = self._make_output(seq)
                 except Exception as e:
-                    failed[id(seq)] = self._internal_failure(seq, e)
+                    r.failure = self._internal_failure(seq, e)
             if out is None:
-                out = self._fail(seq, failed[id(seq)], now)
+                out = self._fail(seq, r.failure, now)
             outputs.append(out)
             if seq.finished:
                 self._release(seq)
         return outputs
-
-    def _nonfinite_rows(self, logits: torch.Tensor, sampling) -> dict[int, str]:
-        """Requests with a NaN or inf among their logits (one reduction over the batch)."""
-        if not sampling:
-            return {}
-        finite = torch.isfinite(logits.sum(dim=-1)).tolist()
-        bad = {}
-        for seq, row, nrows in sampling:
-            if not all(finite[row:row + nrows]):
-                log.error("request %s: non-finite logits; failing it alone", seq.request_id)
-                bad[id(seq)] = "the model produced non-finite logits (NaN or inf) for this request"
-        return bad
 
     @staticmethod
     def _internal_failure(seq: Sequence, exc: Exception) -> str:
@@ -344,7 +395,7 @@ class LLMEngine:
             self.proposer.propose([s for s, _ in seqs], self.kv.block_size, self.gamma)
             self._sync()
             t0 = time.perf_counter()
-            self.runner.execute([(s, 1) for s, _ in seqs], {id(s): [0] * (q - 1) for s, q in seqs if q > 1})
+            self.runner.execute([StepRow(s, q, 1, draft=[0] * (q - 1)) for s, q in seqs])
             self._sync()
             return time.perf_counter() - t0
         finally:
@@ -354,25 +405,6 @@ class LLMEngine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def _verify(self, seq: Sequence, logits, draft_tokens: list[int], info: dict) -> list[tuple[int, object]]:
-        """Accept a prefix of the drafts; returns the emitted (token, logprob) list and fixes the KV length."""
-        a, nxt = verify(seq.params, logits, draft_tokens, info["probs"], seq.generator)
-        self.speculative.verified(seq, len(draft_tokens), a, info)
-        # KV holds the anchor and the accepted drafts; `nxt` is the next anchor.
-        seq.num_computed_tokens -= len(draft_tokens) - a
-        tokens = draft_tokens[:a] + [nxt]
-        lps: list = [None] * len(tokens)
-        k = seq.params.logprobs
-        if k is not None:
-            logp = logits[: len(tokens)].float().log_softmax(dim=-1)
-            for j, t in enumerate(tokens):
-                top = {}
-                if k:
-                    vals, idx = logp[j].topk(k)
-                    top = dict(zip(idx.tolist(), vals.tolist()))
-                lps[j] = (float(logp[j, t]), top)
-        return list(zip(tokens, lps))
 
     def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> bool:
         """Append one sampled token and apply every stop rule; True when it finished the request."""

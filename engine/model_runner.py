@@ -9,7 +9,7 @@ import torch
 from models.attention import AttentionMetadata
 from models.loader import LoadedModel
 
-from .sequence import Sequence
+from .batcher import StepRow
 from .speculative import DraftProposer
 
 log = logging.getLogger(__name__)
@@ -57,45 +57,44 @@ class ModelRunner:
             return int(free * 0.85)
         return 1 * GiB
 
-    def execute(
-        self, entries: list[tuple[Sequence, int]], drafts: dict[int, list[int]] | None = None
-    ) -> tuple[torch.Tensor, list[tuple[Sequence, int, int]]]:
-        """Run ONE forward over the batch.
+    def execute(self, rows: list[StepRow]) -> torch.Tensor:
+        """Run ONE forward over the step's rows; returns the logits of the rows that sample.
 
-        Each entry feeds its pending tokens (capped at n); a sequence with
-        drafts (keyed by id(seq)) feeds its anchor followed by them and gets a
-        logits row per fed token. Returns the logits and, for every sequence
-        that samples, (seq, first logits row, number of rows).
+        A row feeds its `pending` tokens, then its `draft`. A row with drafts gets a logits row per
+        fed token (verification), a row whose pending tokens reach the end of its sequence one (its
+        next token), a prefill chunk that ends before it none; each row's `logits_row` and
+        `num_logits` say which. The forward writes the target KV and, with a drafter, its context
+        features for every fed token, into the slots of the row's block table.
         """
-        drafts = drafts or {}
         # Rows are laid out prompt tokens first: packed linears run those through their dense
         # weight and the generated tokens through the packed kernel (up to
-        # quant.PACKED_MAX_ROWS of them; models/quant.py). An entry
+        # quant.PACKED_MAX_ROWS of them; models/quant.py). A row
         # that crosses the prompt's end (a recompute after preemption) is split into two
         # segments of the same sequence; the second attends to the first's KV, written first.
         prompt_segs, other_segs = [], []
-        for seq, n in entries:
+        for row in rows:
+            seq = row.seq
             start = seq.num_computed_tokens
-            toks = seq.token_ids[start:start + min(n, seq.num_pending_tokens)]
-            extra = drafts.get(id(seq))
+            toks = seq.token_ids[start:start + row.pending]
             cut = min(len(toks), max(0, seq.num_prompt_tokens - start))
-            if cut and not extra:
-                prompt_segs.append((seq, start, toks[:cut], None, cut == len(toks)))
+            if cut and not row.draft:
+                prompt_segs.append((row, start, toks[:cut], cut == len(toks)))
             else:
                 cut = 0
-            if cut < len(toks) or extra:
-                other_segs.append((seq, start + cut, toks[cut:], extra, True))
+            if cut < len(toks) or row.draft:
+                other_segs.append((row, start + cut, toks[cut:], True))
+            row.logits_row, row.num_logits = None, 0
         ids: list[int] = []
         qlens, clens, tables = [], [], []
         logits_rows: list[int] = []
-        sampling: list[tuple[Sequence, int, int]] = []
-        for seq, start, toks, extra, last in prompt_segs + other_segs:
-            if extra:
-                toks = toks + extra
-                sampling.append((seq, len(logits_rows), len(toks)))
+        for row, start, toks, last in prompt_segs + other_segs:
+            seq = row.seq
+            if row.draft:
+                toks = toks + row.draft
+                row.logits_row, row.num_logits = len(logits_rows), len(toks)
                 logits_rows.extend(range(len(ids), len(ids) + len(toks)))
             elif last and start + len(toks) == len(seq.token_ids):
-                sampling.append((seq, len(logits_rows), 1))
+                row.logits_row, row.num_logits = len(logits_rows), 1
                 logits_rows.append(len(ids) + len(toks) - 1)
             ids.extend(toks)
             qlens.append(len(toks))
@@ -104,10 +103,10 @@ class ModelRunner:
         dense_rows = sum(len(seg[2]) for seg in prompt_segs)
         meta = AttentionMetadata(qlens, clens, tables, self.block_size, device=self.device, dense_rows=dense_rows)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
+        sel = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
         positions = meta.positions()
         aux_ids = self.proposer.layer_ids if self.proposer is not None else ()
-        logits, aux = self.model(input_ids, positions, meta, self.kv_caches, logits_indices=rows, aux_layer_ids=aux_ids)
+        logits, aux = self.model(input_ids, positions, meta, self.kv_caches, logits_indices=sel, aux_layer_ids=aux_ids)
         if self.proposer is not None:
             self.proposer.write_context(aux, positions, meta.slot_mapping())
-        return logits, sampling
+        return logits

@@ -116,6 +116,15 @@ def _truncate_top_candidates(logits: torch.Tensor, top_k: torch.Tensor, top_p: t
     return torch.where(truncating.unsqueeze(1), out, logits)
 
 
+def top_logprobs(logp: torch.Tensor, k: int) -> dict[int, float]:
+    """{token: logprob} of the k most likely tokens of one row of log-probabilities (k = 0: {}):
+    what `logprobs` / `top_logprobs` report, for sampled and for verified tokens alike."""
+    if not k:
+        return {}
+    vals, idx = logp.topk(k)
+    return dict(zip(idx.tolist(), vals.tolist()))
+
+
 def sample_from_probs(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """One draw per row by inverting the CDF with ONE uniform per row (seeded rows draw it from
     their own generator, so they are reproducible). A zero-probability token is never drawn:
@@ -187,13 +196,7 @@ class Sampler:
         logp, top = None, []
         if want:
             logp = raw[want].log_softmax(dim=-1)
-            for row, i in enumerate(want):
-                k = seqs[i].params.logprobs
-                if k:
-                    vals, idx = logp[row].topk(k)
-                    top.append(dict(zip(idx.tolist(), vals.tolist())))
-                else:
-                    top.append({})
+            top = [top_logprobs(logp[row], seqs[i].params.logprobs) for row, i in enumerate(want)]
         return _Prepared(logits, stochastic, probs, want, logp, top)
 
     @staticmethod

@@ -14,7 +14,6 @@ the target KV because both are indexed by the same block table.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from models.dspark import DSparkDrafter, check_context_window
 from scheduler.prefix import step_rate
 
 from .lookup import LookupStats, TokenArrays, find_match, prefer_copy
-from .sampler import sampling_tensors, warp_probs
+from .acceptance_log import AcceptanceLogWriter
+from .sampler import sample_from_probs, sampling_tensors, warp_probs
 
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,14 @@ class Drafts:
 
 
 def _draw(probs: torch.Tensor, generators: list) -> torch.Tensor:
-    """One categorical draw per row with each row's own generator (None: global RNG)."""
-    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    for i, g in enumerate(generators):
-        out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
-    return out
+    """The drafter's draws: one per row with each row's own generator (None: global RNG), by the
+    sampler's one draw rule (`sample_from_probs`). A seam the distribution tests replace."""
+    return sample_from_probs(probs, generators)
+
+
+def _draw_one(p: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One draw from the distribution `p` [V] (verification's residual and bonus tokens)."""
+    return int(sample_from_probs(p.unsqueeze(0), [generator])[0])
 
 
 class DraftProposer:
@@ -169,7 +172,7 @@ class DraftProposer:
         gens = [seqs[i].generator for i in stochastic]
         tokens = torch.empty(r, gamma, dtype=torch.long, device=dev)
         conf = torch.zeros(r, gamma, device=dev) if d.confidence_head is not None else None
-        vocab = d._lm_head_weight.shape[0]
+        vocab = d.target_vocab_size
         probs = torch.zeros(r, gamma, vocab, device=dev) if stochastic else None
         # A sampled row's confidences c_2.. depend on its sampled tokens (through the Markov feature);
         # its argmax path's do not. Only those rows need the second path (docs/scheduler.md).
@@ -240,9 +243,8 @@ def verify(
         u = float(torch.rand(1, generator=generator, device=dev))
         if u < acceptance_probability(float(p[k, x]), float(draft_probs[k, x])):
             continue
-        residual = residual_distribution(p[k], draft_probs[k])
-        return k, int(torch.multinomial(residual, 1, generator=generator)[0])
-    return l, int(torch.multinomial(p[l], 1, generator=generator)[0])
+        return k, _draw_one(residual_distribution(p[k], draft_probs[k]), generator)
+    return l, _draw_one(p[l], generator)
 
 
 CALIBRATION_MODES = ("greedy", "sampled")
@@ -287,7 +289,7 @@ class SpeculativeDecoder:
         self._token_arrays = TokenArrays()
         self._draft_seconds = 0.0  # drafter pass of the current step
         self._draft_share = None  # EMA of the drafter's share of a step
-        self._record = open(record_path, "a", buffering=1) if record_path else None
+        self._record = AcceptanceLogWriter(record_path) if record_path else None
         self.draft_failures = 0  # steps whose drafting raised and fell back to plain decoding
         self._verdict = None  # this step's plan, for DraftBudget: (R, base tokens, B, expected tokens, longest)
 
@@ -349,32 +351,32 @@ class SpeculativeDecoder:
             return torch.as_tensor(self.calibrator.apply(logits.cpu()), dtype=torch.float32)
         return torch.sigmoid(logits.float().cpu())
 
-    def draft(self, entries, block_size: int) -> tuple[dict, dict]:
-        """One drafter pass for every decoding request with room for drafts; the policy picks lengths.
-        `entries`: the step's (sequence, tokens scheduled) pairs. Returns ({id(seq): draft tokens},
-        {id(seq): what verification needs}); a request without an entry decodes plainly this step."""
-        dec = [(seq, n - 1) for seq, n in entries if seq.num_pending_tokens == 1 and n > 1]
+    def draft(self, rows, block_size: int) -> None:
+        """Draft and plan: one drafter pass for every decoding row with room for drafts (context
+        lookup offering its copies), then the policy's verification lengths. Sets `draft` and
+        `draft_info` of the rows that verify drafts this step; the others decode plainly."""
+        dec = [r for r in rows if r.seq.num_pending_tokens == 1 and r.scheduled > 1]
         if not dec:
-            return {}, {}
+            return
         try:
-            return self._draft(entries, dec, block_size)
+            self._draft(rows, dec, block_size)
         except Exception as e:
             # Drafting is an optimisation: if it fails, this step decodes plainly (lossless) and
             # no request pays for it. Logged, sparingly if it keeps failing.
+            for r in dec:
+                r.draft, r.draft_info = [], None
             self.draft_failures += 1
             if self.draft_failures == 1 or self.draft_failures % 1000 == 0:
                 log.error("drafting failed (%d times so far); this step decodes without drafts",
                           self.draft_failures, exc_info=e)
             self._draft_seconds = 0.0
-            return {}, {}
 
-    def _draft(self, entries, dec, block_size: int) -> tuple[dict, dict]:
+    def _draft(self, rows, dec, block_size: int) -> None:
         # Algorithm 1's B starts from every token of the forward that is not a drafting request's:
         # prefill chunks and the decoding requests that do not draft this step (skipped, penalties...)
-        drafting = {id(seq) for seq, _ in dec}
-        base_tokens = sum(min(n, seq.num_pending_tokens) for seq, n in entries if id(seq) not in drafting)
-        seqs = [s for s, _ in dec]
-        caps = [c for _, c in dec]
+        base_tokens = sum(r.pending for r in rows) - len(dec)
+        seqs = [r.seq for r in dec]
+        caps = [r.scheduled - 1 for r in dec]
         gamma = max(caps)
         copies = self._copies(seqs, gamma) if self.lookup is not None else {}
         t0 = time.perf_counter()
@@ -400,22 +402,20 @@ class SpeculativeDecoder:
             self.stats.spec_last_expected_tokens = float(
                 sum(1 + float(surv[i, :l].sum()) for i, l in enumerate(lengths)))
         st = self.stats
-        drafts, info = {}, {}
-        for i, (seq, l) in enumerate(zip(seqs, lengths)):
+        for i, (row, l) in enumerate(zip(dec, lengths)):
             st.spec_num_proposed_tokens += gamma
             st.spec_verify_length_counts[l] = st.spec_verify_length_counts.get(l, 0) + 1
             if l <= 0:
                 if self.skipper is not None:
-                    self.skipper.record(seq.request_id, 0)
+                    self.skipper.record(row.seq.request_id, 0)
                 continue
-            drafts[id(seq)] = d.tokens[i, :l].tolist()
+            row.draft = d.tokens[i, :l].tolist()
             n = matched.get(i, 0)
-            info[id(seq)] = {
-                "probs": d.probs[i, :l] if d.probs is not None and not seq.params.greedy else None,
+            row.draft_info = {
+                "probs": d.probs[i, :l] if d.probs is not None and not row.seq.params.greedy else None,
                 "logits": None if d.confidence_logits is None or n else d.confidence_logits[i, :gamma].tolist(),
                 "lookup": n,  # the match length of a draft copied from the context; 0: the drafter's
             }
-        return drafts, info
 
     def _copies(self, seqs, gamma: int) -> dict[int, tuple[int, list[int]]]:
         """{row: (match length n, the gamma tokens after the match)} of the requests whose context has
@@ -459,7 +459,9 @@ class SpeculativeDecoder:
 
     # ---------------------------------------------------------------- after verification
 
-    def verified(self, seq, num_verified: int, num_accepted: int, info: dict) -> None:
+    def record_round(self, seq, num_verified: int, num_accepted: int, info: dict) -> None:
+        """After verification: statistics, draft skipping, lookup acceptance, online calibration and
+        the acceptance log of one request's round."""
         st = self.stats
         st.spec_num_drafts += 1
         st.spec_num_draft_tokens += num_verified
@@ -480,14 +482,14 @@ class SpeculativeDecoder:
             st.spec_lookup_num_accepted_tokens += num_accepted
             self.lookup.record(seq.params.greedy, n, num_verified, num_accepted)
             if self._record is not None:
-                self._record.write(json.dumps({"lookup": n, "verified": num_verified, "accepted": num_accepted}) + "\n")
+                self._record.lookup_round(n, num_verified, num_accepted)
             return
         logits = info["logits"]
         if logits is not None:
             if self.online is not None:
                 self.online[calibration_mode(seq.params)].record(logits, num_verified, num_accepted)
             if self._record is not None:
-                self._record.write(json.dumps({"logits": logits, "verified": num_verified, "accepted": num_accepted}) + "\n")
+                self._record.drafter_round(logits, num_verified, num_accepted)
 
     def finished(self, seq) -> None:
         self._token_arrays.forget(seq.request_id)

@@ -38,7 +38,7 @@ def worker(args) -> dict:
     import torch
 
     from engine import LLM, SamplingParams, apply_chat_template
-    from loadtest.workloads import sharegpt_pairs, sharegpt_path
+    from training.sharegpt import sharegpt_pairs, sharegpt_path
 
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.slots, max_num_batched_tokens=2048,
               num_threads=args.threads)

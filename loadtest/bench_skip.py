@@ -7,7 +7,7 @@ import torch
 torch.set_num_threads(2)
 from engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
 from loadtest.bench_spec import _random_drafter
-from loadtest.workloads import sharegpt_pairs, sharegpt_path
+from training.sharegpt import sharegpt_pairs, sharegpt_path
 from models.loader import load_model
 
 conc = [int(x) for x in sys.argv[1].split(",")]

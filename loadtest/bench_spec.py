@@ -56,16 +56,32 @@ def _drive(engine, reqs):
     return out
 
 
+def divergence(ref: dict, got: dict) -> dict:
+    """How many of the outputs `got` ({id: token ids}) differ from `ref`, and at which token."""
+    first = {rid: next((k for k, (x, y) in enumerate(zip(ref[rid], got[rid])) if x != y), None) for rid in ref}
+    return {"prompts": len(ref), "diverged": sum(v is not None for v in first.values()),
+            "first_divergence": {k: v for k, v in first.items() if v is not None}}
+
+
+def write_json_result(res: dict, default_path: str) -> None:
+    """`res` to argv[1] (or `default_path`)."""
+    import sys
+
+    with open(sys.argv[1] if len(sys.argv) > 1 else default_path, "w") as f:
+        json.dump(res, f, indent=1)
+
+
 def drafting_overhead(engine, batch: int, ctx: int, gamma: int, reps: int = 10) -> dict:
     """Median seconds of one drafter pass vs one target verify forward for `batch` requests."""
     from engine import SamplingParams
+    from engine.batcher import StepRow
 
     for i in range(batch):
         engine.add_request(f"o{batch}-{i}", params=SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
                            prompt_token_ids=[(37 * i + j) % 2000 + 10 for j in range(ctx)])
     batch_plan = engine.batcher.schedule()
     # prefill them (one or more steps of the real engine), keeping them running
-    logits, _ = engine.runner.execute(batch_plan.entries)
+    engine.runner.execute(batch_plan.rows)
     for seq, n in batch_plan.entries:
         seq.num_computed_tokens += n
         seq.token_ids.append(11)  # an anchor
@@ -78,9 +94,9 @@ def drafting_overhead(engine, batch: int, ctx: int, gamma: int, reps: int = 10) 
         t0 = time.perf_counter()
         d = prop.propose(seqs, engine.kv.block_size, gamma)
         draft_t.append(time.perf_counter() - t0)
-        drafts = {id(s): d.tokens[i].tolist() for i, s in enumerate(seqs)}
+        rows = [StepRow(s, 1 + gamma, 1, draft=d.tokens[i].tolist()) for i, s in enumerate(seqs)]
         t0 = time.perf_counter()
-        engine.runner.execute([(s, 1) for s in seqs], drafts)
+        engine.runner.execute(rows)
         verify_t.append(time.perf_counter() - t0)
     for s in seqs:
         engine.abort_request(s.request_id)

@@ -100,21 +100,21 @@ def convert_gguf(gguf_path: str, dtype: str, out: Path | None = None) -> Path:
     from safetensors.torch import save_file
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from models.loader import _gguf_hf_config, _gguf_tokenizer, _iter_gguf
+    from models.loader import gguf_hf_config, gguf_tokenizer, iter_gguf
 
     reader = GGUFReader(gguf_path)
-    config = _gguf_hf_config(reader)
+    config = gguf_hf_config(reader)
     # transformers serve picks the model class from `architectures`, which GGUF metadata does not carry.
     config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     config.dtype = dtype
     weights = {(name if name.startswith("lm_head.") else "model." + name): t.to(getattr(torch, dtype)).contiguous()
-               for name, t in _iter_gguf(reader, config)}
+               for name, t in iter_gguf(reader, config)}
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     config.save_pretrained(str(tmp))
     save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    _gguf_tokenizer(Path(gguf_path)).save_pretrained(str(tmp))
+    gguf_tokenizer(Path(gguf_path)).save_pretrained(str(tmp))
     tmp.rename(out)
     return out
 

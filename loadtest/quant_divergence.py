@@ -7,11 +7,8 @@ speculative configuration against plain decoding, three arithmetic modes: packed
 limit (`--quantization auto`, the default), always packed (DSPARK_PACKED_MAX_ROWS=0) and dense
 (`--quantization none`). Prints and writes, per mode, how many outputs diverge and at which token.
 """
-import json
-import sys
-
 from engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
-from loadtest.bench_spec import PROMPTS, _drive
+from loadtest.bench_spec import PROMPTS, _drive, divergence, write_json_result
 from models import quant
 
 def main() -> int:
@@ -26,13 +23,9 @@ def main() -> int:
         del plain
         spec = LLMEngine(EngineConfig(dtype="bfloat16", quantization=q, num_threads=2))
         got = _drive(spec, reqs)
-        first = {rid: next((k for k, (x, y) in enumerate(zip(ref[rid], got[rid])) if x != y), None) for rid, _, _ in reqs}
-        res[label] = {"prompts": len(reqs), "diverged": sum(v is not None for v in first.values()),
-                      "first_divergence": {k: v for k, v in first.items() if v is not None}}
+        res[label] = divergence(ref, got)
         print(label, res[label], flush=True)
-    out = sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks/quantization-divergence.json"
-    with open(out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json_result(res, "docs/benchmarks/quantization-divergence.json")
     return 0
 
 

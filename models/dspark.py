@@ -334,6 +334,17 @@ class DSparkDrafter(nn.Module):
             packed = quant.PackedWeight.quantize(w, self._head_kind, w.dtype)
         object.__setattr__(self, "_draft_head_packed", packed)
 
+    @property
+    def target_vocab_size(self) -> int:
+        """V, the target's vocabulary (draft distributions are scattered into it for verification)."""
+        return self._lm_head_weight.shape[0]
+
+    @property
+    def draft_head_weight(self) -> torch.Tensor:
+        """The dense lm_head rows of the draft vocabulary [V', d] (training reads it as a parameter-free
+        projection)."""
+        return self._draft_head
+
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
         """U = lm_head(h) over the draft vocabulary [..., V']: through the packed head (the target's
         format) for few rows, where it reads fewer bytes, else the dense one."""

@@ -199,7 +199,7 @@ def _gguf_field(reader, key, default=None):
     return f.contents()
 
 
-def _gguf_hf_config(reader):
+def gguf_hf_config(reader):
     from transformers import AutoConfig
 
     arch = _gguf_field(reader, "general.architecture")
@@ -237,7 +237,7 @@ def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _iter_gguf(reader, hf_cfg, stored_types: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf(reader, hf_cfg, stored_types: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named float32 tensors; `stored_types` gets each one's GGUF type (Q4_1, Q8_0, F32...)."""
     import numpy as np
     from gguf.quants import dequantize
@@ -270,7 +270,7 @@ def _iter_gguf(reader, hf_cfg, stored_types: dict[str, str]) -> Iterator[tuple[s
         yield ours, tensor
 
 
-def _gguf_tokenizer(gguf_path: Path):
+def gguf_tokenizer(gguf_path: Path):
     """transformers' GGUF tokenizer conversion takes seconds: do it once and cache it."""
     from transformers import AutoTokenizer
 
@@ -356,10 +356,10 @@ def load_model(
         from gguf import GGUFReader
 
         reader = GGUFReader(str(path))
-        hf_cfg = _gguf_hf_config(reader)
+        hf_cfg = gguf_hf_config(reader)
         cfg = ModelConfig.from_hf(hf_cfg)
-        weights = _iter_gguf(reader, hf_cfg, stored_types)
-        tokenizer = _gguf_tokenizer(path)
+        weights = iter_gguf(reader, hf_cfg, stored_types)
+        tokenizer = gguf_tokenizer(path)
         eos = list(cfg.eos_token_ids)
         name = DEFAULT_MODEL_NAME if model is None else path.stem
     elif path.is_dir():

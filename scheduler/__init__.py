@@ -9,14 +9,13 @@ from .calibration import OnlineCalibrator, STSCalibrator, ece, reliability
 from .cost_table import CostTable, default_grid, profile_cost_table
 from .draft_budget import DraftBudget
 from .policies import FixedPolicy, OffPolicy, VerifyPolicy, make_policy
-from .prefix import AsyncPrefixScheduler, PlanResult, PrefixScheduler, RetrospectiveScheduler, ThresholdPolicy
+from .prefix import AsyncPrefixScheduler, PlanResult, PrefixScheduler, ThresholdPolicy
 from .skipping import DraftSkipper
 
 __all__ = [
     "CostTable",
     "PrefixScheduler",
     "AsyncPrefixScheduler",
-    "RetrospectiveScheduler",
     "ThresholdPolicy",
     "FixedPolicy",
     "OffPolicy",

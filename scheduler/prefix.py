@@ -21,7 +21,7 @@ x_{r,j} is verified must not depend on x_{r,j} itself, yet a[r][j+1] does
 (the Markov head feeds x_{r,j} into c[r][j+1]). With the early stop, the
 decision about (r, j) only looks at candidates ranked before it, and
 (r, j+1) is always ranked after (r, j). A global argmax over all prefixes of
-the ranking (`RetrospectiveScheduler`) would let a[r][j+1] decide whether
+the ranking (the tests' `RetrospectiveScheduler`) would let a[r][j+1] decide whether
 x_{r,j} is verified, and biases the output (REFERENCE.md Appendix A; the
 tests reproduce the bias).
 """
@@ -142,21 +142,6 @@ class PrefixScheduler(VerifyPolicy):
             elif early_stop:
                 break
         return PlanResult(best_lengths, best_B, best_tau, best, len(ranked))
-
-
-class RetrospectiveScheduler(PrefixScheduler):
-    """The same ranking WITHOUT the early stop: the global argmax over prefixes of the ranking.
-
-    NOT lossless (REFERENCE.md Appendix A): for tests and analysis only.
-    """
-
-    name = "retrospective"
-
-    def plan_with_stats(self, confidences, caps=None, base_tokens: int = 0, fixed_seconds: float = 0.0) -> PlanResult:
-        rows = as_rows(confidences)
-        result = self._search(rows, candidates(rows, caps), base_tokens, early_stop=False, fixed_seconds=fixed_seconds)
-        self.last = result
-        return result
 
 
 def best_capacity(ranked_a: Sequence[float], num_requests: int, base_tokens: int, cost_table: CostTable,

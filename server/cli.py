@@ -132,8 +132,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Fit STS temperatures from a --record-acceptance log (or by serving the held-out prompts of
     a gen-data dataset with the drafter) and write calibration.json."""
-    import numpy as np
-
     if args.data or args.drafter:
         if not (args.data and args.drafter) or args.input:
             print("calibrate takes either a --record-acceptance log, or --drafter DIR with --data DIR", file=sys.stderr)
@@ -148,27 +146,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print("calibrate needs a --record-acceptance log, or --drafter with --data", file=sys.stderr)
         return 2
 
+    from engine.acceptance_log import read_rounds
     from scheduler import STSCalibrator
 
-    logits, accepted, verified = [], [], []
-    with open(args.input) as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                if r.get("lookup"):  # a draft copied from the context: no drafter confidences to fit
-                    continue
-                logits.append(r["logits"])
-                accepted.append(r["accepted"])
-                verified.append(r["verified"])
-    if not logits:
+    rounds = read_rounds(args.input)  # context lookup's rounds have no drafter confidences to fit
+    if not len(rounds.verified):
         print(f"{args.input} holds no verification rounds", file=sys.stderr)
         return 2
-    gamma = max(len(x) for x in logits)
-    L = np.array([x + [0.0] * (gamma - len(x)) for x in logits], dtype=np.float64)
-    cal = STSCalibrator().fit(L, np.array(accepted), np.array(verified))
+    cal = STSCalibrator().fit(rounds.logits, rounds.accepted, rounds.verified)
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(args.input)), "calibration.json")
     cal.to_json(out)
-    print(f"{len(logits)} rounds, gamma {gamma}: temperatures {[round(t, 3) for t in cal.temperatures]} -> {out}")
+    print(f"{len(rounds.verified)} rounds, gamma {rounds.gamma}: temperatures {[round(t, 3) for t in cal.temperatures]} -> {out}")
     return 0
 
 

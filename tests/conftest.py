@@ -23,10 +23,10 @@ from dspark_testing import make_random_drafter, make_tiny_model
 
 @pytest.fixture(scope="session")
 def default_tokenizer():
-    from models.loader import _gguf_tokenizer, default_model_path
+    from models.loader import gguf_tokenizer, default_model_path
     from pathlib import Path
 
-    return _gguf_tokenizer(Path(default_model_path()))
+    return gguf_tokenizer(Path(default_model_path()))
 
 
 @pytest.fixture(scope="session")

@@ -98,7 +98,7 @@ def iter_examples(path: str | None) -> Iterator[tuple[str, str, str | None]]:
                     yield (str(rec.get("id", f"{Path(path).stem}-{i}")), text,
                            reply if isinstance(reply, str) and reply.strip() else None)
         return
-    from loadtest.workloads import sharegpt_pairs, sharegpt_path
+    from training.sharegpt import sharegpt_pairs, sharegpt_path
 
     with open(sharegpt_path(), encoding="utf-8", errors="replace") as fp:
         seen = set()
@@ -124,6 +124,36 @@ def read_manifest(out: Path) -> dict:
     if f.exists():
         return json.loads(f.read_text())
     return {"shards": [], "config": None}
+
+
+def dataset_shards(paths: str | Path | list) -> list[tuple[Path, dict, dict]]:
+    """(shard file, its manifest entry, the dataset's config) of every finished shard of one or
+    more gen-data directories (a list, or a comma-separated string): the one reader of manifests."""
+    if isinstance(paths, (str, Path)):
+        paths = [p for p in str(paths).split(",") if p]
+    out = []
+    for path in map(Path, paths):
+        manifest = read_manifest(path)
+        out += [(path / sh["file"], sh, manifest["config"]) for sh in manifest["shards"]]
+    return out
+
+
+def validation_prompts(paths: str | Path | list, num: int) -> list[list[int]]:
+    """The prompt token ids of up to `num` held-out sequences, in shard order."""
+    from safetensors import safe_open
+
+    prompts: list[list[int]] = []
+    for file, _, _ in dataset_shards(paths):
+        with safe_open(str(file), framework="pt") as f:
+            ids, lens, plens, val = (f.get_tensor(k) for k in ("input_ids", "seq_lens", "prompt_lens", "is_val"))
+        off = 0
+        for n, p, v in zip(lens.tolist(), plens.tolist(), val.tolist()):
+            if v:
+                prompts.append(ids[off:off + p].tolist())
+            off += n
+        if len(prompts) >= num:
+            break
+    return prompts[:num]
 
 
 def write_json_atomic(path: Path, obj) -> None:

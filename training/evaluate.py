@@ -112,6 +112,7 @@ def run_set(llm_factory, prompts: list[str] | list[list[int]], temperature: floa
     """Serve `prompts` (user messages, or chat-templated token ids) once with recording on;
     returns the raw rounds and timing."""
     from engine import SamplingParams
+    from engine.acceptance_log import read_rounds
 
     with tempfile.TemporaryDirectory() as tmp:
         rec = os.path.join(tmp, "rounds.jsonl")
@@ -123,16 +124,10 @@ def run_set(llm_factory, prompts: list[str] | list[list[int]], temperature: floa
         else:
             outs = llm.generate(prompts, params)
         wall = time.monotonic() - t0
-        every = [json.loads(x) for x in open(rec) if x.strip()]
+        rounds = read_rounds(rec)
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
-    rows = [r for r in every if not r.get("lookup")]  # the drafter's rounds (context lookup's have no logits)
-    lookup = [r for r in every if r.get("lookup")]
-    gamma = max((len(r["logits"]) for r in rows), default=0)
-    logits = np.array([r["logits"] + [0.0] * (gamma - len(r["logits"])) for r in rows], dtype=np.float64).reshape(-1, gamma)
-    return {"logits": logits, "accepted": np.array([r["accepted"] for r in rows], dtype=np.int64),
-            "verified": np.array([r["verified"] for r in rows], dtype=np.int64),
-            "lookup_accepted": np.array([r["accepted"] for r in lookup], dtype=np.int64),
-            "lookup_verified": np.array([r["verified"] for r in lookup], dtype=np.int64),
+    return {"logits": rounds.logits, "accepted": rounds.accepted, "verified": rounds.verified,
+            "lookup_accepted": rounds.lookup_accepted, "lookup_verified": rounds.lookup_verified,
             "generated_tokens": gen, "wall_s": wall}
 
 
@@ -182,27 +177,13 @@ def calibrate_drafter(drafter: str, data: str, num_prompts: int = 64, max_tokens
     """STS on the held-out split of a gen-data dataset: serve its validation prompts with the
     drafter (fixed gamma, at each temperature), fit the temperatures on all recorded rounds and
     write calibration.json beside the drafter."""
-    from safetensors import safe_open
-
     from scheduler.calibration import STSCalibrator
 
-    prompts: list[list[int]] = []
-    files = []
-    for d in (p for p in str(data).split(",") if p):
-        files += [Path(d) / sh["file"] for sh in json.loads((Path(d) / "manifest.json").read_text())["shards"]]
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            ids, lens, plens, val = (f.get_tensor(k) for k in ("input_ids", "seq_lens", "prompt_lens", "is_val"))
-        off = 0
-        for n, p, v in zip(lens.tolist(), plens.tolist(), val.tolist()):
-            if v:
-                prompts.append(ids[off:off + p].tolist())
-            off += n
-        if len(prompts) >= num_prompts:
-            break
+    from .data import validation_prompts
+
+    prompts = validation_prompts(data, num_prompts)
     if not prompts:
         raise SystemExit(f"{data} has no validation sequences to calibrate on")
-    prompts = prompts[:num_prompts]
     # the confidences are the drafter's: fit them on rounds the drafter drafted, at every context
     factory = spec_llm_factory(drafter, model, dtype, max_num_seqs, num_threads, seed, prompt_lookup_max=0)
     runs = [run_set(factory, prompts, t, max_tokens, seed) for t in temperatures]

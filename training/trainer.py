@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from models.dspark import DSparkConfig, DSparkDrafter, save_drafter
 from models.llama import apply_rope
 
+from .data import dataset_shards
+
 log = logging.getLogger(__name__)
 
 
@@ -132,21 +134,17 @@ class CachedDataset:
         (generated with the same target layers and top-k)."""
         from safetensors import safe_open
 
-        if isinstance(paths, (str, Path)):
-            paths = [p for p in str(paths).split(",") if p]
         shards = []
         self.config = None
-        for path in map(Path, paths):
-            manifest = json.loads((path / "manifest.json").read_text())
-            cfg = manifest["config"]
+        for file, sh, cfg in dataset_shards(paths):
             if self.config is not None and (cfg["target_layer_ids"], cfg.get("top_k")) != (
                     self.config["target_layer_ids"], self.config.get("top_k")):
-                raise SystemExit(f"{path} was generated with other target layers or top-k than {paths[0]}")
+                raise SystemExit(f"{file.parent} was generated with other target layers or top-k than the first dataset")
             self.config = self.config or cfg
-            shards += [(path / sh["file"], sh["num_tokens"], sh["num_response_tokens"]) for sh in manifest["shards"]]
-        self.layer_ids = list(self.config["target_layer_ids"])
+            shards.append((file, sh["num_tokens"], sh["num_response_tokens"]))
         if not shards:
             raise SystemExit(f"{paths} hold no sequences: run dspark gen-data first")
+        self.layer_ids = list(self.config["target_layer_ids"])
         # ids and top-k preallocated and filled shard by shard; the features stay in their files
         n_tok, n_rows = sum(s[1] for s in shards), sum(s[2] for s in shards)
         with safe_open(str(shards[0][0]), "pt") as f:
@@ -479,7 +477,7 @@ def drafter_loss(tr: TrainableDrafter, batch, cfg: TrainConfig, t2d: torch.Tenso
         prev_emb = d.markov_head.markov_w1(prev)
         bias = d.markov_head.markov_w2(prev_emb)
         a_, g_ = h.shape[:2]
-        logits = torch.addmm(bias.reshape(a_ * g_, -1), h.reshape(a_ * g_, -1), d._draft_head.t()).view(a_, g_, -1)
+        logits = torch.addmm(bias.reshape(a_ * g_, -1), h.reshape(a_ * g_, -1), d.draft_head_weight.t()).view(a_, g_, -1)
     else:
         prev_emb = d.markov_head.markov_w1(prev)
         state = None

@@ -182,7 +182,7 @@ def test_build_context_builds_a_wheel_with_every_package(tmp_path):
 
 def test_tokenizer_warm_up_step_fills_the_cache(tmp_path):
     """Run the image's warm-up RUN line as it is written, against a fresh DSPARK_CACHE_DIR."""
-    run = next(rest for k, rest in instructions(DOCKERFILES["cpu"]) if k == "RUN" and "_gguf_tokenizer" in rest)
+    run = next(rest for k, rest in instructions(DOCKERFILES["cpu"]) if k == "RUN" and "gguf_tokenizer" in rest)
     snippet = re.search(r'python -c "([^"]+)"', run).group(1)
     cache = tmp_path / "cache"
     env = {**os.environ, "DSPARK_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

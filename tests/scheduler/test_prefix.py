@@ -17,11 +17,12 @@ from scheduler import (
     FixedPolicy,
     OffPolicy,
     PrefixScheduler,
-    RetrospectiveScheduler,
     ThresholdPolicy,
     VerifyPolicy,
     make_policy,
 )
+
+from retrospective import RetrospectiveScheduler
 
 # Two requests used by several hand cases.
 #   r0: c = (0.9, 0.5) -> a = (0.9, 0.45)
