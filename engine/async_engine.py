@@ -13,6 +13,7 @@ EngineDeadError and new ones are refused with it; the server then exits.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -179,9 +180,20 @@ class AsyncEngine:
         self._snapshot = snap  # one reference assignment: readers see the old dict or the new one
 
     def calibration_report(self) -> dict | None:
-        """Live calibration of the drafter's confidences (None without speculation)."""
-        spec = self.engine.speculative
-        return spec.calibration_report() if spec is not None else None
+        """Live calibration of the drafter's confidences (None without speculation), computed in the
+        engine thread between two steps. Blocks the caller: call it through asyncio.to_thread."""
+        return self.on_engine_thread(
+            lambda eng: eng.speculative.calibration_report() if eng.speculative is not None else None)
+
+    def on_engine_thread(self, fn, timeout: float = 60.0):
+        """fn(engine), run by the engine thread between two steps (the only thread that touches
+        the engine); returns its result or raises its exception. Blocks the calling thread."""
+        if self.dead:
+            raise EngineDeadError(self.dead)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", fn, fut))
+        self._wake.set()
+        return fut.result(timeout)
 
     @property
     def num_waiting(self) -> int:
@@ -221,6 +233,12 @@ class AsyncEngine:
                     eng.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.prompt_token_ids, cmd.arrival_time)
                 except Exception as e:  # a bad request fails alone
                     self._deliver(cmd.request_id, e, True)
+            elif cmd[0] == "call":
+                _, fn, fut = cmd
+                try:
+                    fut.set_result(fn(eng))
+                except Exception as e:
+                    fut.set_exception(e)
             else:
                 _, rid = cmd
                 seq = eng.abort_request(rid)
@@ -265,6 +283,8 @@ class AsyncEngine:
                 with self._lock:
                     self._pending -= 1
                 self._streams[cmd.request_id] = (cmd.loop, cmd.queue)
+            elif cmd[0] == "call":
+                cmd[2].set_exception(EngineDeadError(message))
         for rid in list(self._streams):
             self._deliver(rid, EngineDeadError(message), True)
 

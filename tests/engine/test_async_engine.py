@@ -126,6 +126,26 @@ def test_the_engine_is_built_and_stepped_in_its_own_thread(tiny_llama_dir, monke
     assert {name for _, name in seen} == {"dspark-engine"} and {"init", "step"} <= {k for k, _ in seen}
 
 
+def test_engine_state_is_read_in_the_engine_thread_only(aengine):
+    """stats() serves what the engine thread published after its last step; on_engine_thread runs
+    a function between two steps in that thread (the calibration endpoint goes through it)."""
+    import threading
+
+    names = aengine.on_engine_thread(lambda eng: (threading.current_thread().name, eng.num_running))
+    assert names == ("dspark-engine", 0)
+    with pytest.raises(ZeroDivisionError):
+        aengine.on_engine_thread(lambda eng: 1 / 0)  # its exception reaches the caller, the engine goes on
+
+    async def run():
+        return await _collect(aengine, [5, 6, 7, 8], SamplingParams(max_tokens=4, ignore_eos=True))
+
+    outs = asyncio.run(run())
+    s = aengine.stats()  # published before the last output went out: the request is counted
+    assert s["generation_tokens"] >= 4 and s["num_running"] == 0 and s["num_waiting"] == 0
+    assert aengine.calibration_report() is None  # no drafter
+    assert outs[-1].finished
+
+
 def test_an_engine_that_cannot_be_built_raises_in_the_caller(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         AsyncEngine(EngineConfig(model=str(tmp_path / "missing"), dtype="float32", num_threads=1))
@@ -149,6 +169,8 @@ def test_a_dead_engine_thread_ends_every_request_and_refuses_new_ones(tiny_llama
             results = await asyncio.gather(running, killer, return_exceptions=True)
             with pytest.raises(EngineDeadError):
                 await _collect(eng, [5, 6, 7], SamplingParams(max_tokens=2))
+            with pytest.raises(EngineDeadError):
+                eng.on_engine_thread(lambda e: e.num_running)
             return results
 
         results = asyncio.run(main())
