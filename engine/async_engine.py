@@ -169,6 +169,8 @@ class AsyncEngine:
             prefix_cache_queries=kv.prefix_queries,
             prefix_cache_hits=kv.prefix_hits,
             kv_cached_blocks=kv.allocator.num_cached,
+            compiled_graphs=len(eng.runner.decode_step.ready) if eng.runner.decode_step is not None else 0,
+            compiling=int(eng.runner.decode_step is not None and eng.runner.decode_step.compiling),
         )
         spec = eng.speculative
         if spec is not None and spec.online is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,10 @@ class EngineConfig:
     cost_table: str | None = None  # SPS(B) JSON to load (or save after profiling); default: in the cache dir
     record_acceptance: str | None = None  # JSONL of verification rounds, for `dspark calibrate`
     enable_prefix_caching: bool = True  # reuse the KV (and drafter context) of cached prompt blocks
+    # Never torch.compile the decode step (engine/compiled_step.py); default from DSPARK_ENFORCE_EAGER,
+    # the variable `dspark serve` reads for --enforce-eager too.
+    enforce_eager: bool = field(default_factory=lambda: os.environ.get("DSPARK_ENFORCE_EAGER", "").strip().lower()
+                                in ("1", "true", "yes", "on"))
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -92,7 +97,8 @@ class LLMEngine:
             drafter.config.override_context_window(self.spec.draft_context_window)  # the serving config's, if any
             if self.gamma > drafter.config.block_size:
                 raise ValueError(f"num_speculative_tokens {self.gamma} exceeds the drafter's block_size {drafter.config.block_size}")
-        self.runner = ModelRunner(loaded, cfg.block_size, cfg.kv_cache_memory, self.device, drafter, self.gamma)
+        self.runner = ModelRunner(loaded, cfg.block_size, cfg.kv_cache_memory, self.device, drafter, self.gamma,
+                                  enforce_eager=cfg.enforce_eager)
         self.proposer = self.runner.proposer
         # Anything that changes a block's KV for the same tokens belongs in the salt of its hash.
         salt = f"{loaded.path}|{self.runner.dtype}|{loaded.model.quantization}|{self.spec.model if drafter else ''}"
@@ -110,6 +116,8 @@ class LLMEngine:
                 self.spec, self.proposer, self.gamma, self.stats, self.max_model_len, cost_table=table,
                 drafter_dir=self.spec.model, record_path=cfg.record_acceptance,
             )
+        if self.runner.decode_step is not None:
+            self.runner.decode_step.start()  # compiles in the background; serving starts now, eager
         log.info(
             "engine ready: %s (%s, %s) in %.1fs, max_model_len=%d",
             self.model_name, self.runner.dtype, self.device, time.monotonic() - t0, self.max_model_len,

@@ -34,6 +34,7 @@ class LLM:
         num_threads: int | None = None,
         speculative_config: dict[str, Any] | None = None,
         enable_prefix_caching: bool = True,
+        enforce_eager: bool | None = None,
     ):
         self.engine = LLMEngine(
             EngineConfig(
@@ -42,6 +43,7 @@ class LLM:
                 block_size=block_size, kv_cache_memory=kv_cache_memory, device=device,
                 num_threads=num_threads, speculative_config=speculative_config,
                 enable_prefix_caching=enable_prefix_caching,
+                **({} if enforce_eager is None else {"enforce_eager": enforce_eager}),
             )
         )
         self._ids = itertools.count()

@@ -6,10 +6,11 @@ import logging
 
 import torch
 
-from models.attention import AttentionMetadata
+from models.attention import AttentionMetadata, TorchAttentionBackend, decode_inputs
 from models.loader import LoadedModel
 
 from .batcher import StepRow
+from .compiled_step import CompiledStep, supported
 from .speculative import DraftProposer
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ GiB = 1 << 30
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, block_size: int, kv_cache_memory: int | None, device: torch.device,
-                 drafter=None, gamma: int = 0):
+                 drafter=None, gamma: int = 0, enforce_eager: bool = False):
         self.model = loaded.model
         self.config = loaded.config
         self.device = device
@@ -46,6 +47,12 @@ class ModelRunner:
         self.proposer = (
             DraftProposer(drafter, self.num_blocks * block_size, self.dtype, device, gamma) if drafter is not None else None
         )
+        # Steps of decodes and verification blocks take the model's pure forward, compiled in the
+        # background unless enforce_eager (start_compiling); None: the model has no such forward.
+        self.decode_step = None
+        if supported(self.model, device):
+            aux_ids = tuple(self.proposer.layer_ids) if self.proposer is not None else ()
+            self.decode_step = CompiledStep(self.model, self.kv, aux_ids, block_size, enforce_eager=enforce_eager)
         log.info(
             "KV cache: %d blocks x %d tokens (%.2f GiB, %s)",
             self.num_blocks, block_size, self.num_blocks * bytes_per_block / GiB, self.dtype,
@@ -100,13 +107,23 @@ class ModelRunner:
             qlens.append(len(toks))
             clens.append(start + len(toks))
             tables.append(seq.block_table.blocks)
-        dense_rows = sum(len(seg[2]) for seg in prompt_segs)
-        meta = AttentionMetadata(qlens, clens, tables, self.block_size, device=self.device, dense_rows=dense_rows)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         sel = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
-        positions = meta.positions()
         aux_ids = self.proposer.layer_ids if self.proposer is not None else ()
-        logits, aux = self.model(input_ids, positions, meta, self.kv_caches, logits_indices=sel, aux_layer_ids=aux_ids)
+        if self.decode_step is not None and not prompt_segs and len(logits_rows) == len(ids) \
+                and max(qlens) <= TorchAttentionBackend.SMALL_QUERY:
+            # Decodes and verification blocks only, every token sampled: the pure forward
+            # (compiled once its shape class is; engine/compiled_step.py), then one pool write.
+            inputs = decode_inputs(qlens, clens, tables, self.block_size, self.device)
+            logits, aux, new_kv = self.decode_step(input_ids, inputs, sel)
+            self.kv.index_copy_(2, inputs.slots, new_kv.to(self.kv.dtype))
+            positions, slots = inputs.positions, inputs.slots
+        else:
+            dense_rows = sum(len(seg[2]) for seg in prompt_segs)
+            meta = AttentionMetadata(qlens, clens, tables, self.block_size, device=self.device, dense_rows=dense_rows)
+            positions = meta.positions()
+            logits, aux = self.model(input_ids, positions, meta, self.kv_caches, logits_indices=sel, aux_layer_ids=aux_ids)
+            slots = meta.slot_mapping()
         if self.proposer is not None:
-            self.proposer.write_context(aux, positions, meta.slot_mapping())
+            self.proposer.write_context(aux, positions, slots)
         return logits

@@ -30,9 +30,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import httpx
 
 from . import peers as peers_mod
 from . import report
@@ -137,7 +141,24 @@ def open_config(base_url: str, args, specs_all) -> tuple[dict, str]:
         raise RuntimeError(f"{base_url}: no model from /v1/models; give --model")
     warm_cfg = load_config(args, model, concurrency=1)
     asyncio.run(warm_up(warm_cfg, specs_all, args.warmup_requests))
+    wait_compiled(base_url, args.startup_timeout)
     return identity, model
+
+
+def wait_compiled(base_url: str, timeout: float) -> float:
+    """Seconds until a dspark server's background compile is done (`dspark_compiling` 0; other
+    servers have no such gauge): points measure the compiled step, not the eager one."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            text = httpx.get(base_url.rstrip("/") + "/metrics", timeout=10).text
+        except httpx.HTTPError:
+            return time.monotonic() - t0
+        m = re.search(r"^dspark_compiling (\S+)$", text, re.M)
+        if m is None or float(m.group(1)) == 0:
+            return time.monotonic() - t0
+        time.sleep(2)
+    raise RuntimeError(f"{base_url}: still compiling after {timeout:.0f}s")
 
 
 def measure_point(name: str, args, model: str, specs_all, c: int, per_point, round_index: int = 0) -> dict:

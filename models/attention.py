@@ -135,13 +135,7 @@ class TorchAttentionBackend:
         key = ("mask", gi, window)
         if key in meta._cache:
             return meta._cache[key]
-        kpos, qpos = g["kpos"], g["qpos"]
-        allowed = (kpos.unsqueeze(1) <= qpos.unsqueeze(2)) & (kpos.unsqueeze(1) < g["clens"].view(-1, 1, 1))
-        if window is not None:
-            allowed &= kpos.unsqueeze(1) > qpos.unsqueeze(2) - window
-        # Padding query rows must see something, or SDPA returns NaN for them.
-        allowed[:, :, 0] |= ~g["qvalid"]
-        mask = allowed.unsqueeze(1).to(meta.device)
+        mask = attention_mask(g["kpos"], g["qpos"], g["clens"], g["qvalid"], window).to(meta.device)
         meta._cache[key] = mask
         return mask
 
@@ -211,3 +205,91 @@ def _small_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     s = s.float().mul_(scale).masked_fill_(~mask.view(b, 1, 1, nq, c), float("-inf"))
     p = s.softmax(dim=-1).to(v.dtype).view(b, hkv, g * nq, c)
     return torch.matmul(p, v.contiguous()).view(b, h, nq, d)
+
+
+@dataclass
+class DecodeInputs:
+    """Index tensors of a step whose every sequence feeds a few generated tokens (decodes and
+    verification blocks; no prompt rows): what `LlamaForCausalLM.forward_decode` reads. Built
+    with vectorised ops from the step's lists, once per step (`decode_inputs`).
+
+    With S sequences, N flat tokens, Q the longest query and C the longest context:
+    gather [S, C] pool slot of every context entry (padding: a valid slot the mask hides),
+    scatter [N] each token's row in the padded [S * Q] query batch, overlay [N] each token's
+    entry in the flattened [S * C] gathered context (where its new K/V goes), mask
+    [S, 1, Q, C], positions and slots [N] (slots: where the new K/V is written after the forward).
+    """
+
+    positions: torch.Tensor
+    slots: torch.Tensor
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    overlay: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def shape_class(self) -> tuple[bool, bool]:
+        """(several sequences, several queries per sequence): the sizes a compiled graph
+        specialises on (a dimension of 1 is a constant to the compiler)."""
+        return self.gather.shape[0] > 1, self.mask.shape[2] > 1
+
+
+def decode_inputs(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+                  block_size: int, device: torch.device) -> DecodeInputs:
+    """`DecodeInputs` of one step. The mask, gather and padding are the ones
+    `TorchAttentionBackend` builds for a single group of small queries, so the two paths attend
+    over the same numbers in the same shapes."""
+    qlens = torch.tensor(query_lens, dtype=torch.long)
+    clens = torch.tensor(context_lens, dtype=torch.long)
+    nseq, n = len(query_lens), int(qlens.sum())
+    max_q, max_ctx = int(qlens.max()), int(clens.max())
+    nblk = -(-max_ctx // block_size)
+    table = torch.tensor([t[:nblk] + [0] * (nblk - len(t[:nblk])) for t in block_tables], dtype=torch.long)
+    seq = torch.repeat_interleave(torch.arange(nseq), qlens)  # [N] each token's sequence
+    first = torch.cumsum(qlens, 0) - qlens
+    offset = torch.arange(n) - first[seq]  # [N] index of the token within its query
+    positions = (clens - qlens)[seq] + offset
+    slots = table[seq, positions // block_size] * block_size + positions % block_size
+    j = torch.arange(max_ctx)
+    gather = table[:, j // block_size] * block_size + j % block_size
+    qpos = (clens - qlens).unsqueeze(1) + torch.arange(max_q).unsqueeze(0)
+    qvalid = torch.arange(max_q).unsqueeze(0) < qlens.unsqueeze(1)
+    mask = attention_mask(j.unsqueeze(0).expand(nseq, -1), qpos, clens, qvalid, None)
+    return DecodeInputs(
+        positions=positions.to(device), slots=slots.to(device), gather=gather.to(device),
+        scatter=(seq * max_q + offset).to(device), overlay=(seq * max_ctx + positions).to(device),
+        mask=mask.to(device),
+    )
+
+
+def attention_mask(kpos: torch.Tensor, qpos: torch.Tensor, clens: torch.Tensor, qvalid: torch.Tensor,
+                   window: int | None) -> torch.Tensor:
+    """[S, 1, Q, C] boolean: query q of sequence s may read context entry c (causal, inside the
+    sequence's context and its sliding window); padding query rows read entry 0 (SDPA returns
+    NaN for a row that reads nothing)."""
+    allowed = (kpos.unsqueeze(1) <= qpos.unsqueeze(2)) & (kpos.unsqueeze(1) < clens.view(-1, 1, 1))
+    if window is not None:
+        allowed &= kpos.unsqueeze(1) > qpos.unsqueeze(2) - window
+    allowed[:, :, 0] |= ~qvalid
+    return allowed.unsqueeze(1)
+
+
+def overlay_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, inputs: DecodeInputs, scale: float) -> torch.Tensor:
+    """`TorchAttentionBackend.forward` for a `DecodeInputs` step without writing the pool: the
+    context is gathered from the pool and the new tokens' K/V are put into the gathered copy
+    (the pool is written once after the forward, for every layer: a graph compiler would
+    otherwise copy the whole pool to keep an in-place write functional). Same numbers, same
+    shapes, same kernels as the writing path: the same bits."""
+    nseq, ctx = inputs.gather.shape
+    max_q = inputs.mask.shape[2]
+    flat = inputs.gather.reshape(-1)
+    kk = k_cache.index_select(0, flat).index_copy(0, inputs.overlay, k.to(k_cache.dtype))
+    vv = v_cache.index_select(0, flat).index_copy(0, inputs.overlay, v.to(v_cache.dtype))
+    kk = kk.view(nseq, ctx, *k_cache.shape[1:]).transpose(1, 2).to(q.dtype)
+    vv = vv.view(nseq, ctx, *v_cache.shape[1:]).transpose(1, 2).to(q.dtype)
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    qq = q.new_zeros(nseq * max_q, n_heads, head_dim).index_copy(0, inputs.scatter, q)
+    qq = qq.view(nseq, max_q, n_heads, head_dim).transpose(1, 2)
+    out = _small_query_attention(qq, kk, vv, inputs.mask, scale)
+    return out.transpose(1, 2).reshape(nseq * max_q, n_heads, head_dim).index_select(0, inputs.scatter)

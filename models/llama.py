@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quant
-from .attention import AttentionMetadata, TorchAttentionBackend
+from .attention import AttentionMetadata, DecodeInputs, TorchAttentionBackend, overlay_attention
 from .config import ModelConfig
 
 
@@ -98,8 +98,21 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta, backend):
+        q, k, v = self.qkv(x, cos, sin, meta.dense_rows)
+        out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
+        return quant.linear(out.reshape(x.shape[0], self.q_size), self.o_proj, meta.dense_rows)
+
+    def forward_decode(self, x, cos, sin, k_cache, v_cache, inputs: DecodeInputs):
+        """`forward` for a `DecodeInputs` step; also returns the new K and V (the caller writes
+        them to the pool after the model's forward)."""
+        q, k, v = self.qkv(x, cos, sin)
+        out = overlay_attention(q, k, v, k_cache, v_cache, inputs, self.scale)
+        return quant.linear(out.reshape(x.shape[0], self.q_size), self.o_proj), k, v
+
+    def qkv(self, x, cos, sin, dense_rows: int = 0):
+        """q [N, H, D], k and v [N, Hkv, D] of the new tokens, rotated."""
         n = x.shape[0]
-        qkv = quant.linear(x, self.qkv_proj, meta.dense_rows)
+        qkv = quant.linear(x, self.qkv_proj, dense_rows)
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         v = qkv[:, self.q_size + self.kv_size:].view(n, nkv, hd)
         if self.q_norm is None:
@@ -109,8 +122,7 @@ class Attention(nn.Module):
         else:
             q = apply_rope(self.q_norm(qkv[:, : self.q_size].view(n, nh, hd)), cos, sin)
             k = apply_rope(self.k_norm(qkv[:, self.q_size: self.q_size + self.kv_size].view(n, nkv, hd)), cos, sin)
-        out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
-        return quant.linear(out.reshape(n, self.q_size), self.o_proj, meta.dense_rows)
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -136,6 +148,13 @@ class DecoderLayer(nn.Module):
     def forward(self, h, cos, sin, k_cache, v_cache, meta, backend):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_cache, v_cache, meta, backend)
         return h + self.mlp(self.post_attention_layernorm(h), meta.dense_rows)
+
+
+def _decode_layer(layer, h, cos, sin, layer_kv, inputs):
+    """One decoder layer of `forward_decode`: (its output, the new tokens' [2, N, Hkv, D] K/V)."""
+    a, k, v = layer.self_attn.forward_decode(layer.input_layernorm(h), cos, sin, layer_kv[0], layer_kv[1], inputs)
+    h = h + a
+    return h + layer.mlp(layer.post_attention_layernorm(h)), torch.stack((k, v))
 
 
 def check_all_loaded(params, loaded: set[str], unknown: list[str], what: str) -> None:
@@ -236,6 +255,30 @@ class LlamaForCausalLM(nn.Module):
             h = h[logits_indices]
         logits = self.compute_logits(h)
         return logits, [aux[i] for i in aux_ids]
+
+    def forward_decode(
+        self,
+        input_ids: torch.Tensor,  # [N]
+        inputs: DecodeInputs,
+        kv: torch.Tensor,  # the pool, [layers, 2, slots, Hkv, D]; read, never written
+        logits_indices: torch.Tensor,
+        aux_layer_ids: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """`forward` for a step of decodes and verification blocks (`DecodeInputs`), as a pure
+        function of tensors: what the engine compiles (engine/compiled_step.py). Returns the
+        logits of `logits_indices`, the aux hidden states and the new tokens' K/V
+        [layers, 2, N, Hkv, D], for the caller to write at `inputs.slots`. The same arithmetic as
+        `forward` (tests/models/test_decode_forward.py checks the bits); no sliding windows."""
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(inputs.positions, h.dtype)
+        states = [h]  # the residual stream after each layer; states[i + 1] is layer i's output
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            h, new = _decode_layer(layer, h, cos, sin, kv[i], inputs)
+            new_kv.append(new)
+            states.append(h)
+        logits = self.compute_logits(h.index_select(0, logits_indices))
+        return logits, [states[i + 1] for i in aux_layer_ids], torch.stack(new_kv)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into this model; unknown or missing tensors are errors."""

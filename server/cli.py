@@ -58,6 +58,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV and drafter context of cached prompt blocks (system prompts, earlier turns, "
                         "the n choices of a request); --no-enable-prefix-caching recomputes every prompt")
+    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
+                   help="never torch.compile the decode step (by default its graphs compile in the background "
+                        "after start-up while the server serves eagerly: docs/benchmarks/compile.md)")
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: the physical cores this process may use, within its affinity mask and cgroup CPU quota)")
     g.add_argument("--speculative-config", type=parse_json_dict, default=None,
                    help='JSON, e.g. {"method": "dspark", "model": PATH, "num_speculative_tokens": 7, '
@@ -95,6 +98,7 @@ def engine_config_from_args(args: argparse.Namespace):
         kv_cache_memory=args.kv_cache_memory, num_threads=args.num_threads,
         speculative_config=args.speculative_config, cost_table=args.cost_table,
         record_acceptance=args.record_acceptance, enable_prefix_caching=args.enable_prefix_caching,
+        enforce_eager=args.enforce_eager,
     )
 
 

@@ -173,6 +173,10 @@ class EngineCollector:
                       "KV and drafter context reused, not computed)", s.get("prefix_cache_hits", 0))
         yield gauge("dspark_kv_cache_cached_blocks", "KV cache blocks holding a cached prompt prefix (in use or "
                     "free; free ones are evicted least recently used first)", s.get("kv_cached_blocks", 0))
+        yield gauge("dspark_compiled_graphs", "Shape classes of the decode step compiled so far (0 to 4; they compile "
+                    "in the background after start-up, 0 with --enforce-eager)", s.get("compiled_graphs", 0))
+        yield gauge("dspark_compiling", "1 while the decode step's graphs compile in the background (steps of a "
+                    "class not compiled yet run eager: same output, slower)", s.get("compiling", 0))
         yield counter("dspark_engine_preemptions", "Requests preempted (KV blocks freed, recomputed later)",
                       s["preemptions"])
 

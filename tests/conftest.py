@@ -9,6 +9,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # `--dtype auto` times bf16 against fp32 on the CPU and may pick either; greedy-equality tests need
 # the same precision on every machine (servers started by the tests inherit this).
 os.environ.setdefault("DSPARK_CPU_DTYPE", "float32")
+# No background torch.compile of the decode step in engines and servers the tests start (minutes
+# of CPU on two cores); tests/engine/test_compiled_step.py compiles on purpose.
+os.environ.setdefault("DSPARK_ENFORCE_EAGER", "1")
 # Cost tables and converted models the tests make go to a cache of this test session, not the
 # user's ~/.cache/dspark (a test server's table must not become the one `dspark serve` loads).
 if "DSPARK_CACHE_DIR" not in os.environ:

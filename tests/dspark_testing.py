@@ -172,6 +172,8 @@ class ServerProcess:
         full_env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
         # --dtype auto would time bf16 against fp32 and may pick bf16; greedy comparisons need fp32.
         full_env["DSPARK_CPU_DTYPE"] = os.environ.get("DSPARK_CPU_DTYPE", "float32")
+        # No background compile unless a test asks for it (--no-enforce-eager or its env).
+        full_env["DSPARK_ENFORCE_EAGER"] = os.environ.get("DSPARK_ENFORCE_EAGER", "1")
         full_env.update(env or {})
         threads = [] if "--num-threads" in args else ["--num-threads", "1"]
         command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),

@@ -1,0 +1,183 @@
+"""The decode forward compiled with torch.compile: the CPU counterpart of CUDA graphs.
+
+A step of decodes and verification blocks (no prompt rows) runs `LlamaForCausalLM.forward_decode`,
+a pure function of tensors. On a CPU most of its eager time is the dispatch of about 40 small ops
+per layer; inductor fuses them into one graph per shape class (docs/benchmarks/compile.md).
+
+- Shape classes. Sizes are dynamic, except that a compiler treats a dimension of 1 as a constant:
+  one graph for (one sequence / several) x (one query per sequence / several), four in all.
+- Arithmetic. `emulate_precision_casts` makes fused elementwise chains round as eager does; what
+  still differs is the order of the float32 sums inside softmax and RMSNorm (inductor's own
+  vectorised reductions, not ATen's). Those sums are rounded to bfloat16 right after, so most
+  steps give eager's bits exactly, and the others differ by an ulp that can flip a near-tie (as
+  the batch composition already can in bf16; docs/benchmarks/compile.md measures how often greedy
+  outputs diverge). Compiled and eager steps mix freely (prefill chunks run eager). Only bf16
+  models with packed weights compile: float32, the parity reference, never does.
+- Start-up. Compiling takes 20-30 s per graph with a warm cache and 80-100 s cold on two cores.
+  The engine does not wait: a background thread compiles the classes one by one (it runs each once
+  on dummy inputs that read the pool and write nothing) while the engine serves eagerly, and a step
+  uses a graph only once its class is ready. Inductor's caches live under the dspark cache
+  directory (`TORCHINDUCTOR_CACHE_DIR` if set), so the next start finds them.
+- Only models whose every linear (and the head) is packed compile: inductor computes a dense bf16
+  matmul of a few rows in another order than eager. Other models run the same pure forward eagerly.
+- `--enforce-eager` (vLLM's name) never compiles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import torch
+
+from models import quant
+from models.attention import DecodeInputs, decode_inputs
+
+log = logging.getLogger(__name__)
+
+# Every class the compiled forward specialises on: (several sequences, several queries per sequence).
+SHAPE_CLASSES = ((False, False), (True, False), (False, True), (True, True))
+
+
+def supported(model, device: torch.device) -> bool:
+    """Whether the model's decode steps can take `forward_decode` (Llama-family, full attention)."""
+    cfg = getattr(model, "config", None)
+    return (device.type == "cpu" and hasattr(model, "forward_decode") and cfg is not None
+            and not any(w is not None for w in cfg.sliding_windows))
+
+
+class CompiledStep:
+    """`forward_decode` of one model, compiled per shape class in the background.
+
+    `__call__` runs the graph of the inputs' class when it is ready, the eager function otherwise.
+    `ready` (thread-safe to read) lists the classes compiled so far."""
+
+    def __init__(self, model, kv: torch.Tensor, aux_layer_ids: tuple[int, ...], block_size: int,
+                 enforce_eager: bool = False):
+        self.model = model
+        self.kv = kv
+        self.aux_layer_ids = tuple(aux_layer_ids)
+        self.block_size = block_size
+        self.enforce_eager = enforce_eager
+        self.ready: set[tuple[bool, bool]] = set()
+        # The packed kernels serve at most PACKED_MAX_ROWS rows (models/quant.py); a graph is
+        # guarded on that, so larger steps run eager rather than compile another graph.
+        self.max_rows = quant.PACKED_MAX_ROWS
+        # Only models whose every linear is packed (the packed kernels stay extern calls, ATen's own
+        # bits): inductor decomposes a dense matmul of a few rows into its own loops, another
+        # summation order in every linear.
+        self.why_eager = "--enforce-eager" if enforce_eager else (
+            None if _all_packed(model) else "dense linears (compiled only with packed weights: --quantization int4/int8/auto on a GGUF)")
+        self.compile_seconds: dict[tuple[bool, bool], float] = {}
+        self.failed: str | None = None
+        self._compiled = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------ compiling
+
+    def start(self) -> None:
+        """Compile every shape class in a background thread (no-op with enforce_eager)."""
+        if self.why_eager is not None or self._thread is not None:
+            if self.why_eager is not None:
+                log.info("decode step runs eager: %s", self.why_eager)
+            return
+        _use_dspark_inductor_cache()
+        _configure()  # this thread's settings (a recompile here would read them)
+        self._compiled = torch.compile(self.model.forward_decode, dynamic=True, fullgraph=True)
+        self._thread = threading.Thread(target=self._compile_all, name="dspark-compile", daemon=True)
+        self._thread.start()
+
+    @property
+    def compiling(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every class is compiled (or compiling failed); True when all are ready."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return len(self.ready) == len(SHAPE_CLASSES)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _compile_all(self) -> None:
+        _configure()  # compiler settings are per thread
+        t_all = time.monotonic()
+        for cls in SHAPE_CLASSES:
+            if self._stop.is_set():
+                return
+            t0 = time.monotonic()
+            try:
+                ids, inputs, sel = self._dummy(*cls)
+                with torch.inference_mode():
+                    self._compiled(ids, inputs, self.kv, sel, self.aux_layer_ids)
+            except Exception as e:  # the eager path keeps serving; say why once
+                self.failed = f"{type(e).__name__}: {e}"
+                log.warning("torch.compile of the decode step failed; serving eager: %s", self.failed)
+                return
+            self.compile_seconds[cls] = time.monotonic() - t0
+            self.ready.add(cls)
+            log.info("compiled decode graph %s in %.1fs", _name(cls), self.compile_seconds[cls])
+        log.info("all %d decode graphs compiled in %.1fs", len(SHAPE_CLASSES), time.monotonic() - t_all)
+
+    def _dummy(self, several_seqs: bool, several_queries: bool):
+        """Inputs of a class: contexts over the first pool blocks (read only), queries of 2 or 1."""
+        nseq, q = (2 if several_seqs else 1), (3 if several_queries else 1)
+        ctx = 3 * self.block_size // 2 + 7
+        nblk = -(-ctx // self.block_size)
+        tables = [list(range(nblk)) for _ in range(nseq)]
+        inputs = decode_inputs([q] * nseq, [ctx] * nseq, tables, self.block_size, self.kv.device)
+        ids = torch.zeros(nseq * q, dtype=torch.long, device=self.kv.device)
+        return ids, inputs, torch.arange(nseq * q, device=self.kv.device)
+
+    # ------------------------------------------------------------ running
+
+    def __call__(self, input_ids: torch.Tensor, inputs: DecodeInputs, logits_indices: torch.Tensor):
+        compiled = inputs.shape_class in self.ready and input_ids.shape[0] <= self.max_rows
+        fn = self._compiled if compiled else self.model.forward_decode
+        with torch.inference_mode():
+            return fn(input_ids, inputs, self.kv, logits_indices, self.aux_layer_ids)
+
+    def describe(self) -> dict:
+        return {"eager": self.why_eager, "graphs_ready": len(self.ready),
+                "graphs": len(SHAPE_CLASSES), "compile_seconds": {_name(c): round(s, 1) for c, s in self.compile_seconds.items()},
+                "failed": self.failed}
+
+
+def _all_packed(model) -> bool:
+    return getattr(model, "head_packed", None) is not None and all(
+        quant.packed_of(layer) is not None for _, layer in model.linears())
+
+
+def _name(cls: tuple[bool, bool]) -> str:
+    return f"{'batch' if cls[0] else 'single'}-{'verify' if cls[1] else 'decode'}"
+
+
+def _configure() -> None:
+    """The compiler settings the graphs need, for the calling thread (torch keeps user settings of
+    its compiler configs per thread)."""
+    import torch._inductor.config as inductor_config
+    import torch.fx.experimental._config as fx_config
+
+    inductor_config.emulate_precision_casts = True  # fused chains round where eager rounds
+    # Every dimension its own symbol: with duck shaping, two sizes equal in the dummy inputs would
+    # be guarded equal, and a real step would recompile.
+    fx_config.use_duck_shape = False
+
+
+def _use_dspark_inductor_cache() -> None:
+    """Keep inductor's compiled kernels in the dspark cache directory (persistent across starts;
+    /tmp is not in a container) unless the user chose a directory."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # torch writes its default into the variable the first time it asks: that is not a choice.
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        from models.loader import cache_dir
+
+        path = cache_dir() / "inductor"
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)

@@ -1,0 +1,117 @@
+"""The compiled decode step (engine/compiled_step.py): four graphs cover every decode and
+verification step without recompiling and compute the eager function (to bf16 rounding: the float32
+sums inside softmax and RMSNorm run in another order); the engine serves with them."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.compiled_step import SHAPE_CLASSES
+from models.attention import decode_inputs
+
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def compiled_llm(tiny_llama_dir, tiny_drafter_dir):
+    llm = LLM(tiny_llama_dir, dtype="bfloat16", quantization="int4", num_threads=2, block_size=BS,
+              speculative_config={"method": "dspark", "model": tiny_drafter_dir, "verification": "fixed"},
+              enforce_eager=False, enable_prefix_caching=False)
+    step = llm.engine.runner.decode_step
+    assert step is not None and not step.enforce_eager
+    assert step.wait(timeout=900), step.describe()
+    return llm
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to a few bf16 ulps of the tensor's scale (a wrong graph is off by far more)."""
+    return bool(((a.float() - b.float()).abs() <= 0.02 * b.float().abs().max() + 1e-3).all())
+
+
+def test_every_class_compiles_once_and_computes_the_eager_function(compiled_llm):
+    step = compiled_llm.engine.runner.decode_step
+    assert step.ready == set(SHAPE_CLASSES) and step.failed is None
+    model, kv = step.model, step.kv
+    g = torch.Generator().manual_seed(0)
+    seen, exact = set(), 0
+    # Sizes unlike the warm-up's: a guard on any of them would recompile, which this refuses.
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for query_lens in ([1], [6], [8], [1, 1], [1] * 11, [2, 7, 1], [8, 8, 8], [5] * 4):
+            ctx = [q + int(torch.randint(2, 60, (1,), generator=g)) for q in query_lens]
+            tables = [torch.randperm(kv.shape[2] // BS, generator=g)[: -(-c // BS)].tolist() for c in ctx]
+            inputs = decode_inputs(query_lens, ctx, tables, BS, kv.device)
+            ids = torch.randint(0, 400, (sum(query_lens),), generator=g)
+            sel = torch.arange(len(ids))
+            got = step(ids, inputs, sel)
+            with torch.inference_mode():
+                want = model.forward_decode(ids, inputs, kv, sel, step.aux_layer_ids)
+            seen.add(inputs.shape_class)
+            for a, b in zip((got[0], *got[1], got[2]), (want[0], *want[1], want[2])):
+                assert _close(a, b), query_lens
+            exact += torch.equal(got[0], want[0])
+            # a mutation check of `_close`: another step's logits are not "close"
+            assert not _close(got[0], want[0].roll(1, -1))
+    assert seen == set(SHAPE_CLASSES)
+    assert exact >= 4  # most steps give eager's bits exactly (all 8 here, with torch 2.13)
+
+
+def test_engine_output_equals_enforce_eager(compiled_llm, tiny_llama_dir, tiny_drafter_dir):
+    """Greedy outputs with the compiled graphs, speculation on, equal --enforce-eager's here (no
+    near-tie in these prompts of the tiny model: a regression check, not a promise for every prompt)."""
+    eager = LLM(tiny_llama_dir, dtype="bfloat16", quantization="int4", num_threads=2, block_size=BS,
+                speculative_config={"method": "dspark", "model": tiny_drafter_dir, "verification": "fixed"},
+                enforce_eager=True, enable_prefix_caching=False)
+    assert eager.engine.runner.decode_step.ready == set()
+    prompts = [[5, 17, 99, 3, 250], [7] * 30, list(range(40, 52))]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got = [o.outputs[0].token_ids for o in compiled_llm.generate(prompts, params)]
+    want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    assert got == want
+    assert compiled_llm.engine.stats.snapshot()["spec_num_drafts"] > 0  # verification blocks ran compiled
+
+
+def test_dense_models_run_the_pure_forward_eagerly(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, dtype="bfloat16", quantization="none", num_threads=1, enforce_eager=False,
+              speculative_config={"method": "none"})
+    step = llm.engine.runner.decode_step
+    assert "dense" in step.why_eager and not step.wait(0) and step.ready == set()
+
+
+def test_server_compiles_in_the_background_and_answers_the_same(tiny_llama_dir, tmp_path):
+    """Over HTTP: --no-enforce-eager serves at once, reports its graphs in /metrics as they compile,
+    and answers greedy requests as --enforce-eager does."""
+    import httpx
+
+    from dspark_testing import serving, wait_until
+
+    def metric_value(text, name):
+        return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+    def chat_body(content, **kw):
+        return {"model": "m", "messages": [{"role": "user", "content": content}], **kw}
+
+    args = ["--model", tiny_llama_dir, "--dtype", "bfloat16", "--quantization", "int4", "--num-threads", "2",
+            "--speculative-config", '{"method": "none"}']
+    bodies = [chat_body(f"Count to {n}.", max_tokens=24, temperature=0) for n in (3, 7, 12)]
+
+    def answers(url):
+        with httpx.Client(base_url=url, timeout=120) as c:
+            model = c.get("/v1/models").json()["data"][0]["id"]
+            return [c.post("/v1/chat/completions", json={**b, "model": model}).json()["choices"][0]["message"]["content"]
+                    for b in bodies]
+
+    with serving(args + ["--no-enforce-eager"], tmp_path / "compiled.log") as srv:
+        def graphs():
+            return metric_value(httpx.get(f"{srv.url}/metrics").text, "dspark_compiled_graphs")
+        first = answers(srv.url)  # served while compiling (eager until each graph is ready)
+        wait_until(lambda: graphs() == len(SHAPE_CLASSES), timeout=900, interval=1, what="4 compiled graphs")
+        compiled = answers(srv.url)
+    with serving(args + ["--enforce-eager"], tmp_path / "eager.log") as srv:
+        assert metric_value(httpx.get(f"{srv.url}/metrics").text, "dspark_compiled_graphs") == 0
+        eager = answers(srv.url)
+    assert first == compiled == eager
