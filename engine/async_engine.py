@@ -170,7 +170,7 @@ class AsyncEngine:
             prefix_cache_hits=kv.prefix_hits,
             kv_cached_blocks=kv.allocator.num_cached,
             compiled_graphs=len(eng.runner.decode_step.ready) if eng.runner.decode_step is not None else 0,
-            compiling=int(eng.runner.decode_step is not None and eng.runner.decode_step.compiling),
+            compiling=int(eng.warming_up),
         )
         spec = eng.speculative
         if spec is not None and spec.online is not None:
@@ -296,6 +296,7 @@ class AsyncEngine:
             self._drain_commands()
             self._publish()
             if not eng.has_unfinished_requests():
+                eng.idle()
                 self._wake.wait(0.1)
                 self._wake.clear()
                 continue

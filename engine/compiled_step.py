@@ -13,11 +13,13 @@ per layer; inductor fuses them into one graph per shape class (docs/benchmarks/c
   the batch composition already can in bf16; docs/benchmarks/compile.md measures how often greedy
   outputs diverge). Compiled and eager steps mix freely (prefill chunks run eager). Only bf16
   models with packed weights compile: float32, the parity reference, never does.
-- Start-up. Compiling takes 20-30 s per graph with a warm cache and 80-100 s cold on two cores.
+- Start-up. Compiling takes 20-30 s per graph with a warm cache and 80-130 s cold on two cores.
   The engine does not wait: a background thread compiles the classes one by one (it runs each once
   on dummy inputs that read the pool and write nothing) while the engine serves eagerly, and a step
   uses a graph only once its class is ready. Inductor's caches live under the dspark cache
-  directory (`TORCHINDUCTOR_CACHE_DIR` if set), so the next start finds them.
+  directory (`TORCHINDUCTOR_CACHE_DIR` if set), so the next start finds them. The scheduler's cost
+  table, profiled eagerly at start-up, is re-profiled on the graphs at the engine's first idle
+  moment after they are ready (`LLMEngine.idle`).
 - Only models whose every linear (and the head) is packed compile: inductor computes a dense bf16
   matmul of a few rows in another order than eager. Other models run the same pure forward eagerly.
 - `--enforce-eager` (vLLM's name) never compiles.
@@ -89,6 +91,10 @@ class CompiledStep:
         self._compiled = torch.compile(self.model.forward_decode, dynamic=True, fullgraph=True)
         self._thread = threading.Thread(target=self._compile_all, name="dspark-compile", daemon=True)
         self._thread.start()
+
+    @property
+    def all_ready(self) -> bool:
+        return len(self.ready) == len(SHAPE_CLASSES)
 
     @property
     def compiling(self) -> bool:

@@ -110,6 +110,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self.faults = FaultInjector.from_env()  # None unless DSPARK_FAULT_INJECTION=1 (tests)
         self.speculative = None
+        self._table_compiled = False
         if drafter is not None:
             table = self._cost_table() if self.spec.verification in ("scheduled", "async") or self.spec.draft_skipping else None
             self.speculative = SpeculativeDecoder(
@@ -358,12 +359,13 @@ class LLMEngine:
 
         from models.loader import cache_dir
 
+        step = self.runner.decode_step
         key = {"model": self.loaded.path, "dtype": str(self.runner.dtype), "quantization": self.loaded.model.quantization,
-               "device": str(self.device),
+               "device": str(self.device), "step": "compiled" if step is not None and step.all_ready else "eager",
                "threads": torch.get_num_threads(), "gamma": self.gamma, "measures": "verify-forward"}
         path = self.config.cost_table
         if path is None:
-            slug = "".join(c if c.isalnum() else "-" for c in f"{self.model_name}-{key['dtype']}-{key['quantization']}-{key['device']}-t{key['threads']}")
+            slug = "".join(c if c.isalnum() else "-" for c in f"{self.model_name}-{key['dtype']}-{key['quantization']}-{key['device']}-t{key['threads']}-{key['step']}")
             path = cache_dir() / "cost_tables" / f"{slug}-g{self.gamma}.json"
         table = CostTable.load(path, key)
         if table is not None:
@@ -380,6 +382,29 @@ class LLMEngine:
             log.warning("cannot save the cost table to %s: %s", path, e)
         table.spread = LIVE_SPREAD
         return table
+
+    @property
+    def warming_up(self) -> bool:
+        """The decode graphs are compiling, or are ready while the cost table still holds the eager
+        step's times (`idle` re-profiles it)."""
+        step = self.runner.decode_step
+        if step is None:
+            return False
+        return step.compiling or (step.all_ready and self._table_pending())
+
+    def _table_pending(self) -> bool:
+        return self.speculative is not None and self.speculative.cost_table is not None and not self._table_compiled
+
+    def idle(self) -> None:
+        """Work for a moment with no request (the server calls it between idle waits): once the decode
+        graphs are compiled, the cost table is re-profiled on them (or loaded, from an earlier start),
+        so that Algorithm 1 weighs the step this engine now runs. With no idle moment, live step
+        timings correct the table instead (LIVE_SPREAD)."""
+        step = self.runner.decode_step
+        if step is not None and step.all_ready and self._table_pending() and not self.has_unfinished_requests():
+            self._table_compiled = True
+            self.speculative.cost_table.replace(self._cost_table())
+            log.info("cost table refreshed for the compiled decode step")
 
     def _profile_forward(self, num_tokens: int) -> float:
         """Seconds of the verification forward of one speculative step with `num_tokens` tokens:

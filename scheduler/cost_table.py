@@ -133,6 +133,12 @@ class CostTable:
             fitted[i] = min(fitted[i], fitted[i - 1])
         return CostTable(dict(zip(xs, fitted)), alpha=self.alpha, spread=self.spread)
 
+    def replace(self, other: "CostTable") -> None:
+        """Take `other`'s points in place (every holder of this table sees them): a re-profile after
+        the step got faster, e.g. once its compiled graphs are ready."""
+        with self._lock:
+            self._xs, self._ys, self._start = list(other._xs), list(other._ys), list(other._start)
+
     def nearest_bucket(self, num_tokens: float) -> float:
         """The measured B closest to `num_tokens` (the smaller one on a tie)."""
         xs = self._xs

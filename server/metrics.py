@@ -176,7 +176,8 @@ class EngineCollector:
         yield gauge("dspark_compiled_graphs", "Shape classes of the decode step compiled so far (0 to 4; they compile "
                     "in the background after start-up, 0 with --enforce-eager)", s.get("compiled_graphs", 0))
         yield gauge("dspark_compiling", "1 while the decode step's graphs compile in the background (steps of a "
-                    "class not compiled yet run eager: same output, slower)", s.get("compiling", 0))
+                    "class not compiled yet run eager, slower) and until the cost table is re-profiled on them "
+                    "(at the first idle moment)", s.get("compiling", 0))
         yield counter("dspark_engine_preemptions", "Requests preempted (KV blocks freed, recomputed later)",
                       s["preemptions"])
 

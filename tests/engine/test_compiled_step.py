@@ -115,3 +115,24 @@ def test_server_compiles_in_the_background_and_answers_the_same(tiny_llama_dir, 
         assert metric_value(httpx.get(f"{srv.url}/metrics").text, "dspark_compiled_graphs") == 0
         eager = answers(srv.url)
     assert first == compiled == eager
+
+
+def test_idle_engine_reprofiles_its_cost_table_on_the_compiled_step(tiny_llama_dir, tiny_drafter_dir):
+    """Algorithm 1 must weigh the step the engine runs: the table profiled at start-up (eager) is
+    replaced, in place, by one profiled on the graphs at the first idle moment after they compile."""
+    from engine import LLMEngine
+    from engine.engine import EngineConfig
+    from models.loader import cache_dir
+
+    eng = LLMEngine(EngineConfig(model=tiny_llama_dir, dtype="bfloat16", quantization="int4", num_threads=2,
+                                 speculative_config={"method": "dspark", "model": tiny_drafter_dir},
+                                 enforce_eager=False))
+    table = eng.speculative.cost_table
+    assert table is not None and eng.speculative.policy.cost_table is table
+    before = table.points
+    assert eng.runner.decode_step.wait(900)
+    assert eng.warming_up  # compiled, but the table is still the eager one
+    eng.idle()
+    assert not eng.warming_up and eng.speculative.cost_table is table and table.points != before
+    saved = [p.name for p in (cache_dir() / "cost_tables").glob("*")]
+    assert any(n.endswith("-compiled-g7.json") for n in saved) and any("-eager-g" in n for n in saved), saved
