@@ -76,7 +76,6 @@ class CompiledStep:
         self.failed: str | None = None
         self._compiled = None
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
 
     # ------------------------------------------------------------ compiling
 
@@ -104,17 +103,12 @@ class CompiledStep:
         """Block until every class is compiled (or compiling failed); True when all are ready."""
         if self._thread is not None:
             self._thread.join(timeout)
-        return len(self.ready) == len(SHAPE_CLASSES)
-
-    def stop(self) -> None:
-        self._stop.set()
+        return self.all_ready
 
     def _compile_all(self) -> None:
         _configure()  # compiler settings are per thread
         t_all = time.monotonic()
         for cls in SHAPE_CLASSES:
-            if self._stop.is_set():
-                return
             t0 = time.monotonic()
             try:
                 ids, inputs, sel = self._dummy(*cls)

@@ -48,7 +48,7 @@ class ModelRunner:
             DraftProposer(drafter, self.num_blocks * block_size, self.dtype, device, gamma) if drafter is not None else None
         )
         # Steps of decodes and verification blocks take the model's pure forward, compiled in the
-        # background unless enforce_eager (start_compiling); None: the model has no such forward.
+        # background unless enforce_eager (LLMEngine starts it); None: the model has no such forward.
         self.decode_step = None
         if supported(self.model, device):
             aux_ids = tuple(self.proposer.layer_ids) if self.proposer is not None else ()
