@@ -64,9 +64,10 @@ class CompiledStep:
         self.block_size = block_size
         self.enforce_eager = enforce_eager
         self.ready: set[tuple[bool, bool]] = set()
-        # The packed kernels serve at most PACKED_MAX_ROWS rows (models/quant.py); a graph is
+        # The packed kernels serve at most quant.max_rows rows (models/quant.py); a graph is
         # guarded on that, so larger steps run eager rather than compile another graph.
-        self.max_rows = quant.PACKED_MAX_ROWS
+        packed = [quant.packed_of(layer) for _, layer in model.linears()] + [getattr(model, "head_packed", None)]
+        self.max_rows = min((quant.max_rows(p) for p in packed if p is not None), default=0)
         # Only models whose every linear is packed (the packed kernels stay extern calls, ATen's own
         # bits): inductor decomposes a dense matmul of a few rows into its own loops, another
         # summation order in every linear.

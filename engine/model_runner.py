@@ -75,7 +75,7 @@ class ModelRunner:
         """
         # Rows are laid out prompt tokens first: packed linears run those through their dense
         # weight and the generated tokens through the packed kernel (up to
-        # quant.PACKED_MAX_ROWS of them; models/quant.py). A row
+        # quant.max_rows of them; models/quant.py). A row
         # that crosses the prompt's end (a recompute after preemption) is split into two
         # segments of the same sequence; the second attends to the first's KV, written first.
         prompt_segs, other_segs = [], []

@@ -4,8 +4,9 @@
 
 Times one model's worth of projections (30 layers of qkv, o, gate_up and down, each layer its own
 weights so that they stream from memory as in a real forward, not from cache) and the 49152 x 576
-output head, for 1 to 128 rows, in three forms: dense (today's --quantization none), int4 (group
-32) and int8 (per channel), through models/quant.py. It also measures the machine's memory
+output head, for 1 to 128 rows, in five forms through models/quant.py: dense (--quantization none);
+torch's kernels, int4 (group 32) and int8 (per channel); and our VNNI kernel (models/kernels, where
+it builds), int4-vnni (Q4_1 blocks) and int8-vnni (Q8_0 blocks). It also measures the machine's memory
 bandwidth with a large copy, for the roofline: bytes of weights one decode row reads / bandwidth.
 Writes JSON and a Markdown table.
 """
@@ -34,7 +35,8 @@ def _weights(kind: str, shape: tuple[int, int], dtype: torch.dtype, gen: torch.G
     if kind == "dense":
         wd = w.to(dtype)
         return (lambda x: torch.nn.functional.linear(x, wd)), wd.numel() * wd.element_size()
-    packed = quant.PackedWeight.quantize(w, kind, dtype)
+    kind, _, layout = kind.partition("-")
+    packed = quant.PackedWeight.quantize(w, kind, dtype, layout=layout or "torch")
     return packed.mm, packed.nbytes
 
 
@@ -65,7 +67,8 @@ def run(threads: int, dtype: torch.dtype, repeats: int) -> dict:
     bandwidth = memory_bandwidth()
     result["memory_bandwidth_gb_s"] = bandwidth / 1e9
     with torch.inference_mode():
-        for kind in ("dense", "int4", "int8"):
+        kinds = ("dense", "int4", "int8") + (("int4-vnni", "int8-vnni") if quant.vnni_kernel() else ())
+        for kind in kinds:
             layers = [[_weights(kind, s, dtype, gen) for s in SHAPES] for _ in range(LAYERS)]
             head, head_bytes = _weights(kind, HEAD, dtype, gen)
             layer_bytes = sum(b for layer in layers for _, b in layer)
@@ -92,9 +95,11 @@ def run(threads: int, dtype: torch.dtype, repeats: int) -> dict:
 
 
 def markdown(res: dict) -> str:
+    packed = [k for k in res["kinds"] if k != "dense"]
     lines = [
-        "| rows | " + " | ".join(f"{k} ms (layers + head)" for k in res["kinds"]) + " | int4 / dense | int8 / dense |",
-        "| ---: | " + " | ".join("---:" for _ in res["kinds"]) + " | ---: | ---: |",
+        "| rows | " + " | ".join(f"{k} ms (layers + head)" for k in res["kinds"]) + " | "
+        + " | ".join(f"{k} / dense" for k in packed) + " |",
+        "| ---: | " + " | ".join("---:" for _ in res["kinds"]) + " | " + " | ".join("---:" for _ in packed) + " |",
     ]
     for r in res["rows"]:
         cells, tot = [], {}
@@ -102,7 +107,7 @@ def markdown(res: dict) -> str:
             v = k["per_rows"][r] if r in k["per_rows"] else k["per_rows"][str(r)]
             tot[kind] = v["layers_ms"] + v["head_ms"]
             cells.append(f"{v['layers_ms']:.1f} + {v['head_ms']:.1f}")
-        lines.append(f"| {r} | " + " | ".join(cells) + f" | {tot['int4'] / tot['dense']:.2f} | {tot['int8'] / tot['dense']:.2f} |")
+        lines.append(f"| {r} | " + " | ".join(cells) + " | " + " | ".join(f"{tot[k] / tot['dense']:.2f}" for k in packed) + " |")
     lines.append("")
     lines.append(f"Memory bandwidth (a 512 MiB copy, read + write): {res['memory_bandwidth_gb_s']:.1f} GB/s.")
     lines.append("")

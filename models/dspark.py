@@ -163,15 +163,15 @@ class DraftAttention(nn.Module):
     def kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (normed, rotated) and values of `x` [N, d] -> [N, Hkv, D] each."""
         n = x.shape[0]
-        k = self.k_norm(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        k = self.k_norm(quant.linear(x, self.k_proj).view(n, self.num_kv_heads, self.head_dim))
+        v = quant.linear(x, self.v_proj).view(n, self.num_kv_heads, self.head_dim)
         return apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, ctx_k, ctx_v, ctx_mask):
         """x: [R, g, d] block; ctx_k/v: [R, C, Hkv, D]; ctx_mask: [R, C] valid context entries."""
         r, g, d = x.shape
         flat = x.reshape(r * g, d)
-        q = self.q_norm(self.q_proj(flat).view(r * g, self.num_heads, self.head_dim))
+        q = self.q_norm(quant.linear(flat, self.q_proj).view(r * g, self.num_heads, self.head_dim))
         q = apply_rope(q, cos, sin).view(r, g, self.num_heads, self.head_dim)
         k, v = self.kv(flat, cos, sin)
         k = torch.cat([ctx_k, k.view(r, g, self.num_kv_heads, self.head_dim)], dim=1)
@@ -182,7 +182,7 @@ class DraftAttention(nn.Module):
             attn_mask=mask[:, None, None, :], scale=self.scale,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(r, g, self.num_heads * self.head_dim))
+        return quant.linear(out.transpose(1, 2).reshape(r, g, self.num_heads * self.head_dim), self.o_proj)
 
 
 class DraftMLP(nn.Module):
@@ -193,7 +193,7 @@ class DraftMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return quant.linear(F.silu(quant.linear(x, self.gate_proj)) * quant.linear(x, self.up_proj), self.down_proj)
 
 
 class DraftLayer(nn.Module):
@@ -231,16 +231,16 @@ class MarkovHead(nn.Module):
         """One position: prev_emb = W1[x_{k-1}] [..., r], h = h_k [..., d] -> (B_k [..., V'], new state)
         (V' the draft vocabulary)."""
         if self.kind == "vanilla":
-            return self.markov_w2(prev_emb), state
+            return quant.linear(prev_emb, self.markov_w2), state
         if self.kind == "gated":
             gate = torch.sigmoid(self.gate_proj(torch.cat([h, prev_emb], dim=-1)))
-            return self.markov_w2(gate * prev_emb), state
+            return quant.linear(gate * prev_emb, self.markov_w2), state
         if state is None:
             state = prev_emb.new_zeros(prev_emb.shape)
         g, c, o = self.joint_proj(torch.cat([state, prev_emb, h], dim=-1)).chunk(3, dim=-1)
         sg = torch.sigmoid(g)
         state = sg * state + (1 - sg) * torch.tanh(c)
-        return self.markov_w2(torch.tanh(o)), state
+        return quant.linear(torch.tanh(o), self.markov_w2), state
 
 
 class ConfidenceHead(nn.Module):
@@ -334,6 +334,24 @@ class DSparkDrafter(nn.Module):
             packed = quant.PackedWeight.quantize(w, self._head_kind, w.dtype)
         object.__setattr__(self, "_draft_head_packed", packed)
 
+    def pack_linears(self, dtype: torch.dtype) -> int:
+        """Serving on a CPU beside a packed target: the drafter's linears (context projection, its
+        layers, the Markov head's W2) get an int8 copy (Q8_0 blocks) read by our VNNI kernel for
+        few rows (models/quant.py; drafts only steer speed, verification keeps the output exact).
+        Returns how many were packed (0 where the kernel is not available)."""
+        if not quant.vnni_kernel():
+            return 0
+        linears = [self.fc] + [m for layer in self.layers for m in layer.modules() if isinstance(m, nn.Linear)]
+        if self.markov_head is not None:
+            linears.append(self.markov_head.markov_w2)
+        n = 0
+        for layer in linears:
+            w = layer.weight
+            if w.device.type == "cpu" and w.shape[0] % quant.VNNI_BLOCK == 0 and w.shape[1] % quant.INT4_GROUP == 0:
+                quant.pack_linear(layer, "int8", dtype)
+                n += 1
+        return n
+
     @property
     def target_vocab_size(self) -> int:
         """V, the target's vocabulary (draft distributions are scattered into it for verification)."""
@@ -362,7 +380,7 @@ class DSparkDrafter(nn.Module):
 
     def context_features(self, aux_hidden: list[torch.Tensor]) -> torch.Tensor:
         """H_ctx = hidden_norm(fc([H(l1); ...; H(lm)])) for target positions [N, d]."""
-        return self.hidden_norm(self.fc(torch.cat(aux_hidden, dim=-1)))
+        return self.hidden_norm(quant.linear(torch.cat(aux_hidden, dim=-1), self.fc))
 
     def context_kv(self, h_ctx: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per draft layer, the K/V of context positions (what the drafter's pool caches)."""

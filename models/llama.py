@@ -198,7 +198,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the rows that sample: through the packed head for up to
-        quant.PACKED_MAX_ROWS rows, else the dense one (models/quant.py)."""
+        quant.max_rows rows, else the dense one (models/quant.py)."""
         h = self.norm(hidden)
         if not quant.takes_packed(self.head_packed, h.shape[0]):
             return F.linear(h, self.lm_head_weight)

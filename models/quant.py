@@ -1,28 +1,33 @@
-"""Weight-only quantized linears for the CPU: 4-bit and 8-bit packed weights read by torch's kernels.
+"""Weight-only quantized linears for the CPU: 4-bit and 8-bit packed weights.
 
 A decode step on a CPU is bound by the bytes of weights it reads. Dequantizing a GGUF to bf16 reads
-about 3.2x the bytes of its Q4_1 blocks; these linears keep the checkpoint's precision instead:
+about 3.2x the bytes of its Q4_1 blocks; these linears keep the checkpoint's precision instead.
+Two kernels, chosen at load (`PackedWeight.quantize`):
 
-- ``int4``: 4-bit codes in groups of 32 along the input dimension, each group with a scale and a
-  zero point, w = (q - 8) * scale + zero (the layout of ``torch.ops.aten._weight_int4pack_mm_for_cpu``).
-  GGUF's Q4_1 (w = d * q + m) maps onto it exactly: the group's minimum is m (its code 0) and its
-  maximum m + 15 d (code 15), so the asymmetric min/max quantizer below recovers every code and
-  both constants to float32 rounding. Other formats (Q4_0, K-quants, float checkpoints) are
-  quantized at load with the same rule.
-- ``int8``: 8-bit codes with one scale per output channel, w = q * scale
-  (``torch.ops.aten._weight_int8pack_mm``). A Q8_0 tensor (a scale per 32 weights) is re-quantized
-  per channel at load: close to the checkpoint, not equal to it.
+- **Ours** (``models/kernels``, the ``vnni`` layout; where the CPU has AVX-512 VNNI and a C++
+  compiler is present, else torch's). Weights in GGUF's own blocks of 32 with fp16 constants:
+  ``int4`` is Q4_1 (w = d * q + m, q in 0..15), ``int8`` is Q8_0 (w = d * c); the GGUF's blocks map
+  onto them exactly. Each activation row is quantized to int8 in groups of 32 and multiplied with
+  integer dot products (llama.cpp's arithmetic): 2-3x torch's int4 kernel for 1-64 rows, and
+  4-6x its int8 kernel on the output projection (docs/benchmarks/quantization-kernels.md).
+- **torch's** (``torch`` layout; ``DSPARK_QUANT_KERNEL=torch``). ``int4``: 4-bit codes in groups
+  of 32, w = (q - 8) * scale + zero with bf16 constants
+  (``torch.ops.aten._weight_int4pack_mm_for_cpu``); Q4_1 maps onto it (the group's minimum is m,
+  its maximum m + 15 d, so the min/max quantizer recovers every code). ``int8``: one scale per
+  output channel (``torch.ops.aten._weight_int8pack_mm``); a Q8_0 tensor is re-quantized per
+  channel at load: close to the checkpoint, not equal to it.
 
-Why torch's own kernels: torchao's x86 wheel (0.18) ships CUDA kernels only and routes CPU int4
-through the same aten operator, so it adds nothing here (docs/benchmarks/quantization.md).
+Other formats (Q4_0, K-quants, float checkpoints) are quantized at load with the same min/max
+(int4) and max-abs (int8) rules. torchao's x86 wheel (0.18) ships CUDA kernels only and routes CPU
+int4 through torch's aten operator, so it adds nothing here (docs/benchmarks/quantization.md).
 
-The kernels are batch-invariant: a row's result does not depend on the other rows of the call
+Both kernels are batch-invariant: a row's result does not depend on the other rows of the call
 (tests/models/test_quant.py checks it). They are fastest for few rows (a decode step reads the
 weights once); with many rows (prefill chunks) a dense GEMM is faster. A target linear therefore
 keeps its dense weight beside the packed one and splits its rows by role: the leading
 ``dense_rows`` rows of a forward (prompt tokens, `AttentionMetadata.dense_rows`) take the dense
 GEMM and the generated tokens' rows (decodes, verification blocks) the packed kernel, unless they
-are more than PACKED_MAX_ROWS, where the dense GEMM is faster for them too.
+are more than `max_rows` (the layout's limit), where the dense GEMM is faster for them too.
 """
 
 from __future__ import annotations
@@ -35,13 +40,18 @@ from torch import nn
 
 MODES = ("auto", "none", "int4", "int8")
 INT4_GROUP = 32
-# The packed kernels win up to about this many rows on a 2-core Zen 4 and lose beyond (int4 is
-# 0.90x dense at 16 rows, 1.22x at 32: docs/benchmarks/quantization.md). A forward whose generated
-# rows exceed it runs them dense too (and so does the drafter's head). That choice depends on the
-# batch: at a near-tie a token computed in a large step can differ from the same token computed in
-# a small one, as bf16 attention already can. DSPARK_PACKED_MAX_ROWS=0 removes the limit (every
-# generated row packed: batch-invariant, slower at high concurrency).
-PACKED_MAX_ROWS = int(os.environ.get("DSPARK_PACKED_MAX_ROWS", "24")) or 1 << 62
+VNNI_BLOCK = 16  # output channels per block of the vnni layout
+# The packed kernels win up to about this many rows on a 2-core Zen 4 and lose to a dense bf16 GEMM
+# beyond: torch's int4 is 0.90x dense at 16 rows and 1.22x at 32 (docs/benchmarks/quantization.md);
+# our VNNI kernel stays ahead up to about 64 (docs/benchmarks/quantization-kernels.md). A forward
+# whose generated rows exceed the limit runs them dense too (and so does the drafter's head). That
+# choice depends on the batch: at a near-tie a token computed in a large step can differ from the
+# same token computed in a small one, as bf16 attention already can.
+LAYOUT_MAX_ROWS = {"torch": 24, "vnni": 64}
+# DSPARK_PACKED_MAX_ROWS overrides the layouts' limits; 0 removes the limit (every generated row
+# packed: batch-invariant, slower at high concurrency). None: each layout's own.
+_MAX_ROWS_ENV = os.environ.get("DSPARK_PACKED_MAX_ROWS")
+PACKED_MAX_ROWS: int | None = (int(_MAX_ROWS_ENV) or 1 << 62) if _MAX_ROWS_ENV else None
 
 # GGUF tensor types by the packed format that keeps their precision (`auto`).
 _GGUF_INT4 = ("Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS")
@@ -57,22 +67,48 @@ def gguf_kind(tensor_type: str) -> str:
     return "none"
 
 
-class PackedWeight:
-    """A [N, K] weight in a packed format; `mm(x)` is ``F.linear(x, w)`` for x of the model dtype."""
+def vnni_kernel() -> bool:
+    """Whether our VNNI kernel (models/kernels) serves packed weights here; else torch's kernels do."""
+    from models import kernels
 
-    def __init__(self, kind: str, packed: torch.Tensor, params: torch.Tensor, shape: tuple[int, int]):
+    return kernels.load()
+
+
+class PackedWeight:
+    """A [N, K] weight in a packed format; `mm(x)` is ``F.linear(x, w)`` for x of the model dtype.
+
+    Two layouts. ``vnni`` (where models/kernels builds; the default on AVX-512 VNNI CPUs): groups
+    of 32 inputs with fp16 constants, GGUF's own Q4_1 (w = d * q + m) and Q8_0 (w = d * c) blocks,
+    multiplied by int8-quantized activations with integer dot products. ``torch``: torch's int4
+    layout (bf16 group constants) and int8 with one scale per output channel.
+    """
+
+    def __init__(self, kind: str, packed: torch.Tensor, params: torch.Tensor, shape: tuple[int, int],
+                 layout: str = "torch"):
         self.kind = kind
-        self.packed = packed  # int4: the kernel's packed layout; int8: [N, K] int8 codes
-        self.params = params  # int4: [K / 32, N, 2] scale and zero; int8: [N] scales (model dtype)
+        self.layout = layout
+        self.packed = packed  # torch int4: the kernel's layout; torch int8: [N, K] codes; vnni: uint8 blocks
+        self.params = params  # torch int4: [K / 32, N, 2]; torch int8: [N] scales; vnni: fp16 [N/16, K/32, 2, 16]
         self.shape = shape
 
     # ------------------------------------------------------------ building
 
     @classmethod
-    def quantize(cls, w: torch.Tensor, kind: str, dtype: torch.dtype) -> PackedWeight:
-        """Pack a float [N, K] weight (on the CPU) for activations of `dtype`."""
+    def quantize(cls, w: torch.Tensor, kind: str, dtype: torch.dtype, layout: str | None = None) -> PackedWeight:
+        """Pack a float [N, K] weight (on the CPU) for activations of `dtype`; `layout` None: vnni
+        where the kernel is available and the shape fits its blocks (N % 16, K % 32), else torch."""
         w = w.detach().float().cpu()
         n, k = w.shape
+        if kind not in ("int4", "int8"):
+            raise ValueError(f"unknown packed format {kind!r}")
+        if layout is None:
+            layout = "vnni" if n % VNNI_BLOCK == 0 and k % INT4_GROUP == 0 and vnni_kernel() else "torch"
+        if layout == "vnni":
+            if not vnni_kernel():
+                from models import kernels
+
+                raise RuntimeError(f"the vnni layout's kernel is not available: {kernels.unavailable_reason()}")
+            return cls._quantize_vnni(w, kind)
         if kind == "int4":
             if k % INT4_GROUP:
                 raise ValueError(f"int4 needs an input dimension divisible by {INT4_GROUP}, got {k}")
@@ -86,16 +122,56 @@ class PackedWeight:
             params = torch.stack((scale.squeeze(-1), zero.squeeze(-1)), -1).transpose(0, 1).contiguous().to(dtype)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             return cls("int4", packed, params, (n, k))
-        if kind == "int8":
-            scale = w.abs().amax(1) / 127
-            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-            codes = (w / safe[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-            return cls("int8", codes, scale.to(dtype), (n, k))
-        raise ValueError(f"unknown packed format {kind!r}")
+        scale = w.abs().amax(1) / 127
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = (w / safe[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+        return cls("int8", codes, scale.to(dtype), (n, k))
+
+    @classmethod
+    def _quantize_vnni(cls, w: torch.Tensor, kind: str) -> PackedWeight:
+        n, k = w.shape
+        if n % VNNI_BLOCK or k % INT4_GROUP:
+            raise ValueError(f"the vnni layout needs N % {VNNI_BLOCK} == 0 and K % {INT4_GROUP} == 0, got {n} x {k}")
+        g = w.view(n, k // INT4_GROUP, INT4_GROUP)
+        if kind == "int4":  # GGUF Q4_1: the group's minimum is m (code 0), its maximum m + 15 d (code 15)
+            lo = g.amin(-1)
+            d = ((g.amax(-1) - lo) / 15).half()
+            m = lo.half()
+            safe = torch.where(d > 0, d.float(), torch.ones_like(lo))
+            codes = ((g - m.float()[..., None]) / safe[..., None]).round().clamp(0, 15)
+            second = m
+        else:  # GGUF Q8_0: d = max|w| / 127, stored as u = c + 128
+            d = (g.abs().amax(-1) / 127).half()
+            safe = torch.where(d > 0, d.float(), torch.ones_like(d.float()))
+            codes = (g / safe[..., None]).round().clamp(-127, 127) + 128
+            second = d
+        codes = codes.to(torch.uint8).view(n // VNNI_BLOCK, VNNI_BLOCK, k)
+        nb = n // VNNI_BLOCK
+        if kind == "int4":  # [block][oct][channel][j]: low nibble k = 8 oct + j, high nibble 8 oct + 4 + j
+            c = codes.view(nb, VNNI_BLOCK, k // 8, 2, 4).permute(0, 2, 1, 4, 3)
+            packed = (c[..., 0] | (c[..., 1] << 4)).contiguous().view(-1)
+        else:  # [block][quad][channel][j]: k = 4 quad + j
+            packed = codes.view(nb, VNNI_BLOCK, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(-1)
+        params = torch.stack((d.view(nb, VNNI_BLOCK, -1), second.view(nb, VNNI_BLOCK, -1)), 0)
+        params = params.permute(1, 3, 0, 2).contiguous()  # [block][group][d | m-or-d][channel]
+        return cls(kind, packed, params, (n, k), layout="vnni")
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [N, K] weight this packs (tests and the dense copy's reference)."""
         n, k = self.shape
+        if self.layout == "vnni":
+            nb = n // VNNI_BLOCK
+            if self.kind == "int4":
+                b = self.packed.view(nb, k // 8, VNNI_BLOCK, 4)
+                c = torch.stack((b & 0x0F, b >> 4), -1)  # [block][oct][channel][j][half]
+                codes = c.permute(0, 2, 1, 4, 3).reshape(n, k).float()
+            else:
+                codes = self.packed.view(nb, k // 4, VNNI_BLOCK, 4).permute(0, 2, 1, 3).reshape(n, k).float() - 128
+            p = self.params.float().permute(0, 3, 1, 2).reshape(n, k // INT4_GROUP, 2)  # [channel][group][2]
+            g = codes.view(n, k // INT4_GROUP, INT4_GROUP)
+            if self.kind == "int4":
+                return (g * p[..., :1] + p[..., 1:]).view(n, k)
+            return (g * p[..., :1]).view(n, k)
         if self.kind == "int8":
             return self.packed.float() * self.params.float()[:, None]
         eye = torch.eye(k, dtype=self.params.dtype)
@@ -105,6 +181,8 @@ class PackedWeight:
     # ------------------------------------------------------------ compute
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "vnni":
+            return torch.ops.dspark.quant_mm(x, self.packed, self.params, self.shape[0], 4 if self.kind == "int4" else 8)
         if self.kind == "int4":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.params)
         return torch.ops.aten._weight_int8pack_mm(x, self.packed, self.params)
@@ -118,16 +196,26 @@ def packed_of(layer: nn.Module) -> PackedWeight | None:
     return getattr(layer, "packed_weight", None)
 
 
+def max_rows(packed: PackedWeight) -> int:
+    """Most rows of one call that go through `packed` rather than the dense weight."""
+    return PACKED_MAX_ROWS if PACKED_MAX_ROWS is not None else LAYOUT_MAX_ROWS[packed.layout]
+
+
 def takes_packed(packed: PackedWeight | None, rows: int) -> bool:
     """Whether `rows` rows go through `packed` (None: there is no packed weight) rather than the
     dense weight: the one rule for the projections, the head and the drafter's head."""
-    return packed is not None and 0 < rows <= PACKED_MAX_ROWS
+    return packed is not None and 0 < rows <= max_rows(packed)
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, dense_rows: int = 0) -> torch.Tensor:
     """``layer(x)`` with the rows split by role: the first `dense_rows` rows through the dense
-    weight, the others through the packed one (all dense when the layer has none)."""
+    weight, the others through the packed one (all dense when the layer has none). `x` may have
+    leading dimensions beyond the rows' (they are flattened)."""
     packed = packed_of(layer)
+    if x.dim() != 2:
+        if not takes_packed(packed, x.numel() // x.shape[-1] - dense_rows):
+            return F.linear(x, layer.weight, layer.bias)
+        return linear(x.reshape(-1, x.shape[-1]), layer, dense_rows).view(*x.shape[:-1], -1)
     if not takes_packed(packed, x.shape[0] - dense_rows):
         return F.linear(x, layer.weight, layer.bias)
     if dense_rows > 0:
@@ -143,6 +231,15 @@ def pack_linear(layer: nn.Linear, kind: str, dtype: torch.dtype) -> PackedWeight
     packed = PackedWeight.quantize(layer.weight, kind, dtype)
     layer.packed_weight = packed
     return packed
+
+
+def kernel_of(model) -> str:
+    """Which kernels serve the model's packed weights: "vnni", "torch", both joined by "+", or
+    "none" (the cost table and the prefix cache's salt key on it: they change the step's time and bits)."""
+    linears = model.linears() if hasattr(model, "linears") else ()
+    packed = [packed_of(layer) for _, layer in linears] + [getattr(model, "head_packed", None)]
+    layouts = sorted({p.layout for p in packed if p is not None})
+    return "+".join(layouts) or "none"
 
 
 def check_mode(mode: str) -> str:

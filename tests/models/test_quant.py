@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
-from models import quant
+from models import kernels, quant
 from models.loader import load_model, quantization_kinds
+
+needs_vnni = pytest.mark.skipif(not kernels.load(), reason=f"no VNNI kernel here: {kernels.unavailable_reason()}")
+LAYOUTS = ["torch", pytest.param("vnni", marks=needs_vnni)]
 
 
 def q4_1_weight(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -24,21 +27,77 @@ def q4_1_weight(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
 
 def test_q4_1_codes_and_constants_are_recovered_exactly():
     w, codes, d, m = q4_1_weight(64, 256)
-    packed = quant.PackedWeight.quantize(w, "int4", torch.float32)
+    packed = quant.PackedWeight.quantize(w, "int4", torch.float32, layout="torch")
     scale, zero = packed.params[..., 0].t(), packed.params[..., 1].t()
     torch.testing.assert_close(scale, d, rtol=1e-6, atol=0)
     torch.testing.assert_close(zero, m + 8 * d, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(packed.dequantize(), w, rtol=0, atol=1e-6)
 
 
+@needs_vnni
+def test_vnni_layout_keeps_q4_1_and_q8_0_blocks_bit_exact():
+    """Our kernel's layout stores GGUF's own blocks: Q4_1's fp16 d and m and its codes come back
+    bit for bit, and so do Q8_0's (d = max|w| / 127 per group, codes -127..127)."""
+    w, codes, d, m = q4_1_weight(64, 256)
+    packed = quant.PackedWeight.quantize(w, "int4", torch.bfloat16, layout="vnni")
+    params = packed.params.permute(0, 3, 1, 2).reshape(64, 8, 2).float()  # [channel][group][d, m]
+    assert torch.equal(params[..., 0], d) and torch.equal(params[..., 1], m)
+    assert torch.equal(packed.dequantize(), w)
+    gen = torch.Generator().manual_seed(3)
+    d8 = (torch.rand(32, 4, 1, generator=gen) * 0.01 + 1e-4).half().float()
+    c8 = torch.randint(-127, 128, (32, 4, 32), generator=gen)
+    c8[..., 0] = 127
+    w8 = (d8 * c8).view(32, 128)
+    assert torch.equal(quant.PackedWeight.quantize(w8, "int8", torch.bfloat16, layout="vnni").dequantize(), w8)
+
+
+@needs_vnni
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_vnni_kernel_computes_the_q8_activation_product(kind):
+    """The kernel against a float64 reference of its arithmetic: each activation row quantized to
+    int8 per group of 32 (round half to even), times the packed weight, summed per group. Catches a
+    wrong nibble order, block layout or correction term (each would be off by far more than 1e-5)."""
+    gen = torch.Generator().manual_seed(5)
+    n, k = 48, 160
+    packed = quant.PackedWeight.quantize(torch.randn(n, k, generator=gen) * 0.05, kind, torch.float32, layout="vnni")
+    x = torch.randn(11, k, generator=gen) * 2
+    g = x.view(11, k // 32, 32)
+    sx = g.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(g / torch.where(sx > 0, sx, torch.ones_like(sx)))
+    ref = (xq * sx).view(11, k).double() @ packed.dequantize().double().t()
+    got = packed.mm(x).double()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # and it is close to the unquantized product (int8 activations lose about 0.5%)
+    torch.testing.assert_close(got, x.double() @ packed.dequantize().double().t(), rtol=0.05, atol=0.05)
+
+
+def test_kernel_falls_back_to_torch_when_it_cannot_build(tmp_path):
+    """No compiler (or a broken one) and DSPARK_QUANT_KERNEL=torch both leave torch's kernels
+    serving, with the reason; nothing raises."""
+    import subprocess
+    import sys
+
+    code = ("from models import kernels, quant; import torch; ok = kernels.load(); "
+            "print(ok, kernels.unavailable_reason()); "
+            "print(quant.PackedWeight.quantize(torch.randn(32, 64), 'int4', torch.bfloat16).layout)")
+    for env, why in (({"CXX": "/bin/false"}, "failed"), ({"DSPARK_QUANT_KERNEL": "torch"}, "DSPARK_QUANT_KERNEL")):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**__import__("os").environ, "DSPARK_CACHE_DIR": str(tmp_path), **env})
+        out = proc.stdout.splitlines()
+        assert proc.returncode == 0, proc.stderr
+        assert out[0].startswith("False") and why in out[0]
+        assert out[1] == "torch"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_matmul_is_batch_invariant(kind, dtype):
+def test_packed_matmul_is_batch_invariant(kind, dtype, layout):
     """A row's product does not depend on the other rows of the call (a decode row equals the same
     row inside a verification block): what keeps greedy speculation equal to plain decoding."""
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(96, 128, generator=gen) * 0.05
-    packed = quant.PackedWeight.quantize(w, kind, dtype)
+    packed = quant.PackedWeight.quantize(w, kind, dtype, layout=layout)
     x = torch.randn(40, 128, generator=gen).to(dtype)
     full = packed.mm(x)
     for rows in (1, 2, 3, 7, 8, 17, 33):
@@ -49,11 +108,16 @@ def test_packed_matmul_is_batch_invariant(kind, dtype):
     torch.testing.assert_close(full.float(), ref, rtol=2e-2, atol=2e-2)
 
 
-def test_int8_error_is_bounded_by_half_a_step():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int8_error_is_bounded_by_half_a_step(layout):
+    """torch's layout: a step per output channel; ours: per group of 32 (fp16 steps, Q8_0)."""
     w = torch.randn(32, 64) * 0.1
-    packed = quant.PackedWeight.quantize(w, "int8", torch.float32)
-    step = w.abs().amax(1, keepdim=True) / 127
-    assert ((packed.dequantize() - w).abs() <= step / 2 + 1e-7).all()
+    packed = quant.PackedWeight.quantize(w, "int8", torch.float32, layout=layout)
+    if layout == "torch":
+        step = w.abs().amax(1, keepdim=True) / 127
+    else:
+        step = (w.view(32, 2, 32).abs().amax(-1, keepdim=True) / 127).half().float().expand(32, 2, 32).reshape(32, 64)
+    assert ((packed.dequantize() - w).abs() <= step / 2 + 1e-6).all()
 
 
 def test_linear_splits_rows_by_role():
@@ -116,14 +180,18 @@ def test_many_generated_rows_take_the_dense_weight(monkeypatch):
         assert torch.equal(quant.linear(x, layer, 3)[3:], packed.mm(x[3:]))  # 4 generated rows: packed
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_greedy_speculation_equals_plain_with_packed_weights(tiny_llama_dir, tiny_drafter_dir, dtype, monkeypatch):
+def test_greedy_speculation_equals_plain_with_packed_weights(tiny_llama_dir, tiny_drafter_dir, dtype, layout,
+                                                            monkeypatch):
     """int4 everywhere on the tiny model, every generated row packed (DSPARK_PACKED_MAX_ROWS=0):
     speculative greedy output equals plain greedy output, through mixed batches (prefills beside
     decodes and verification blocks) and preemptions (a small KV pool: a recompute chunk crosses
     the prompt's end and is split by the runner). The tiny model's top-1 margins are wide, so this
     checks the row layout and the split; the kernels' batch invariance is tested above."""
     monkeypatch.setattr(quant, "PACKED_MAX_ROWS", 1 << 62)
+    if layout == "torch":
+        monkeypatch.setattr(quant, "vnni_kernel", lambda: False)
     prompts = [[(7 * i + j) % 200 + 3 for j in range(5 + 9 * i)] for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
@@ -131,6 +199,7 @@ def test_greedy_speculation_equals_plain_with_packed_weights(tiny_llama_dir, tin
         llm = LLM(tiny_llama_dir, dtype, quantization="int4", num_threads=1, block_size=4,
                   kv_cache_memory=kv_bytes, max_num_batched_tokens=64, speculative_config=spec)
         assert llm.engine.loaded.model.quantization == "int4"
+        assert {quant.packed_of(m).layout for _, m in llm.engine.loaded.model.linears()} == {layout}
         outs = llm.generate(prompts, params)
         return [o.outputs[0].token_ids for o in outs], llm.engine.stats.preemptions
 

@@ -1,0 +1,121 @@
+"""CPU kernels of our own, compiled on first use: ``torch.ops.dspark.quant_mm`` (quant_mm.cpp).
+
+The kernel needs a CPU with AVX-512 VNNI (Intel Cascade Lake and later, AMD Zen 4 and later) and a
+C++ compiler (the one torch.compile uses: g++ or $CXX). It is built once per source, torch version
+and compiler into ``$DSPARK_CACHE_DIR/kernels`` (about 10 s), under a file lock so that concurrent
+processes build it once, and loaded with ``torch.ops.load_library``. Where it cannot be built or
+loaded, `load()` returns False, `unavailable_reason()` says why, and the caller keeps torch's own
+packed kernels. ``DSPARK_QUANT_KERNEL=torch`` turns it off.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("quant_mm.cpp")
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+          "-mavx512vnni", "-mf16c", "-mfma")
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX") or "g++"
+    return shutil.which(cxx)
+
+
+def _cache_dir() -> Path:
+    from models.loader import cache_dir
+
+    return cache_dir() / "kernels"
+
+
+def _build(cxx: str) -> Path:
+    from torch.utils import cpp_extension
+
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    key = hashlib.sha256("\n".join((_SOURCE.read_text(), torch.__version__, version, " ".join(_FLAGS),
+                                    str(torch._C._GLIBCXX_USE_CXX11_ABI))).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"quant_mm-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same file
+        if out.exists():
+            return out
+        libdirs = cpp_extension.library_paths()
+        cmd = [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               *[f"-I{p}" for p in cpp_extension.include_paths()], str(_SOURCE),
+               *[f"-L{p}" for p in libdirs], *[f"-Wl,-rpath,{p}" for p in libdirs], "-lc10", "-ltorch_cpu",
+               "-o", str(out) + ".tmp"]
+        log.info("building the VNNI quantized-matmul kernel (once per version, about 10 s)")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(str(out) + ".tmp", out)
+    return out
+
+
+def _why_not() -> str | None:
+    if os.environ.get("DSPARK_QUANT_KERNEL", "auto") == "torch":
+        return "DSPARK_QUANT_KERNEL=torch"
+    if sys.platform != "linux":
+        return f"built for Linux only (this is {sys.platform})"
+    missing = [f for f in _CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    if _compiler() is None:
+        return "no C++ compiler (g++ or $CXX) on PATH"
+    return None
+
+
+def load() -> bool:
+    """Build (once) and load the kernel; False where it is not available here (`unavailable_reason`)."""
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        reason = _why_not()
+        if reason is None:
+            try:
+                torch.ops.load_library(str(_build(_compiler())))
+
+                @torch.library.register_fake("dspark::quant_mm")
+                def _(x, w, consts, n, bits):
+                    return x.new_empty((x.shape[0], n))
+            except Exception as e:  # a broken toolchain must not stop the server: torch's kernels serve
+                reason = f"the build or load failed: {e}"
+                log.warning("VNNI quantized-matmul kernel unavailable (%s); using torch's packed kernels", reason)
+        _state["ok"] = reason is None
+        _state["reason"] = reason
+        return reason is None
+
+
+def unavailable_reason() -> str | None:
+    load()
+    return _state["reason"]  # type: ignore[return-value]
