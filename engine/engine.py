@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from models import quant
 from models.dspark import load_drafter
 from models.loader import load_model
 
@@ -24,6 +26,7 @@ from .sampler import Sampler, top_logprobs
 from .speculative import SpecConfig, SpeculativeDecoder, verify
 from .sampling_params import SamplingParams
 from .sequence import Sequence, SequenceStatus
+from .structured import GrammarCompiler, GrammarError, GrammarSpec, apply_mask
 
 log = logging.getLogger(__name__)
 # How far a live step timing also corrects the neighbouring cost-table buckets (ln B units):
@@ -95,13 +98,15 @@ class LLMEngine:
                                    device=self.device)
             self.gamma = self.spec.num_speculative_tokens or drafter.config.block_size
             drafter.config.override_context_window(self.spec.draft_context_window)  # the serving config's, if any
+            if loaded.model.quantization != "none":  # a packed target: the drafter's linears too
+                drafter.pack_linears(next(loaded.model.parameters()).dtype)
             if self.gamma > drafter.config.block_size:
                 raise ValueError(f"num_speculative_tokens {self.gamma} exceeds the drafter's block_size {drafter.config.block_size}")
         self.runner = ModelRunner(loaded, cfg.block_size, cfg.kv_cache_memory, self.device, drafter, self.gamma,
                                   enforce_eager=cfg.enforce_eager)
         self.proposer = self.runner.proposer
         # Anything that changes a block's KV for the same tokens belongs in the salt of its hash.
-        salt = f"{loaded.path}|{self.runner.dtype}|{loaded.model.quantization}|{self.spec.model if drafter else ''}"
+        salt = f"{loaded.path}|{self.runner.dtype}|{loaded.model.quantization}|{quant.kernel_of(loaded.model)}|{self.spec.model if drafter else ''}"
         self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, prefix_caching=cfg.enable_prefix_caching,
                                  cache_salt=salt)
         self.batcher = ContinuousBatcher(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
@@ -109,6 +114,8 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
         self.faults = FaultInjector.from_env()  # None unless DSPARK_FAULT_INJECTION=1 (tests)
+        self._grammars: GrammarCompiler | None = None  # made at the first structured request
+        self._grammars_lock = threading.Lock()
         self.speculative = None
         self._table_compiled = False
         if drafter is not None:
@@ -142,10 +149,30 @@ class LLMEngine:
                 raise RequestError("a prompt or prompt_token_ids is required", "prompt")
             prompt_token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         self.validate_prompt(prompt_token_ids)
+        matcher = self.compile_grammar(params.structured).matcher() if params.structured is not None else None
         seq = Sequence(request_id, prompt_token_ids, params, self.tokenizer, prompt, arrival_time, self.device)
+        if matcher is not None:
+            seq.grammar = matcher
+            self.stats.structured_requests += 1
         self.seqs[request_id] = seq
         self.batcher.add(seq)
         return seq
+
+    def compile_grammar(self, spec: GrammarSpec):
+        """The compiled grammar of a structured-output spec (cached; thread-safe, so the server
+        compiles off its event loop before admission). Raises RequestError naming the field."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, eos_token_ids=sorted(self.eos_token_ids))
+        misses = self._grammars.misses
+        try:
+            compiled = self._grammars.compile(spec)
+        except GrammarError as e:
+            raise RequestError(e.message, e.param or "response_format", "invalid_value") from None
+        if self._grammars.misses != misses:
+            self.stats.grammar_compiles += 1
+            self.stats.grammar_compile_seconds += compiled.compile_seconds
+        return compiled
 
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         """Raise RequestError for a prompt this engine cannot take."""
@@ -229,6 +256,7 @@ class LLMEngine:
         if self.faults is not None:
             self.faults.after_forward(logits, [(r.seq.request_id, r.logits_row, r.num_logits) for r in sampling])
         self._mark_nonfinite(sampling, logits)
+        self._constrain(sampling, logits)
         self._count_fed(rows)
         self._sample_plain([r for r in sampling if not r.draft and r.failure is None], logits)
         now = time.monotonic()
@@ -253,6 +281,36 @@ class LLMEngine:
             if not all(finite[r.logits_row:r.logits_row + r.num_logits]):
                 log.error("request %s: non-finite logits; failing it alone", r.seq.request_id)
                 r.failure = "the model produced non-finite logits (NaN or inf) for this request"
+
+    def _constrain(self, rows: list[StepRow], logits: torch.Tensor) -> None:
+        """Structured outputs: the logits of a constrained row keep only the tokens its grammar
+        allows (-inf elsewhere), so sampling, greedy argmax and rejection sampling all follow the
+        masked target distribution. A verification row gets one mask per position, along its draft
+        (`GrammarMatcher.masks_along`); a draft copied from the context that leaves the grammar is
+        cut at its first disallowed token (a function of the context alone, fixed before anything
+        is sampled); the drafter's own drafts are drawn under the grammar and always pass."""
+        t0 = time.perf_counter()
+        for r in rows:
+            m = r.seq.grammar
+            if m is None or r.failure is not None:
+                continue
+            try:
+                n = len(r.draft)
+                masks = torch.empty(n + 1, logits.shape[-1], dtype=torch.bool)
+                k = m.masks_along(r.draft, masks) if n else 0
+                if not n:
+                    m.fill_mask(masks[0])
+                if k < n:
+                    self.stats.grammar_draft_cuts += 1
+                    r.draft, r.num_logits = r.draft[:k], k + 1
+                    if not k:
+                        r.draft_info = None
+                apply_mask(logits[r.logits_row:r.logits_row + k + 1], masks[:k + 1])
+                self.stats.grammar_mask_rows += k + 1
+            except Exception as e:
+                r.failure = self._internal_failure(r.seq, e)
+        if rows:
+            self.stats.grammar_mask_seconds += time.perf_counter() - t0
 
     def _count_fed(self, rows: list[StepRow]) -> None:
         """The forward wrote the KV (and drafter context) of each row's pending tokens and drafts:
@@ -361,11 +419,12 @@ class LLMEngine:
 
         step = self.runner.decode_step
         key = {"model": self.loaded.path, "dtype": str(self.runner.dtype), "quantization": self.loaded.model.quantization,
+               "kernel": quant.kernel_of(self.loaded.model),
                "device": str(self.device), "step": "compiled" if step is not None and step.all_ready else "eager",
                "threads": torch.get_num_threads(), "gamma": self.gamma, "measures": "verify-forward"}
         path = self.config.cost_table
         if path is None:
-            slug = "".join(c if c.isalnum() else "-" for c in f"{self.model_name}-{key['dtype']}-{key['quantization']}-{key['device']}-t{key['threads']}-{key['step']}")
+            slug = "".join(c if c.isalnum() else "-" for c in f"{self.model_name}-{key['dtype']}-{key['quantization']}-{key['kernel']}-{key['device']}-t{key['threads']}-{key['step']}")
             path = cache_dir() / "cost_tables" / f"{slug}-g{self.gamma}.json"
         table = CostTable.load(path, key)
         if table is not None:
@@ -414,16 +473,18 @@ class LLMEngine:
         block = self.gamma + 1
         nreq = max(1, -(-num_tokens // block))
         room = self.kv.num_free_blocks * self.kv.block_size // nreq - 2 * self.kv.block_size
-        ctx = max(1, min(256, self.max_model_len - block - 1, room - block))
+        ctx = max(2, min(256, self.max_model_len - block - 1, room - block))
         seqs = []
         try:
             for i in range(nreq):
-                seq = Sequence(f"__profile{i}", [0] * ctx, SamplingParams(temperature=0), None, device=self.device)
+                # a prompt of ctx - 1 tokens and one generated token, the anchor the step feeds: a
+                # decode row (packed weights, the compiled step), not a prompt row (dense weights)
+                seq = Sequence(f"__profile{i}", [0] * (ctx - 1), SamplingParams(temperature=0), None, device=self.device)
+                seq.token_ids.append(0)
                 q = min(block, num_tokens - i * block) if i < nreq - 1 else num_tokens - (nreq - 1) * block
                 q = max(1, q)
                 self.kv.grow(seq.block_table, ctx + q)
                 seq.num_computed_tokens = ctx - 1
-                seq.token_ids = seq.token_ids[:ctx]
                 seqs.append((seq, q))
             self.proposer.propose([s for s, _ in seqs], self.kv.block_size, self.gamma)
             self._sync()
@@ -441,6 +502,8 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> bool:
         """Append one sampled token and apply every stop rule; True when it finished the request."""
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            raise RuntimeError(f"token {token} is outside the request's grammar")  # masked: cannot happen
         seq.token_ids.append(token)
         self.stats.generation_tokens += 1
         if seq.first_token_time is None:
@@ -472,6 +535,8 @@ class LLMEngine:
                         pos, s = hit
                         seq.output_text = seq.output_text[: pos + (len(s) if p.include_stop_str_in_output else 0)]
                         finish, reason = "stop", s
+        if finish is None and seq.grammar is not None and seq.grammar.is_terminated():
+            finish, reason = "stop", None  # the grammar is complete: only an EOS could follow
         if finish is None:
             if p.max_tokens is not None and n_out >= p.max_tokens:
                 finish, reason = "length", None
@@ -580,6 +645,13 @@ class EngineStats:
     spec_last_planned_tokens: int = 0  # last step: B, tokens in the verify forward the plan chose
     spec_last_sps: float = 0.0  # cost-table SPS(B) at that B
     spec_capacity: int = 0  # async policy: the capacity K of this step
+    # Structured outputs (engine/structured.py).
+    structured_requests: int = 0  # requests admitted with a grammar
+    grammar_compiles: int = 0  # grammars compiled (cache misses)
+    grammar_compile_seconds: float = 0.0
+    grammar_mask_rows: int = 0  # token masks applied to target logits (one per sampled position)
+    grammar_mask_seconds: float = 0.0  # computing and applying them (drafting's masks excluded)
+    grammar_draft_cuts: int = 0  # drafts (context copies) cut where they left the grammar
 
     def record_step(self, tokens: int, seqs: int, seconds: float) -> None:
         self.steps += 1

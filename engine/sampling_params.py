@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from numbers import Integral
+from typing import Any
 
 # The sampler and the stop checks build int64 tensors from these per step: a value past this bound
 # would overflow there and fail the whole step (every request in it), so it is refused here instead.
@@ -41,6 +42,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Speculation cap for this request (None: the server's setting; 0: no speculation).
     max_draft_tokens: int | None = None
+    # A grammar the output must follow (engine.structured.GrammarSpec: JSON schema, regex, choice...).
+    structured: Any = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -90,6 +93,11 @@ class SamplingParams:
             bad(f"logprobs must be in [0, 20], got {self.logprobs}", "logprobs")
         if self.max_draft_tokens is not None and self.max_draft_tokens < 0:
             bad(f"max_draft_tokens must be non-negative, got {self.max_draft_tokens}", "max_draft_tokens")
+        if self.structured is not None:
+            from .structured import GrammarSpec
+
+            if not isinstance(self.structured, GrammarSpec):
+                bad("structured must be an engine.structured.GrammarSpec", "structured")
 
     @property
     def greedy(self) -> bool:

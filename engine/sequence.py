@@ -72,6 +72,7 @@ class Sequence:
             if tokenizer is not None
             else None
         )
+        self.grammar = None  # engine.structured.GrammarMatcher of a constrained request (set by the engine)
         self.output_text = ""  # text emitted so far (stop strings already cut)
         self._text_sent = 0  # chars of output_text already handed out
         self._tokens_sent = 0  # output tokens already handed out

@@ -27,6 +27,7 @@ from scheduler.prefix import step_rate
 from .lookup import LookupStats, TokenArrays, find_match, prefer_copy
 from .acceptance_log import AcceptanceLogWriter
 from .sampler import sample_from_probs, sampling_tensors, warp_probs
+from .structured import apply_mask
 
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class Drafts:
     # sampled, so the choice between this draft and a copied one may read them (for greedy rows the
     # drafted path is the argmax path; rows not asked for in `propose` hold the drafted path's)
     choice_logits: torch.Tensor | None = None
+    # per row, how many leading drafts its grammar allows (None: every row unconstrained); a
+    # constrained row whose grammar left the draft vocabulary nothing stops there
+    valid: list[int] | None = None
 
 
 def _draw(probs: torch.Tensor, generators: list) -> torch.Tensor:
@@ -180,11 +184,27 @@ class DraftProposer:
         follow_conf = torch.zeros(len(follow), gamma, device=dev) if follow else None
         prev, state = anchors, None
         follow_prev, follow_state = anchors[follow], None
+        # structured outputs: constrained rows draft under their grammar (masked draft logits, the
+        # grammar advanced along the drafted tokens, rolled back after the loop)
+        constrained = [i for i, s in enumerate(seqs) if getattr(s, "grammar", None) is not None]
+        valid = [gamma] * r if constrained else None
+        advanced = {i: 0 for i in constrained}
+        mask = torch.empty(vocab, dtype=torch.bool) if constrained else None
         for k in range(gamma):
             bias, c, state = d.sequential_step(prev, h[:, k], state)
             logits = base[:, k] if bias is None else base[:, k] + bias.float()
             if c is not None:
                 conf[:, k] = c.float()
+            if constrained:
+                if bias is None:
+                    logits = logits.clone()  # base[:, k] is a view of the block's logits
+                for i in constrained:
+                    if valid[i] == gamma:
+                        seqs[i].grammar.fill_mask(mask)
+                        allowed = mask if d.d2t is None else mask[d.d2t]
+                        if not bool(allowed.any()):
+                            valid[i] = k  # nothing the grammar allows is in the draft vocabulary
+                        apply_mask(logits[i], allowed.to(logits.device))
             x = logits.argmax(dim=-1)
             if stochastic:
                 p = warp_probs(logits[stochastic], *warp_args)
@@ -197,15 +217,23 @@ class DraftProposer:
             x = d.to_target_ids(x)
             tokens[:, k] = x
             prev = x
+            for i in constrained:
+                if valid[i] == gamma:
+                    if seqs[i].grammar.accept(int(x[i])):
+                        advanced[i] += 1
+                    else:
+                        valid[i] = k
             if follow:
                 fbias, fc, follow_state = d.sequential_step(follow_prev, h[follow, k], follow_state)
                 follow_conf[:, k] = fc.float()
                 follow_prev = d.to_target_ids((base[follow, k] + fbias.float()).argmax(dim=-1))
+        for i, n in advanced.items():
+            seqs[i].grammar.rollback(n)
         choice = conf
         if follow:
             choice = conf.clone()
             choice[follow] = follow_conf
-        return Drafts(tokens, conf, probs, choice)
+        return Drafts(tokens, conf, probs, choice, valid)
 
 
 def acceptance_probability(p_x: float, q_x: float) -> float:
@@ -384,6 +412,8 @@ class SpeculativeDecoder:
         self._draft_seconds = time.perf_counter() - t0
         conf = self.confidences(d.confidence_logits, seqs)
         matched = self._offer_lookup(seqs, caps, d, conf, copies) if copies else {}
+        if d.valid is not None:  # constrained rows verify only drafts their grammar allows
+            caps = [c if i in matched else min(c, v) for i, (c, v) in enumerate(zip(caps, d.valid))]
         if hasattr(self.policy, "plan_with_stats"):
             # The drafting pass is done: its seconds are a constant of this step, which the cost table
             # (the verification forward alone) does not hold; the plan adds them to every B it weighs.
@@ -423,6 +453,8 @@ class SpeculativeDecoder:
         spec = self.spec
         out = {}
         for i, seq in enumerate(seqs):
+            if getattr(seq, "grammar", None) is not None and not seq.params.greedy:
+                continue  # the choice would read the argmax path, which a grammar changes: drafter only
             m = find_match(self._token_arrays.get(seq.request_id, seq.token_ids),
                            spec.prompt_lookup_max, spec.prompt_lookup_min, gamma)
             if m is not None:

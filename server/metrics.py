@@ -199,6 +199,15 @@ class EngineCollector:
                       s.get("spec_lookup_num_draft_tokens", 0))
         yield counter("dspark_spec_decode_lookup_num_accepted_tokens", "Context-lookup tokens accepted by verification",
                       s.get("spec_lookup_num_accepted_tokens", 0))
+        yield counter("dspark_structured_requests", "Requests admitted with an output constraint (response_format, "
+                      "structured_outputs, guided_*, a forced tool call)", s.get("structured_requests", 0))
+        yield counter("dspark_grammar_compiles", "Grammars compiled (the cache missed)", s.get("grammar_compiles", 0))
+        yield counter("dspark_grammar_compile_seconds", "Seconds spent compiling grammars",
+                      s.get("grammar_compile_seconds", 0.0))
+        yield counter("dspark_grammar_mask_tokens", "Token masks applied to the target's logits (one per "
+                      "constrained position sampled or verified)", s.get("grammar_mask_rows", 0))
+        yield counter("dspark_grammar_mask_seconds", "Seconds computing and applying those masks: / "
+                      "dspark_grammar_mask_tokens = mask time per token", s.get("grammar_mask_seconds", 0.0))
         per_pos = CounterMetricFamily(
             "dspark_spec_decode_num_accepted_tokens_per_pos", "Accepted drafted tokens by draft position (1-based)",
             labels=["position"],

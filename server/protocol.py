@@ -38,6 +38,8 @@ MAX_CONTENT_PARTS = 256  # text parts of one message
 MAX_ID_CHARS = 256  # `user` and a message's `name`
 MAX_MODEL_CHARS = 1024  # `model` (a 404 quotes it back)
 MAX_DRAFT_TOKENS = 64
+MAX_TOOLS = 128
+MAX_TOOL_CALLS = 64  # calls in one assistant message of the history
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]
 TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKEN_COUNT)]
@@ -57,10 +59,23 @@ class ContentPart(_Strict):
     text: str | None = None
 
 
+class ToolCallFunction(_Strict):
+    name: str = Field(..., max_length=MAX_ID_CHARS)
+    arguments: str | dict = "{}"
+
+
+class ToolCall(_Strict):
+    id: str | None = Field(None, max_length=MAX_ID_CHARS)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | Annotated[list[ContentPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
     name: str | None = Field(None, max_length=MAX_ID_CHARS)
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None  # assistant
+    tool_call_id: str | None = Field(None, max_length=MAX_ID_CHARS)  # tool
 
 
 class SamplingFields(_Strict):
@@ -88,6 +103,15 @@ class SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
     # dspark extension: cap this request's speculative drafts (0: plain decoding for it).
     max_draft_tokens: int | None = Field(None, ge=0, le=MAX_DRAFT_TOKENS)
+    # structured outputs, vLLM's names: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    # and the older guided_* fields (engine/structured.py bounds their size)
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(max_length=1024)] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
     # OpenAI / vLLM fields this server does not implement -> the values that mean "not used".
     # Any other value is a 400 `unsupported`: ignoring it would answer a different request.
@@ -117,12 +141,16 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
+    response_format: dict | None = None
+    tools: Annotated[list[dict], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    # passed to the chat template (e.g. Qwen3's {"enable_thinking": false})
+    chat_template_kwargs: dict | None = None
+
     NOT_IMPLEMENTED: ClassVar[dict[str, Callable[[Any], bool]]] = {
-        "tools": lambda v: v is None or v == [],
-        "tool_choice": lambda v: v is None or v == "none",
-        "functions": lambda v: v is None or v == [],
+        "functions": lambda v: v is None or v == [],  # the deprecated forms of tools / tool_choice
         "function_call": lambda v: v is None or v == "none",
-        "response_format": lambda v: v is None or v == {"type": "text"},
         **SamplingFields.NOT_IMPLEMENTED,
     }
 
@@ -233,9 +261,12 @@ def chat_response(rid: str, created: int, model: str, choices: list[dict], usage
             "choices": choices, "usage": usage_}
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_choice(index: int, text: str | None, finish_reason: str | None, logprobs: dict | None,
+                tool_calls: list[dict] | None = None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chat_chunk(rid: str, created: int, model: str, choices: list[dict], usage_: dict | None = None,

@@ -21,7 +21,10 @@ from starlette.types import Receive, Scope, Send
 
 from engine import RequestOutput, SamplingParams, apply_chat_template
 
+from engine.structured import GrammarError, GrammarSpec
+
 from . import protocol as P
+from . import tools as T
 from .errors import APIError, from_engine_error, from_validation_errors
 from .generation import GenerationJob, JobAborted, SubRequest
 from .lifecycle import Lifecycle
@@ -82,17 +85,20 @@ class OpenAIServing:
         self._check_fields(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs", code="invalid_value")
+        tools = T.tool_set(req.tools, req.tool_choice, req.parallel_tool_calls)
+        spec = self._grammar_spec(req, tools)
         messages = [self._message_dict(m, i) for i, m in enumerate(req.messages)]
-        prompt_ids = await asyncio.to_thread(self._chat_prompt, messages)
+        prompt_ids = await asyncio.to_thread(self._chat_prompt, messages, tools, req.chat_template_kwargs)
         self._check_length(len(prompt_ids), req.output_limit, "messages")
         rec.prompt_tokens = len(prompt_ids)
-        params = self._sampling_params(req, req.num_logprobs)
+        params = await self._constrained(self._sampling_params(req, req.num_logprobs), spec)
         subs = [SubRequest(k, f"chatcmpl-{rec.request_id}-{k}", prompt_ids, self._seeded(params, k))
                 for k in range(req.n)]
         job = await self._start(subs, "messages", req)
         rid, created = f"chatcmpl-{rec.request_id}", P.now()
+        parses = tools is not None and tools.parses
         if req.stream:
-            events = self._chat_events(job, req, rid, created, len(prompt_ids), rec)
+            events = self._chat_events(job, req, rid, created, len(prompt_ids), rec, tools if parses else None)
             return SSEResponse(self._sse_stream(events, job, rec), job.close)
         finals = await self._wait(request, job)
         choices, completion_tokens = [], 0
@@ -100,14 +106,20 @@ class OpenAIServing:
             comp = finals[k].outputs[0]
             completion_tokens += len(comp.token_ids)
             lp = P.chat_logprobs(comp.logprobs or [], self.token_text, req.top_logprobs or 0) if req.logprobs else None
-            choices.append(P.chat_choice(k, comp.text, comp.finish_reason, lp))
+            content, calls, finish = comp.text, None, comp.finish_reason
+            if parses:
+                content, calls = T.parse(comp.text, tools, f"{rid}-{k}")
+                if calls and finish == "stop":
+                    finish = "tool_calls"
+            choices.append(P.chat_choice(k, content, finish, lp, calls))
         self._note_finish(rec, finals, completion_tokens)
         return JSONResponse(P.chat_response(rid, created, self.model_name, choices,
                                             P.usage(len(prompt_ids), completion_tokens, P.cached_tokens(finals, req.n))))
 
     async def _chat_events(self, job: GenerationJob, req: P.ChatCompletionRequest, rid: str, created: int,
-                           prompt_tokens: int, rec: AccessRecord) -> AsyncIterator[dict]:
+                           prompt_tokens: int, rec: AccessRecord, tools: T.ToolSet | None = None) -> AsyncIterator[dict]:
         with_usage = req.include_usage
+        parsers = {k: T.StreamParser(tools, f"{rid}-{k}") for k in range(req.n)} if tools is not None else None
 
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
             return P.chat_chunk(rid, created, self.model_name, choices, usage, with_usage)
@@ -126,6 +138,17 @@ class OpenAIServing:
             finish = comp.finish_reason if out.finished else None
             if out.finished:
                 finals[k] = out
+            if parsers is not None:  # tool calls: content and call deltas, from the text so far
+                p = parsers[k]
+                deltas = [d for d in p.feed(comp.delta_text, final=finish is not None) if d]
+                if finish == "stop" and p.num_calls:
+                    finish = "tool_calls"
+                for j, d in enumerate(deltas):
+                    last = j == len(deltas) - 1
+                    yield chunk([P.chat_chunk_choice(k, d, finish if last else None, lp if last else None)])
+                if not deltas and (finish is not None or lp is not None):
+                    yield chunk([P.chat_chunk_choice(k, {}, finish, lp)])
+                continue
             if not comp.delta_text and lp is None and finish is None:
                 continue  # e.g. a token that completes no character yet
             delta = {"content": comp.delta_text} if comp.delta_text or finish is None else {}
@@ -150,7 +173,7 @@ class OpenAIServing:
             self._check_length(len(ids), req.output_limit, "prompt")
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         rec.prompt_tokens = prompt_tokens
-        params = self._sampling_params(req, req.num_logprobs)
+        params = await self._constrained(self._sampling_params(req, req.num_logprobs), self._grammar_spec(req, None))
         subs, n = [], req.n
         for p, (_, ids) in enumerate(prompts):
             for k in range(n):
@@ -240,11 +263,31 @@ class OpenAIServing:
             content = "".join(texts)
         # The chat template knows the classic roles; "developer" is OpenAI's new name for "system".
         role = "system" if m.role == "developer" else m.role
-        return {"role": role, "content": content or ""}
+        out = {"role": role, "content": content or ""}
+        if m.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                                 for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            out["tool_call_id"] = m.tool_call_id
+        return out
 
-    def _chat_prompt(self, messages: list[dict]) -> list[int]:
+    def _chat_prompt(self, messages: list[dict], tools: T.ToolSet | None = None,
+                     template_kwargs: dict | None = None) -> list[int]:
+        kwargs = dict(template_kwargs or {})
+        for reserved in ("messages", "tools", "add_generation_prompt", "tokenize", "conversation"):
+            if reserved in kwargs:
+                raise APIError(400, f"chat_template_kwargs may not set {reserved!r}", param="chat_template_kwargs",
+                               code="invalid_value")
+        has_tool_turns = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        if tools is not None or has_tool_turns:
+            if T.template_renders_tools(self.tokenizer):
+                if tools is not None:
+                    kwargs["tools"] = tools.tools
+            else:
+                messages = T.render_fallback(messages, tools)
         try:
-            return apply_chat_template(self.tokenizer, messages)
+            return apply_chat_template(self.tokenizer, messages, **kwargs)
         except Exception as e:  # jinja raises for conversations the template refuses
             # Its text is the template's (and can name files): the log gets it, the client a fixed line.
             log.warning("the chat template refused a conversation: %s: %s", type(e).__name__, e)
@@ -302,6 +345,48 @@ class OpenAIServing:
         if req.min_tokens > limit:
             raise APIError(400, f"min_tokens must not exceed this model's context length of {limit} tokens",
                            param="min_tokens", code="invalid_value")
+
+    @staticmethod
+    def _grammar_spec(req: P.SamplingFields, tools: T.ToolSet | None) -> GrammarSpec | None:
+        """The request's output constraint: response_format, structured_outputs, a guided_* field,
+        or a forced tool call (required / named tool_choice); at most one of them."""
+        found: list[tuple[str, GrammarSpec]] = []
+        try:
+            rf = getattr(req, "response_format", None)
+            if rf is not None:
+                spec = GrammarSpec.from_response_format(rf)
+                if spec is not None:
+                    found.append(("response_format", spec))
+            spec = GrammarSpec.from_structured_outputs(req.structured_outputs)
+            if spec is not None:
+                found.append(("structured_outputs", spec))
+            guided = {name: getattr(req, name) for name in ("guided_json", "guided_regex", "guided_choice",
+                                                             "guided_grammar")}
+            spec = GrammarSpec.from_guided_fields(**guided)
+            if spec is not None:
+                found.append((spec.param or "guided_json", spec))
+            if tools is not None:
+                spec = T.grammar(tools)
+                if spec is not None:
+                    found.append(("tool_choice", spec))
+        except GrammarError as e:
+            raise APIError(400, e.message, param=e.param, code="invalid_value") from None
+        if len(found) > 1:
+            names = ", ".join(n for n, _ in found)
+            raise APIError(400, f"only one output constraint per request (got {names})", param=found[1][0],
+                           code="invalid_value")
+        return found[0][1] if found else None
+
+    async def _constrained(self, params: SamplingParams, spec: GrammarSpec | None) -> SamplingParams:
+        """`params` with the grammar, compiled now (off the event loop, cached by the engine) so a
+        bad schema is a 400 before anything is queued."""
+        if spec is None:
+            return params
+        try:
+            await asyncio.to_thread(self.engine.compile_grammar, spec)
+        except Exception as e:
+            raise from_engine_error(e) from None
+        return replace(params, structured=spec)
 
     def _check_length(self, num_prompt: int, max_tokens: int | None, param: str) -> None:
         limit = self.engine.max_model_len

@@ -120,9 +120,14 @@ def _exact_joint(engine, top_p, temperature=1.0):
 
 def _empirical(engine, gamma, top_p, temperature=1.0):
     params = [SamplingParams(temperature=temperature, top_p=top_p, seed=i, max_tokens=gamma + 2, ignore_eos=True) for i in range(N)]
-    counts = torch.zeros(VOCAB * VOCAB, dtype=torch.float64)
     for i, p in enumerate(params):
         engine.add_request(f"s{i}", params=p, prompt_token_ids=PROMPT)
+    return _count_pairs(engine)
+
+
+def _count_pairs(engine):
+    """Run the engine dry; counts of (output token 2, output token 3) over the finished requests."""
+    counts = torch.zeros(VOCAB * VOCAB, dtype=torch.float64)
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
@@ -217,3 +222,105 @@ def test_the_check_has_power_accepting_every_draft_is_caught(toy, monkeypatch):
     eng = _engine(toy, 3)
     counts = _empirical(eng, 3, 1.0)
     assert _pvalue(counts, _exact_joint(eng, 1.0)) < 1e-3
+
+
+# ---------------------------------------------------------------- structured outputs (a toy grammar)
+
+class _ToyGrammar:
+    """A regular language over token ids, the interface of engine.structured.GrammarMatcher: after
+    token t only ALLOWED[t] may follow (the first output token: ALLOWED[PROMPT[-1]]). `accept`
+    takes any token (a masking bug then shows up as a biased distribution, not as a failure)."""
+
+    ALLOWED = {t: {(t + 1) % VOCAB, (t + 3) % VOCAB, (t + 4) % VOCAB, (t + 6) % VOCAB} for t in range(VOCAB)}
+
+    def __init__(self):
+        self.history = [PROMPT[-1]]
+
+    def _mask(self, last: int, out: torch.Tensor) -> None:
+        out.zero_()
+        out[sorted(self.ALLOWED[last])] = True
+
+    def fill_mask(self, out):
+        self._mask(self.history[-1], out)
+        return out
+
+    def accept(self, token: int) -> bool:
+        self.history.append(int(token))
+        return True
+
+    def rollback(self, n: int) -> None:
+        del self.history[len(self.history) - n:]
+
+    def masks_along(self, tokens, out) -> int:
+        last = self.history[-1]
+        for j, t in enumerate(tokens):
+            self._mask(last, out[j])
+            if t not in self.ALLOWED[last]:
+                return j
+            last = t
+        self._mask(last, out[len(tokens)])
+        return len(tokens)
+
+    def is_terminated(self) -> bool:
+        return False
+
+
+def _grammar_joint(engine):
+    """P(t2, t3) under the target's distribution masked by the toy grammar, by enumeration."""
+    model = engine.runner.model
+    cfg = model.config
+
+    def logits_of(prefixes):
+        n, L = len(prefixes), len(prefixes[0])
+        blocks_per = -(-L // 16)
+        pool = [(torch.zeros(n * blocks_per * 16, cfg.num_kv_heads, cfg.head_dim),
+                 torch.zeros(n * blocks_per * 16, cfg.num_kv_heads, cfg.head_dim)) for _ in range(cfg.num_layers)]
+        meta = AttentionMetadata([L] * n, [L] * n, [list(range(i * blocks_per, (i + 1) * blocks_per)) for i in range(n)], 16)
+        logits, _ = model(torch.tensor([t for p in prefixes for t in p]), meta.positions(), meta, pool,
+                          logits_indices=torch.arange(n) * L + L - 1)
+        return logits.float()
+
+    def masked(logits, lasts):
+        allowed = torch.zeros(len(lasts), VOCAB, dtype=torch.bool)
+        for i, t in enumerate(lasts):
+            allowed[i, sorted(_ToyGrammar.ALLOWED[t])] = True
+        return logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+    p1 = masked(logits_of([PROMPT]), [PROMPT[-1]])[0]
+    p2 = masked(logits_of([PROMPT + [a] for a in range(VOCAB)]), list(range(VOCAB)))
+    pairs = list(itertools.product(range(VOCAB), range(VOCAB)))
+    p3 = masked(logits_of([PROMPT + [a, b] for a, b in pairs]), [b for _, b in pairs]).view(VOCAB, VOCAB, VOCAB)
+    return torch.einsum("a,ab,abc->bc", p1, p2, p3).flatten().double()
+
+
+def _grammar_empirical(engine, gamma):
+    for i in range(N):
+        # seeds of their own (10000 + i): the runs above draw with seeds 0..N-1
+        seq = engine.add_request(f"g{i}", params=SamplingParams(seed=10000 + i, max_tokens=gamma + 2, ignore_eos=True),
+                                 prompt_token_ids=PROMPT)
+        seq.grammar = _ToyGrammar()
+    return _count_pairs(engine)
+
+
+@pytest.mark.parametrize("policy", ["fixed", "scheduled"])
+def test_sampled_output_follows_the_grammar_masked_target(toy, policy):
+    """Structured outputs under speculation: the drafter drafts under the grammar (masked draft
+    distributions, the grammar advanced along the draft and rolled back), and verification compares
+    the masked target with the masked draft: the output follows the target distribution masked by
+    the grammar, exactly. (Sampled constrained requests take no context copies; greedy ones do,
+    cut where they leave the grammar: tests/engine/test_structured_engine.py.)"""
+    eng = _engine(toy, 7, policy=policy)
+    counts = _grammar_empirical(eng, 7)
+    st = eng.stats
+    assert st.grammar_mask_rows > N and 0 < st.spec_num_accepted_tokens < st.spec_num_draft_tokens
+    exact = _grammar_joint(eng)
+    assert counts[exact == 0].sum() == 0  # nothing outside the grammar
+    assert _pvalue(counts, exact) > 0.01
+
+
+def test_the_check_has_power_an_unmasked_target_is_caught(toy, monkeypatch):
+    """The grammar test above must see a target that is not masked (drafts still are)."""
+    monkeypatch.setattr(engine_mod, "apply_mask", lambda logits, mask: logits)
+    eng = _engine(toy, 7, lookup="off")
+    counts = _grammar_empirical(eng, 7)
+    assert _pvalue(counts, _grammar_joint(eng)) < 1e-3

@@ -187,15 +187,8 @@ def test_huge_max_tokens_never_reaches_the_engine_as_an_overflow(client, engine)
 
 
 @pytest.mark.parametrize("path, field, value", [
-    (CHAT, "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    (CHAT, "tool_choice", "auto"),
-    (CHAT, "tool_choice", "required"),
-    (CHAT, "tool_choice", {"type": "function", "function": {"name": "f"}}),
-    (CHAT, "functions", [{"name": "f"}]),
+    (CHAT, "functions", [{"name": "f"}]),  # the deprecated form of tools
     (CHAT, "function_call", "auto"),
-    (CHAT, "response_format", {"type": "json_object"}),
-    (CHAT, "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-    (CHAT, "response_format", "text"),
     (CHAT, "logit_bias", {"50": 100}),
     (COMPLETIONS, "logit_bias", {"50": -100}),
     (COMPLETIONS, "suffix", "the end"),
@@ -206,6 +199,23 @@ def test_huge_max_tokens_never_reaches_the_engine_as_an_overflow(client, engine)
 def test_an_unimplemented_field_is_a_400_not_silently_ignored(client, engine, path, field, value):
     err = assert_400(post(client, path, **{field: value}), field, "unsupported")
     assert field in err["message"]
+    assert engine.calls == []
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools to choose from
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools.1.function.name"),  # twice
+    ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(P.MAX_TOOLS + 1)]}, "tools"),
+    ({"response_format": "text"}, "response_format"),  # an object, not a string
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
+    ({"structured_outputs": {"json": {}, "regex": "a"}}, "structured_outputs.regex"),  # one constraint at most
+    ({"guided_regex": "a" * 70_000}, "guided_regex"),  # past the 64 KiB bound on a grammar's source
+])
+def test_bad_tools_and_constraints_are_400_before_the_engine(client, engine, fields, param):
+    r = post(client, CHAT, **fields)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
     assert engine.calls == []
 
 

@@ -39,7 +39,9 @@ LONG_PROMPT = "hello " * 2100  # ~2100 tokens, over --max-model-len 2048
     (chat_body(max_tokens=10**6), 400, "max_tokens", "context_length_exceeded"),
     (chat_body(top_k=2**63 - 1), 400, "top_k", "invalid_value"),  # past the vocabulary (issue 28's live 500)
     (chat_body(stop_token_ids=[2**40]), 400, "stop_token_ids", "invalid_value"),
-    (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "unsupported"),
+    (chat_body(tools=[{"type": "function", "function": {"name": "no spaces"}}]), 400, "tools.0.function.name",
+     "invalid_value"),
+    (chat_body(functions=[{"name": "f"}]), 400, "functions", "unsupported"),
     (chat_body(max_tokens=2040), 400, "max_tokens", "context_length_exceeded"),
     (chat_body(temperature=2.5), 400, "temperature", "invalid_value"),
     (chat_body(temperature=-0.1), 400, "temperature", "invalid_value"),
