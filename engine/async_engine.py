@@ -141,6 +141,10 @@ class AsyncEngine:
         """Raise RequestError for a prompt the engine would refuse, before it is queued."""
         self.engine.validate_prompt(prompt_token_ids)
 
+    @property
+    def model_path(self) -> str:
+        return self.engine.loaded.path
+
     def compile_grammar(self, spec):
         """Compile (or find cached) a structured-output grammar; any thread (the compiler is
         thread-safe). Raises RequestError naming the field for a bad one."""

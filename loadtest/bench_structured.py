@@ -102,7 +102,9 @@ def _valid(text: str) -> bool:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"`{res['command']}`; {res['machine']}, {res['threads']} torch threads, bfloat16, the compiled step; "
+    m = res["machine"]
+    machine = f"{m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}, commit {m.get('commit')}"
+    lines = [f"`{res['command']}`; {machine}, {res['threads']} torch threads, bfloat16, the compiled step; "
              f"{len(PROMPTS)} prompts asking for a JSON record, greedy, up to {res['max_tokens']} tokens; "
              f"{res['rounds']} interleaved rounds (medians).", "",
              "| decoding | output | concurrency | tok/s (each round) | tau | drafted tokens accepted | mask us / token | "

@@ -173,6 +173,28 @@ def _hf_eos_ids(path: Path, cfg: ModelConfig) -> list[int]:
     return ids
 
 
+_SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(model_path: str | None) -> dict:
+    """The sampling defaults of an HF model directory's generation_config.json (temperature,
+    top_p, top_k, min_p, repetition_penalty, where given): what the server applies to a request
+    that sets none of its own (`--generation-config auto`, vLLM's default). {} for GGUF files."""
+    if not model_path:
+        return {}
+    gen = Path(model_path) / "generation_config.json"
+    try:
+        data = json.loads(gen.read_text()) if gen.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for key in _SAMPLING_DEFAULT_KEYS:
+        v = data.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = int(v) if key == "top_k" else float(v)
+    return out
+
+
 # ---------------------------------------------------------------- GGUF files
 
 _GGUF_ARCH_TO_HF = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}

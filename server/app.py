@@ -38,6 +38,9 @@ class ServerSettings:
     max_n: int = 8
     request_timeout: float | None = None  # seconds; None: no limit
     allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: off
+    chat_template: str | None = None  # overrides the model's (the template text)
+    reasoning_parser: str | None = None  # server/reasoning.py: qwen3, deepseek_r1
+    generation_config: str = "auto"  # auto: the model's generation_config.json sampling defaults; vllm: ours
 
     def __post_init__(self):
         from .protocol import MAX_N
@@ -50,6 +53,12 @@ class ServerSettings:
             raise ValueError(f"max_n must be in [1, {MAX_N}]")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ValueError("request_timeout must be positive")
+        from .reasoning import PARSERS
+
+        if self.reasoning_parser is not None and self.reasoning_parser not in PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {', '.join(PARSERS)}")
+        if self.generation_config not in ("auto", "vllm"):
+            raise ValueError("generation_config must be auto or vllm")
 
 
 def _engine_info(engine, model_name: str) -> dict[str, str]:

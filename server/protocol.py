@@ -262,8 +262,11 @@ def chat_response(rid: str, created: int, model: str, choices: list[dict], usage
 
 
 def chat_choice(index: int, text: str | None, finish_reason: str | None, logprobs: dict | None,
-                tool_calls: list[dict] | None = None) -> dict:
+                tool_calls: list[dict] | None = None, reasoning: str | None = None,
+                with_reasoning: bool = False) -> dict:
     message = {"role": "assistant", "content": text}
+    if with_reasoning:  # --reasoning-parser: always present, null when the model did not think
+        message["reasoning_content"] = reasoning
     if tool_calls:
         message["tool_calls"] = tool_calls
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}

@@ -63,6 +63,13 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     lim.add_argument("--request-timeout", type=float, default=None,
                      help="seconds a request may run before it is stopped with a 504 or a final stream error "
                           "(default: no limit)")
+    g.add_argument("--chat-template", default=None,
+                   help="a chat template (Jinja) file, or the template itself, instead of the model's")
+    g.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+                   help="move the model's <think>...</think> into reasoning_content (default: off)")
+    g.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
+                   help="auto: the model's generation_config.json sampling defaults apply where a request "
+                        "sets none; vllm: ours (temperature 1, top_p 1, ...)")
     lim.add_argument("--allowed-origins", default=None,
                      help="comma-separated origins allowed by CORS, or * (default: CORS off)")
     # Own dest: the top-level parser has a --log-level too, whose default would hide env/YAML values.
@@ -184,7 +191,23 @@ def server_settings_from_args(args: argparse.Namespace):
         max_n=args.max_n,
         request_timeout=args.request_timeout,
         allowed_origins=[o.strip() for o in (args.allowed_origins or "").split(",") if o.strip()],
+        chat_template=_read_template(args.chat_template),
+        reasoning_parser=args.reasoning_parser,
+        generation_config=args.generation_config,
     )
+
+
+def _read_template(value: str | None) -> str | None:
+    """--chat-template: a file's text, or the value itself when it names no file."""
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:
+        pass
+    return value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

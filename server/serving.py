@@ -24,6 +24,7 @@ from engine import RequestOutput, SamplingParams, apply_chat_template
 from engine.structured import GrammarError, GrammarSpec
 
 from . import protocol as P
+from . import reasoning as R
 from . import tools as T
 from .errors import APIError, from_engine_error, from_validation_errors
 from .generation import GenerationJob, JobAborted, SubRequest
@@ -74,6 +75,12 @@ class OpenAIServing:
         self.tokenizer = engine.tokenizer
         self.token_text = P.TokenText(engine.tokenizer)
         self.vocab_size = engine.vocab_size
+        self.chat_template = settings.chat_template  # None: the model's
+        self.reasoning_parser = settings.reasoning_parser
+        from models.loader import sampling_defaults
+
+        self.sampling_defaults = (sampling_defaults(getattr(engine, "model_path", None))
+                                  if settings.generation_config == "auto" else {})
 
     # ------------------------------------------------------------ chat
 
@@ -106,12 +113,14 @@ class OpenAIServing:
             comp = finals[k].outputs[0]
             completion_tokens += len(comp.token_ids)
             lp = P.chat_logprobs(comp.logprobs or [], self.token_text, req.top_logprobs or 0) if req.logprobs else None
-            content, calls, finish = comp.text, None, comp.finish_reason
+            content, calls, finish, reasoning = comp.text, None, comp.finish_reason, None
+            if self.reasoning_parser is not None:
+                reasoning, content = R.split(content, self.reasoning_parser)
             if parses:
-                content, calls = T.parse(comp.text, tools, f"{rid}-{k}")
+                content, calls = T.parse(content or "", tools, f"{rid}-{k}")
                 if calls and finish == "stop":
                     finish = "tool_calls"
-            choices.append(P.chat_choice(k, content, finish, lp, calls))
+            choices.append(P.chat_choice(k, content, finish, lp, calls, reasoning, self.reasoning_parser is not None))
         self._note_finish(rec, finals, completion_tokens)
         return JSONResponse(P.chat_response(rid, created, self.model_name, choices,
                                             P.usage(len(prompt_ids), completion_tokens, P.cached_tokens(finals, req.n))))
@@ -120,6 +129,8 @@ class OpenAIServing:
                            prompt_tokens: int, rec: AccessRecord, tools: T.ToolSet | None = None) -> AsyncIterator[dict]:
         with_usage = req.include_usage
         parsers = {k: T.StreamParser(tools, f"{rid}-{k}") for k in range(req.n)} if tools is not None else None
+        thinking = ({k: R.StreamSplitter(self.reasoning_parser) for k in range(req.n)}
+                    if self.reasoning_parser is not None else None)
 
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
             return P.chat_chunk(rid, created, self.model_name, choices, usage, with_usage)
@@ -138,10 +149,21 @@ class OpenAIServing:
             finish = comp.finish_reason if out.finished else None
             if out.finished:
                 finals[k] = out
-            if parsers is not None:  # tool calls: content and call deltas, from the text so far
-                p = parsers[k]
-                deltas = [d for d in p.feed(comp.delta_text, final=finish is not None) if d]
-                if finish == "stop" and p.num_calls:
+            if parsers is not None or thinking is not None:
+                # reasoning, then tool calls: deltas of each kind, from the text so far
+                pieces = ([("content", comp.delta_text)] if thinking is None
+                          else thinking[k].feed(comp.delta_text, final=finish is not None))
+                deltas = []
+                for kind, text in pieces:
+                    if kind == "reasoning":
+                        deltas.append({"reasoning_content": text})
+                    elif parsers is None:
+                        deltas.append({"content": text})
+                    else:
+                        deltas += [d for d in parsers[k].feed(text) if d]
+                if parsers is not None and finish is not None:
+                    deltas += [d for d in parsers[k].feed("", final=True) if d]
+                if finish == "stop" and parsers is not None and parsers[k].num_calls:
                     finish = "tool_calls"
                 for j, d in enumerate(deltas):
                     last = j == len(deltas) - 1
@@ -275,17 +297,19 @@ class OpenAIServing:
     def _chat_prompt(self, messages: list[dict], tools: T.ToolSet | None = None,
                      template_kwargs: dict | None = None) -> list[int]:
         kwargs = dict(template_kwargs or {})
-        for reserved in ("messages", "tools", "add_generation_prompt", "tokenize", "conversation"):
+        for reserved in ("messages", "tools", "add_generation_prompt", "tokenize", "conversation", "chat_template"):
             if reserved in kwargs:
                 raise APIError(400, f"chat_template_kwargs may not set {reserved!r}", param="chat_template_kwargs",
                                code="invalid_value")
         has_tool_turns = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
         if tools is not None or has_tool_turns:
-            if T.template_renders_tools(self.tokenizer):
+            if T.template_renders_tools(self.tokenizer, self.chat_template):
                 if tools is not None:
                     kwargs["tools"] = tools.tools
             else:
                 messages = T.render_fallback(messages, tools)
+        if self.chat_template is not None:
+            kwargs["chat_template"] = self.chat_template
         try:
             return apply_chat_template(self.tokenizer, messages, **kwargs)
         except Exception as e:  # jinja raises for conversations the template refuses
@@ -415,20 +439,22 @@ class OpenAIServing:
             max_tokens = self.settings.max_output_tokens
         if max_tokens is not None and req.min_tokens > max_tokens:
             raise APIError(400, "min_tokens must not exceed max_tokens", param="min_tokens", code="invalid_value")
+        d = self.sampling_defaults  # the model's generation_config.json, where the request sets nothing
         try:
             return SamplingParams(
                 n=1,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=req.top_k or 0,
-                min_p=req.min_p or 0.0,
+                temperature=d.get("temperature", 1.0) if req.temperature is None else req.temperature,
+                top_p=d.get("top_p", 1.0) if req.top_p is None else req.top_p,
+                top_k=d.get("top_k", 0) if req.top_k is None else req.top_k,
+                min_p=d.get("min_p", 0.0) if req.min_p is None else req.min_p,
                 seed=req.seed,
                 max_tokens=max_tokens,
                 min_tokens=req.min_tokens,
                 stop=stop,
                 stop_token_ids=req.stop_token_ids,
                 ignore_eos=req.ignore_eos,
-                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                repetition_penalty=(d.get("repetition_penalty", 1.0) if req.repetition_penalty is None
+                                    else req.repetition_penalty),
                 presence_penalty=req.presence_penalty or 0.0,
                 frequency_penalty=req.frequency_penalty or 0.0,
                 logprobs=num_logprobs,

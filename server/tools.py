@@ -125,8 +125,9 @@ def grammar(ts: ToolSet) -> GrammarSpec | None:
     return GrammarSpec.grammar(text, param="tools")
 
 
-def template_renders_tools(tokenizer) -> bool:
-    template = getattr(tokenizer, "chat_template", None) or ""
+def template_renders_tools(tokenizer, template: str | None = None) -> bool:
+    """Whether the chat template (`template`, else the tokenizer's) reads `tools`."""
+    template = template or getattr(tokenizer, "chat_template", None) or ""
     return isinstance(template, str) and "tools" in template
 
 
@@ -234,7 +235,7 @@ class StreamParser:
         while True:
             start = self._buf.find(CALL_OPEN)
             if start < 0:
-                keep = 0 if final else _partial_suffix(self._buf, CALL_OPEN)
+                keep = 0 if final else partial_suffix(self._buf, CALL_OPEN)
                 text = self._buf[:len(self._buf) - keep]
                 self._buf = self._buf[len(self._buf) - keep:]
                 if text:
@@ -296,7 +297,7 @@ def _parse_block(block: str, ts: ToolSet) -> tuple[str, str] | None:
     return obj["name"], json.dumps(obj.get("arguments", obj.get("parameters", {})), ensure_ascii=False)
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):

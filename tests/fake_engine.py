@@ -11,7 +11,11 @@ from engine import CompletionOutput, RequestOutput
 
 
 class FakeTokenizer:
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, **kw):
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, chat_template=None, **kw):
+        if chat_template is not None:  # a template given by the server (--chat-template)
+            import jinja2
+
+            return jinja2.Template(chat_template).render(messages=messages, **kw)
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
 
     def encode(self, text, add_special_tokens=False):
@@ -35,7 +39,9 @@ class FakeEngine:
     speculative_method = "none"
     dead = None
 
-    def __init__(self):
+    def __init__(self, pieces=("Hel", "lo", "!"), model_path=None):
+        self.pieces = list(pieces)
+        self.model_path = model_path  # an HF directory: its generation_config.json gives sampling defaults
         self.tokenizer = FakeTokenizer()
         self.calls: list = []
         self.aborted: list[str] = []
@@ -48,11 +54,11 @@ class FakeEngine:
             raise self.fail_with
         self.calls.append((request_id, params, prompt_token_ids))
         text, ids = "", []
-        for i, piece in enumerate(["Hel", "lo", "!"]):
+        for i, piece in enumerate(self.pieces):
             await asyncio.sleep(self.delay)
             text += piece
             ids.append(i)
-            done = i == 2
+            done = i == len(self.pieces) - 1
             comp = CompletionOutput(0, text, list(ids), self.finish_reason if done else None,
                                     delta_text=piece, delta_token_ids=[i])
             yield RequestOutput(request_id, None, prompt_token_ids, [comp], done,
