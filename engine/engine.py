@@ -289,11 +289,12 @@ class LLMEngine:
         (`GrammarMatcher.masks_along`); a draft copied from the context that leaves the grammar is
         cut at its first disallowed token (a function of the context alone, fixed before anything
         is sampled); the drafter's own drafts are drawn under the grammar and always pass."""
-        t0 = time.perf_counter()
+        t0, constrained = time.perf_counter(), False
         for r in rows:
             m = r.seq.grammar
             if m is None or r.failure is not None:
                 continue
+            constrained = True
             try:
                 n = len(r.draft)
                 masks = torch.empty(n + 1, logits.shape[-1], dtype=torch.bool)
@@ -309,7 +310,7 @@ class LLMEngine:
                 self.stats.grammar_mask_rows += k + 1
             except Exception as e:
                 r.failure = self._internal_failure(r.seq, e)
-        if rows:
+        if constrained:  # unconstrained steps add nothing to the mask time
             self.stats.grammar_mask_seconds += time.perf_counter() - t0
 
     def _count_fed(self, rows: list[StepRow]) -> None:

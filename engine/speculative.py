@@ -222,6 +222,8 @@ class DraftProposer:
                     if seqs[i].grammar.accept(int(x[i])):
                         advanced[i] += 1
                     else:
+                        # unreachable when masking works: x_k was drawn from a distribution with no
+                        # mass outside the grammar (a guard, not a choice that reads x_k)
                         valid[i] = k
             if follow:
                 fbias, fc, follow_state = d.sequential_step(follow_prev, h[follow, k], follow_state)

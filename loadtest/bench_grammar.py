@@ -131,7 +131,17 @@ def _bit(bitmask: torch.Tensor, tok: int) -> bool:
 # Each adapter: setup(tokenizer, eos) -> seconds; compile(schema) -> compiled; matcher(compiled);
 # fill(m, bitmask int32[words]); accept(m, tok) -> bool; rollback(m, n); reset(m).
 
-class LLGuidance:
+class _Engine:
+    """The matcher calls the engines share (rollback is outlines-core's own)."""
+
+    def rollback(self, m, n):
+        m.rollback(n)
+
+    def reset(self, m):
+        m.reset()
+
+
+class LLGuidance(_Engine):
     name = "llguidance"
 
     def setup(self, tok, eos, vocab):
@@ -167,14 +177,8 @@ class LLGuidance:
     def accept(self, m, t):
         return m.consume_token(t)
 
-    def rollback(self, m, n):
-        m.rollback(n)
 
-    def reset(self, m):
-        m.reset()
-
-
-class XGrammar:
+class XGrammar(_Engine):
     name = "xgrammar"
 
     def setup(self, tok, eos, vocab):
@@ -202,14 +206,8 @@ class XGrammar:
     def accept(self, m, t):
         return m.accept_token(t)
 
-    def rollback(self, m, n):
-        m.rollback(n)
 
-    def reset(self, m):
-        m.reset()
-
-
-class OutlinesCore:
+class OutlinesCore(_Engine):
     name = "outlines"
 
     def setup(self, tok, eos, vocab):
@@ -252,9 +250,6 @@ class OutlinesCore:
 
     def rollback(self, m, n):
         m.rollback_state(n)
-
-    def reset(self, m):
-        m.reset()
 
 
 ENGINES = {"llguidance": LLGuidance, "xgrammar": XGrammar, "outlines": OutlinesCore}
