@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +53,8 @@ class EngineConfig:
     cost_table: str | None = None  # SPS(B) JSON to load (or save after profiling); default: in the cache dir
     record_acceptance: str | None = None  # JSONL of verification rounds, for `dspark calibrate`
     enable_prefix_caching: bool = True  # reuse the KV (and drafter context) of cached prompt blocks
+    # Structured outputs: compute the token masks on a worker thread while the forward runs.
+    grammar_overlap: bool = True
     # Never torch.compile the decode step (engine/compiled_step.py); default from DSPARK_ENFORCE_EAGER,
     # the variable `dspark serve` reads for --enforce-eager too.
     enforce_eager: bool = field(default_factory=lambda: os.environ.get("DSPARK_ENFORCE_EAGER", "").strip().lower()
@@ -116,6 +120,8 @@ class LLMEngine:
         self.faults = FaultInjector.from_env()  # None unless DSPARK_FAULT_INJECTION=1 (tests)
         self._grammars: GrammarCompiler | None = None  # made at the first structured request
         self._grammars_lock = threading.Lock()
+        self.grammar_overlap = cfg.grammar_overlap
+        self._mask_pool: ThreadPoolExecutor | None = None  # made at the first constrained step
         self.speculative = None
         self._table_compiled = False
         if drafter is not None:
@@ -251,12 +257,13 @@ class LLMEngine:
         if caps:
             self.stats.spec_last_realised_tokens = 0
             spec.draft(rows, self.kv.block_size)
+        masks = self._start_masks(rows)
         logits = self.runner.execute(rows)
         sampling = [r for r in rows if r.logits_row is not None]
         if self.faults is not None:
             self.faults.after_forward(logits, [(r.seq.request_id, r.logits_row, r.num_logits) for r in sampling])
         self._mark_nonfinite(sampling, logits)
-        self._constrain(sampling, logits)
+        self._constrain(sampling, logits, masks)
         self._count_fed(rows)
         self._sample_plain([r for r in sampling if not r.draft and r.failure is None], logits)
         now = time.monotonic()
@@ -282,36 +289,55 @@ class LLMEngine:
                 log.error("request %s: non-finite logits; failing it alone", r.seq.request_id)
                 r.failure = "the model produced non-finite logits (NaN or inf) for this request"
 
-    def _constrain(self, rows: list[StepRow], logits: torch.Tensor) -> None:
+    def _start_masks(self, rows: list[StepRow]) -> Future | None:
+        """Structured outputs, before the forward: the token masks of the constrained rows that
+        will sample, one per position along the row's draft (`GrammarMatcher.masks_along`). They
+        depend only on tokens fixed before the forward (the accepted ones and the drafts), so a
+        worker thread computes them while the forward runs (llguidance and torch's kernels both
+        leave the GIL); `_constrain` waits for them."""
+        todo = [r for r in rows if r.seq.grammar is not None
+                and (r.draft or r.seq.num_computed_tokens + r.pending == len(r.seq.token_ids))]
+        if not todo:
+            return None
+        width = self.model_config.vocab_size
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dspark-grammar")
+        job = functools.partial(_grammar_masks, todo, width)
+        return self._mask_pool.submit(job) if self.grammar_overlap else _done(job)
+
+    def _constrain(self, rows: list[StepRow], logits: torch.Tensor, masks: Future | None) -> None:
         """Structured outputs: the logits of a constrained row keep only the tokens its grammar
         allows (-inf elsewhere), so sampling, greedy argmax and rejection sampling all follow the
         masked target distribution. A verification row gets one mask per position, along its draft
-        (`GrammarMatcher.masks_along`); a draft copied from the context that leaves the grammar is
-        cut at its first disallowed token (a function of the context alone, fixed before anything
-        is sampled); the drafter's own drafts are drawn under the grammar and always pass."""
-        t0, constrained = time.perf_counter(), False
+        (computed during the forward: `_start_masks`); a draft copied from the context that leaves
+        the grammar is cut at its first disallowed token (a function of the context alone, fixed
+        before anything is sampled); the drafter's own drafts are drawn under the grammar and
+        always pass."""
+        if masks is None:
+            return
+        t0 = time.perf_counter()
+        done = masks.result()  # row -> (masks, k) or the exception its grammar raised
         for r in rows:
-            m = r.seq.grammar
-            if m is None or r.failure is not None:
+            if r not in done or r.failure is not None:
                 continue
-            constrained = True
+            got = done[r]
+            if isinstance(got, BaseException):
+                r.failure = self._internal_failure(r.seq, got)
+                continue
             try:
-                n = len(r.draft)
-                masks = torch.empty(n + 1, logits.shape[-1], dtype=torch.bool)
-                k = m.masks_along(r.draft, masks) if n else 0
-                if not n:
-                    m.fill_mask(masks[0])
-                if k < n:
+                m, k = got
+                if k < len(r.draft):
                     self.stats.grammar_draft_cuts += 1
                     r.draft, r.num_logits = r.draft[:k], k + 1
                     if not k:
                         r.draft_info = None
-                apply_mask(logits[r.logits_row:r.logits_row + k + 1], masks[:k + 1])
+                apply_mask(logits[r.logits_row:r.logits_row + k + 1], m[:k + 1])
                 self.stats.grammar_mask_rows += k + 1
             except Exception as e:
                 r.failure = self._internal_failure(r.seq, e)
-        if constrained:  # unconstrained steps add nothing to the mask time
-            self.stats.grammar_mask_seconds += time.perf_counter() - t0
+        blocked = time.perf_counter() - t0  # waiting for the job, then applying
+        self.stats.grammar_mask_seconds += done[_SECONDS] + blocked
+        self.stats.grammar_mask_blocking_seconds += blocked + (0.0 if self.grammar_overlap else done[_SECONDS])
 
     def _count_fed(self, rows: list[StepRow]) -> None:
         """The forward wrote the KV (and drafter context) of each row's pending tokens and drafts:
@@ -604,6 +630,39 @@ class LLMEngine:
         return outs
 
 
+_SECONDS = "seconds"  # the key of a mask job's own compute time in its result
+
+
+def _grammar_masks(rows: list[StepRow], width: int) -> dict:
+    """The mask job of one step (`LLMEngine._start_masks`): per row, bool masks [len(draft) + 1,
+    width] along its draft and k, the drafts the grammar allows (`GrammarMatcher.masks_along`);
+    an exception stays with the row that raised it. Touches only these rows' matchers, which
+    nothing else uses until the step reads the result."""
+    t0 = time.perf_counter()
+    out: dict = {}
+    for r in rows:
+        try:
+            n = len(r.draft)
+            masks = torch.empty(n + 1, width, dtype=torch.bool)
+            if n:
+                k = r.seq.grammar.masks_along(r.draft, masks)
+            else:
+                k = 0
+                r.seq.grammar.fill_mask(masks[0])
+            out[r] = (masks, k)
+        except Exception as e:
+            out[r] = e
+    out[_SECONDS] = time.perf_counter() - t0
+    return out
+
+
+def _done(job) -> Future:
+    """Run `job` now: a finished Future of its result."""
+    f: Future = Future()
+    f.set_result(job())
+    return f
+
+
 def _find_stop(text: str, stops: list[str], delta_len: int) -> tuple[int, str] | None:
     """Earliest stop string that ends within the newest `delta_len` characters."""
     best = None
@@ -652,6 +711,7 @@ class EngineStats:
     grammar_compile_seconds: float = 0.0
     grammar_mask_rows: int = 0  # token masks applied to target logits (one per sampled position)
     grammar_mask_seconds: float = 0.0  # computing and applying them (drafting's masks excluded)
+    grammar_mask_blocking_seconds: float = 0.0  # of which on the step's own thread (not hidden by the forward)
     grammar_draft_cuts: int = 0  # drafts (context copies) cut where they left the grammar
 
     def record_step(self, tokens: int, seqs: int, seconds: float) -> None:

@@ -7,7 +7,10 @@ default drafter, context lookup on), each with and without a JSON schema, on 8 c
 ask for a JSON record, greedy, up to 160 tokens. Concurrency 1 (one request at a time: tokens/s
 per user) and 8 (all together: output tokens/s). Reports tokens/s, tau (tokens per verification
 round: 1 + accepted drafts / rounds), the share of drafted tokens accepted, and the grammar's
-mask time per token. The engines run interleaved per round in one process.
+mask time per token (all of it, and the part the engine step waited on: the masks are computed
+during the forward). The engines run interleaved per round in one process. Then the drafter's
+own acceptance with a fixed 7-token verification: free text, the schema with masked drafting,
+the schema with unmasked drafting (what masking is worth).
 """
 
 from __future__ import annotations
@@ -48,10 +51,10 @@ PROMPTS = [
 ]
 
 
-def _engine(spec: dict, threads: int):
+def _engine(spec: dict, threads: int, eager: bool = False):
     from engine import LLM
 
-    llm = LLM(dtype="bfloat16", num_threads=threads, enforce_eager=False, speculative_config=spec)
+    llm = LLM(dtype="bfloat16", num_threads=threads, enforce_eager=eager, speculative_config=spec)
     step = llm.engine.runner.decode_step
     if step is not None:
         assert step.wait(3600), step.describe()
@@ -78,7 +81,8 @@ def _run(llm, constrained: bool, concurrency: int, max_tokens: int) -> dict:
     after = st.snapshot()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     d = {k: after[k] - before[k] for k in ("spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens",
-                                           "grammar_mask_rows", "grammar_mask_seconds")}
+                                           "grammar_mask_rows", "grammar_mask_seconds",
+                                           "grammar_mask_blocking_seconds")}
     valid = None
     if constrained:
         valid = sum(1 for o in outs if _valid(o.outputs[0].text))
@@ -88,7 +92,28 @@ def _run(llm, constrained: bool, concurrency: int, max_tokens: int) -> dict:
                                if d["spec_num_draft_tokens"] else None),
             "mask_us_per_token": (d["grammar_mask_seconds"] / d["grammar_mask_rows"] * 1e6
                                   if d["grammar_mask_rows"] else None),
+            "mask_blocking_us_per_token": (d["grammar_mask_blocking_seconds"] / d["grammar_mask_rows"] * 1e6
+                                           if d["grammar_mask_rows"] else None),
             "valid_json": valid, "outputs": [o.outputs[0].token_ids for o in outs]}
+
+
+def acceptance(llm, max_tokens: int) -> list[dict]:
+    """The drafter's own acceptance on these prompts: every round verifies all 7 drafts (no plan,
+    no context lookup, no skipping), so tau measures the drafts alone. Free text; under the
+    schema with the drafter drafting under the grammar (the engine's way); and under the schema
+    with the drafter drafting freely (verification cuts a draft at its first disallowed token)."""
+    rows = []
+    for label, constrained, mask in (("free text", False, True), ("JSON schema, masked drafting", True, True),
+                                     ("JSON schema, unmasked drafting", True, False)):
+        llm.engine.proposer.mask_drafts = mask
+        r = _run(llm, constrained, 8, max_tokens)
+        rows.append({"drafting": label, "tau": r["tau"], "accepted_share": r["accepted_share"],
+                     "tokens": r["tokens"], "outputs": r["outputs"]})
+    llm.engine.proposer.mask_drafts = True
+    rows[2]["same_output_as_masked"] = rows[2].pop("outputs") == rows[1]["outputs"]
+    for r in rows:
+        r.pop("outputs", None)
+    return rows
 
 
 def _valid(text: str) -> bool:
@@ -107,20 +132,29 @@ def markdown(res: dict) -> str:
     lines = [f"`{res['command']}`; {machine}, {res['threads']} torch threads, bfloat16, the compiled step; "
              f"{len(PROMPTS)} prompts asking for a JSON record, greedy, up to {res['max_tokens']} tokens; "
              f"{res['rounds']} interleaved rounds (medians).", "",
-             "| decoding | output | concurrency | tok/s (each round) | tau | drafted tokens accepted | mask us / token | "
-             "valid JSON | x plain, same output |",
+             "| decoding | output | concurrency | tok/s (each round) | tau | drafted tokens accepted | "
+             "mask us / token (blocking) | valid JSON | x plain, same output |",
              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for p in res["points"]:
         ratio = p.get("over_plain")
         tau = "-" if p["tau"] is None else f"{p['tau']:.2f}"
         share = "-" if p["accepted_share"] is None else f"{p['accepted_share']:.0%}"
-        mask = "-" if p["mask_us_per_token"] is None else str(round(p["mask_us_per_token"]))
+        mask = "-" if p["mask_us_per_token"] is None else \
+            f"{round(p['mask_us_per_token'])} ({round(p['mask_blocking_us_per_token'])})"
         valid = "-" if p["valid_json"] is None else f"{p['valid_json']} of {len(PROMPTS)}"
         versus = "-" if ratio is None else f"{ratio:.2f}x, {'yes' if p['same_output_as_plain'] else 'no'}"
         rounds = " / ".join(f"{t:.1f}" for t in p["tok_s"])
         output = "JSON schema" if p["constrained"] else "free text"
         lines.append(f"| {p['decoding']} | {output} | {p['concurrency']} | {rounds} | {tau} | {share} | {mask} | "
                      f"{valid} | {versus} |")
+    if res.get("acceptance"):
+        lines += ["", "The drafter's own acceptance (every round verifies 7 drafts; no plan, no context lookup, "
+                  "no draft skipping; concurrency 8):", "",
+                  "| drafting | tau | drafted tokens accepted | output tokens |", "| --- | ---: | ---: | ---: |"]
+        for a in res["acceptance"]:
+            same = "" if "same_output_as_masked" not in a else \
+                f" (output {'the same as' if a['same_output_as_masked'] else 'DIFFERS from'} masked drafting's)"
+            lines.append(f"| {a['drafting']}{same} | {a['tau']:.2f} | {a['accepted_share']:.0%} | {a['tokens']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -147,14 +181,20 @@ def main(argv=None) -> int:
             for name, rs in runs.items():
                 mid = sorted(rs, key=lambda x: x["tok_s"])[len(rs) // 2]
                 point = {"decoding": name, "constrained": constrained, "concurrency": c,
-                         "tok_s": [x["tok_s"] for x in rs], **{k: mid[k] for k in ("tau", "accepted_share",
-                                                                               "mask_us_per_token", "valid_json")}}
+                         "tok_s": [x["tok_s"] for x in rs],
+                         **{k: mid[k] for k in ("tau", "accepted_share", "mask_us_per_token",
+                                                "mask_blocking_us_per_token", "valid_json")}}
                 if name == "dspark":
                     ratios = sorted(a["tok_s"] / b["tok_s"] for a, b in zip(rs, runs["plain"]))
                     point["over_plain"] = ratios[len(ratios) // 2]
                     point["same_output_as_plain"] = rs[-1]["outputs"] == runs["plain"][-1]["outputs"]
                 res["points"].append(point)
                 print(point, flush=True)
+    del engines
+    fixed = _engine({"method": "dspark", "model": default_drafter_path(), "verification": "fixed",
+                     "draft_skipping": False, "prompt_lookup_max": 0}, args.threads, eager=True)
+    res["acceptance"] = acceptance(fixed, args.max_tokens)
+    print(res["acceptance"], flush=True)
     out = Path(args.out)
     out.write_text(json.dumps(res, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(res))

@@ -208,6 +208,8 @@ class EngineCollector:
                       "constrained position sampled or verified)", s.get("grammar_mask_rows", 0))
         yield counter("dspark_grammar_mask_seconds", "Seconds computing and applying those masks: / "
                       "dspark_grammar_mask_tokens = mask time per token", s.get("grammar_mask_seconds", 0.0))
+        yield counter("dspark_grammar_mask_blocking_seconds", "Of those, seconds the engine step waited on "
+                      "(the rest ran on a worker thread during the forward)", s.get("grammar_mask_blocking_seconds", 0.0))
         per_pos = CounterMetricFamily(
             "dspark_spec_decode_num_accepted_tokens_per_pos", "Accepted drafted tokens by draft position (1-based)",
             labels=["position"],

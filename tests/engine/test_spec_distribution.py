@@ -265,7 +265,14 @@ class _ToyGrammar:
         return False
 
 
-def _grammar_joint(engine):
+class _ForcingToyGrammar(_ToyGrammar):
+    """As above, but after a token divisible by 3 exactly one token may follow: the drafter drafts
+    it as a point mass (a forced token) and the plan counts it as certain."""
+
+    ALLOWED = {t: ({(t + 2) % VOCAB} if t % 3 == 0 else _ToyGrammar.ALLOWED[t]) for t in range(VOCAB)}
+
+
+def _grammar_joint(engine, grammar=_ToyGrammar):
     """P(t2, t3) under the target's distribution masked by the toy grammar, by enumeration."""
     model = engine.runner.model
     cfg = model.config
@@ -283,7 +290,7 @@ def _grammar_joint(engine):
     def masked(logits, lasts):
         allowed = torch.zeros(len(lasts), VOCAB, dtype=torch.bool)
         for i, t in enumerate(lasts):
-            allowed[i, sorted(_ToyGrammar.ALLOWED[t])] = True
+            allowed[i, sorted(grammar.ALLOWED[t])] = True
         return logits.masked_fill(~allowed, float("-inf")).softmax(-1)
 
     p1 = masked(logits_of([PROMPT]), [PROMPT[-1]])[0]
@@ -293,27 +300,27 @@ def _grammar_joint(engine):
     return torch.einsum("a,ab,abc->bc", p1, p2, p3).flatten().double()
 
 
-def _grammar_empirical(engine, gamma):
+def _grammar_empirical(engine, gamma, grammar=_ToyGrammar):
     for i in range(N):
         # seeds of their own (10000 + i): the runs above draw with seeds 0..N-1
         seq = engine.add_request(f"g{i}", params=SamplingParams(seed=10000 + i, max_tokens=gamma + 2, ignore_eos=True),
                                  prompt_token_ids=PROMPT)
-        seq.grammar = _ToyGrammar()
+        seq.grammar = grammar()
     return _count_pairs(engine)
 
 
-@pytest.mark.parametrize("policy", ["fixed", "scheduled"])
-def test_sampled_output_follows_the_grammar_masked_target(toy, policy):
+@pytest.mark.parametrize("policy,grammar", [("fixed", _ToyGrammar), ("scheduled", _ForcingToyGrammar)])
+def test_sampled_output_follows_the_grammar_masked_target(toy, policy, grammar):
     """Structured outputs under speculation: the drafter drafts under the grammar (masked draft
     distributions, the grammar advanced along the draft and rolled back), and verification compares
     the masked target with the masked draft: the output follows the target distribution masked by
     the grammar, exactly. (Sampled constrained requests take no context copies; greedy ones do,
     cut where they leave the grammar: tests/engine/test_structured_engine.py.)"""
     eng = _engine(toy, 7, policy=policy)
-    counts = _grammar_empirical(eng, 7)
+    counts = _grammar_empirical(eng, 7, grammar)
     st = eng.stats
     assert st.grammar_mask_rows > N and 0 < st.spec_num_accepted_tokens < st.spec_num_draft_tokens
-    exact = _grammar_joint(eng)
+    exact = _grammar_joint(eng, grammar)
     assert counts[exact == 0].sum() == 0  # nothing outside the grammar
     assert _pvalue(counts, exact) > 0.01
 

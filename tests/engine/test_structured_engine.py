@@ -105,3 +105,27 @@ def test_a_bad_schema_is_a_request_error_naming_the_field(engines):
     with pytest.raises(RequestError) as e:
         spec.engine.compile_grammar(GrammarSpec.json_schema({"type": "nonsense"}, param="response_format"))
     assert e.value.param == "response_format"
+
+
+def test_masks_computed_during_the_forward_equal_masks_computed_inline(engines):
+    """The masks depend only on tokens fixed before the forward, so computing them on the worker
+    thread while it runs changes nothing: greedy and seeded sampled outputs are the same as with
+    the masks computed inline; inline, every mask second blocks the step."""
+    _, spec = engines
+    eng = spec.engine
+    params = [SamplingParams(temperature=0, max_tokens=40, structured=GrammarSpec.json_schema(SCHEMA)),
+              SamplingParams(temperature=0.9, seed=7, max_tokens=40, structured=GrammarSpec.json_schema(SCHEMA))]
+    runs = {}
+    try:
+        for overlap in (True, False):
+            eng.grammar_overlap = overlap
+            before = (eng.stats.grammar_mask_seconds, eng.stats.grammar_mask_blocking_seconds)
+            runs[overlap] = [o.token_ids for o in _chat(spec, PROMPTS[:1] * 2, params)]
+            spent = eng.stats.grammar_mask_seconds - before[0]
+            blocked = eng.stats.grammar_mask_blocking_seconds - before[1]
+            assert 0 < blocked <= spent + 1e-9
+            if not overlap:
+                assert blocked == pytest.approx(spent)
+    finally:
+        eng.grammar_overlap = True
+    assert runs[True] == runs[False]

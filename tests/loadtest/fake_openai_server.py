@@ -40,6 +40,7 @@ class FakeOpenAI:
         self.max_in_flight = 0
         self.arrivals: list[float] = []
         self.bodies: list[dict] = []
+        self.sends: list[list[float]] = []  # per request (arrival order): perf_counter() at each text chunk sent
         self.finished = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -159,11 +160,14 @@ class FakeOpenAI:
             return {"choices": [{"index": 0, **c}]}
 
         n, tpc = int(p["n"]), int(p["tpc"])
+        sends: list[float] = []
+        self.sends.append(sends)
         if chat:  # OpenAI's first chunk: the role, no text
             await event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
         for k in range(n):
             await asyncio.sleep(p["ttft"] if k == 0 else p["itl"])
             await event(choice(" tok" * tpc))
+            sends.append(time.perf_counter())
             if p["streamerr"] and k == 0:
                 await event({"error": {"message": "engine failed", "type": "server_error", "code": 500}})
                 break
