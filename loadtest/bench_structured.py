@@ -56,7 +56,7 @@ def _engine(spec: dict, threads: int, eager: bool = False):
 
     llm = LLM(dtype="bfloat16", num_threads=threads, enforce_eager=eager, speculative_config=spec)
     step = llm.engine.runner.decode_step
-    if step is not None:
+    if step is not None and not eager:
         assert step.wait(3600), step.describe()
     while llm.engine.warming_up:  # the cost table, re-profiled on the compiled step
         llm.engine.idle()
