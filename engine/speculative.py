@@ -426,6 +426,12 @@ class SpeculativeDecoder:
         # Algorithm 1's B starts from every token of the forward that is not a drafting request's:
         # prefill chunks and the decoding requests that do not draft this step (skipped, penalties...)
         base_tokens = sum(r.pending for r in rows) - len(dec)
+        # ... and the tokens those other rows emit this step: one per row that samples (a decoding
+        # request that does not draft, a prompt whose last chunk this is). The plan weighs a draft
+        # against slowing them as well as the drafting requests.
+        drafting = set(map(id, dec))
+        other_tokens = sum(1 for r in rows if id(r) not in drafting
+                           and r.seq.num_computed_tokens + r.pending == len(r.seq.token_ids))
         seqs = [r.seq for r in dec]
         caps = [r.scheduled - 1 for r in dec]
         gamma = max(caps)
@@ -444,7 +450,8 @@ class SpeculativeDecoder:
         if hasattr(self.policy, "plan_with_stats"):
             # The drafting pass is done: its seconds are a constant of this step, which the cost table
             # (the verification forward alone) does not hold; the plan adds them to every B it weighs.
-            plan = self.policy.plan_with_stats(conf, caps, base_tokens, fixed_seconds=self._draft_seconds)
+            plan = self.policy.plan_with_stats(conf, caps, base_tokens, fixed_seconds=self._draft_seconds,
+                                               other_tokens=other_tokens)
             lengths = list(plan.lengths)
             self.stats.spec_last_expected_tokens = float(plan.expected_tokens)
             self.stats.spec_last_planned_tokens = int(plan.num_tokens)
@@ -452,7 +459,8 @@ class SpeculativeDecoder:
                 self.stats.spec_last_sps = float(step_rate(self.cost_table, plan.num_tokens, self._draft_seconds))
             self.stats.spec_capacity = int(getattr(self.policy, "capacity", 0) or 0)
             if self.budget is not None:  # judged once the step's seconds are known (observe_step)
-                self._verdict = (len(seqs), base_tokens, plan.num_tokens, plan.expected_tokens, max(lengths))
+                self._verdict = (len(seqs), base_tokens, other_tokens, plan.num_tokens, plan.expected_tokens,
+                                 max(lengths))
         else:
             lengths = self.policy.plan(conf, caps, base_tokens)
             surv = torch.cumprod(conf[:, :gamma], dim=1)
@@ -559,18 +567,20 @@ class SpeculativeDecoder:
             self.skipper.forget(seq.request_id)
 
     def _judge_drafting(self, seconds: float) -> None:
-        """Did this step's drafting pay? Its plan's expected tokens per second of the whole step
-        against the same requests decoded plainly, the plain step's seconds taken from this step's
+        """Did this step's drafting pay? The whole step's expected tokens per second (the drafting
+        requests' expected tokens plus one per other row that samples) against the same rows
+        decoded plainly, the plain step's seconds taken from this step's
         own verify forward and the profiled shape of SPS(B) (the live table's bucket for a plain
         step lags while every step drafts, and the scale of a start-up profile can be off)."""
-        r, base, num_tokens, expected, longest = self._verdict
+        r, base, other, num_tokens, expected, longest = self._verdict
         self._verdict = None
         verify_seconds = seconds - self._draft_seconds
         if verify_seconds <= 0:
             return
         t = self.cost_table
         plain_seconds = verify_seconds * t.profiled_sps(num_tokens) / t.profiled_sps(r + base)
-        self.budget.record(longest, expected / seconds > r / plain_seconds)
+        # the whole step's output, the rows that did not draft included, both ways
+        self.budget.record(longest, (expected + other) / seconds > (r + other) / plain_seconds)
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         if self._verdict is not None:

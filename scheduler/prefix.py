@@ -44,7 +44,7 @@ class PlanResult:
     lengths: list[int]  # verified drafts per request, l[r]
     num_tokens: float  # B of the verification forward: R + base_tokens + sum(l)
     expected_tokens: float  # tau: R bonus tokens + sum of admitted a[r][j]
-    theta: float  # tau * rate(B): expected tokens per second of the chosen plan
+    theta: float  # (tau + other_tokens) * rate(B): expected tokens per second of the whole step
     num_candidates: int = 0  # (r, j) with a > 0 within the caps
 
 
@@ -110,17 +110,23 @@ class PrefixScheduler(VerifyPolicy):
         self.last: PlanResult | None = None
 
     def plan(self, confidences, caps: Sequence[int] | None = None, base_tokens: int = 0,
-             fixed_seconds: float = 0.0) -> list[int]:
-        return self.plan_with_stats(confidences, caps, base_tokens, fixed_seconds).lengths
+             fixed_seconds: float = 0.0, other_tokens: int = 0) -> list[int]:
+        return self.plan_with_stats(confidences, caps, base_tokens, fixed_seconds, other_tokens).lengths
 
     def plan_with_stats(self, confidences, caps: Sequence[int] | None = None, base_tokens: int = 0,
-                        fixed_seconds: float = 0.0) -> PlanResult:
+                        fixed_seconds: float = 0.0, other_tokens: int = 0) -> PlanResult:
+        """`base_tokens`: the forward's tokens that are not these requests' (prefill chunks, decoding
+        requests that do not draft); `other_tokens`: the tokens those rows emit this step (one per
+        such decoding request or finished prompt). The step's output is theirs plus tau: a draft
+        worth a tokens is weighed against slowing them too."""
         rows = as_rows(confidences)
-        result = self._search(rows, candidates(rows, caps), base_tokens, early_stop=True, fixed_seconds=fixed_seconds)
+        result = self._search(rows, candidates(rows, caps), base_tokens, early_stop=True, fixed_seconds=fixed_seconds,
+                              other_tokens=other_tokens)
         self.last = result
         return result
 
-    def _search(self, rows, ranked, base_tokens: int, early_stop: bool, fixed_seconds: float = 0.0) -> PlanResult:
+    def _search(self, rows, ranked, base_tokens: int, early_stop: bool, fixed_seconds: float = 0.0,
+                other_tokens: int = 0) -> PlanResult:
         R = len(rows)
         table = self.cost_table
 
@@ -130,13 +136,13 @@ class PrefixScheduler(VerifyPolicy):
         lengths = [0] * R
         B = R + base_tokens  # every request's anchor, plus prefill tokens riding in the same forward
         tau = float(R)  # each round emits at least one token per request (correction or bonus)
-        best = tau * sps(B) if R else 0.0
+        best = (tau + other_tokens) * sps(B) if R else 0.0
         best_lengths, best_B, best_tau = list(lengths), B, tau
         for a, j, r in ranked:
             lengths[r] = j
             B += 1
             tau += a
-            theta = tau * sps(B)
+            theta = (tau + other_tokens) * sps(B)
             if theta > best:
                 best, best_lengths, best_B, best_tau = theta, list(lengths), B, tau
             elif early_stop:
@@ -145,14 +151,14 @@ class PrefixScheduler(VerifyPolicy):
 
 
 def best_capacity(ranked_a: Sequence[float], num_requests: int, base_tokens: int, cost_table: CostTable,
-                  fixed_seconds: float = 0.0) -> int:
-    """K maximising (R + sum of the top-K a) * rate(R + base + K) over all K (no early stop)."""
+                  fixed_seconds: float = 0.0, other_tokens: int = 0) -> int:
+    """K maximising (R + other + sum of the top-K a) * rate(R + base + K) over all K (no early stop)."""
 
     def sps(b):
         return step_rate(cost_table, b, fixed_seconds)
 
     B = num_requests + base_tokens
-    tau = float(num_requests)
+    tau = float(num_requests + other_tokens)
     best = tau * sps(B) if num_requests else 0.0
     best_k = 0
     for k, a in enumerate(ranked_a, start=1):
@@ -184,23 +190,25 @@ class AsyncPrefixScheduler(PrefixScheduler):
             raise ValueError("lag must be >= 1")
         self.lag = lag
         # Per past step: (ranked a values within the caps, R, base_tokens, fixed_seconds).
-        self._history: deque[tuple[list[float], int, int, float]] = deque(maxlen=lag)
+        self._history: deque[tuple[list[float], int, int, float, int]] = deque(maxlen=lag)
         self.capacity: int | None = None  # K used by the latest plan (None until one was made)
 
     def reset(self) -> None:
         self._history.clear()
         self.capacity = None
 
-    def plan_with_stats(self, confidences, caps=None, base_tokens: int = 0, fixed_seconds: float = 0.0) -> PlanResult:
+    def plan_with_stats(self, confidences, caps=None, base_tokens: int = 0, fixed_seconds: float = 0.0,
+                        other_tokens: int = 0) -> PlanResult:
         rows = as_rows(confidences)
         ranked = candidates(rows, caps)
         R = len(rows)
         if len(self._history) < self.lag:
-            result = self._search(rows, ranked, base_tokens, early_stop=True, fixed_seconds=fixed_seconds)
+            result = self._search(rows, ranked, base_tokens, early_stop=True, fixed_seconds=fixed_seconds,
+                                  other_tokens=other_tokens)
             self.capacity = sum(result.lengths)
         else:
-            old_a, old_R, old_base, old_fixed = self._history[0]  # `lag` steps ago
-            K = best_capacity(old_a, old_R, old_base, self.cost_table, old_fixed)
+            old_a, old_R, old_base, old_fixed, old_other = self._history[0]  # `lag` steps ago
+            K = best_capacity(old_a, old_R, old_base, self.cost_table, old_fixed, old_other)
             self.capacity = K
             lengths = [0] * R
             tau = float(R)
@@ -208,9 +216,9 @@ class AsyncPrefixScheduler(PrefixScheduler):
                 lengths[r] = j  # ranked order visits (r, j) before (r, j+1): the max is the last one seen
                 tau += a
             B = R + base_tokens + min(K, len(ranked))
-            result = PlanResult(lengths, B, tau, tau * step_rate(self.cost_table, B, fixed_seconds) if R else 0.0,
-                                len(ranked))
-        self._history.append(([a for a, _, _ in ranked], R, base_tokens, fixed_seconds))
+            result = PlanResult(lengths, B, tau, (tau + other_tokens) * step_rate(self.cost_table, B, fixed_seconds)
+                                if R else 0.0, len(ranked))
+        self._history.append(([a for a, _, _ in ranked], R, base_tokens, fixed_seconds, other_tokens))
         self.last = result
         return result
 

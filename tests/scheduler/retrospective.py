@@ -12,8 +12,10 @@ class RetrospectiveScheduler(PrefixScheduler):
 
     name = "retrospective"
 
-    def plan_with_stats(self, confidences, caps=None, base_tokens: int = 0, fixed_seconds: float = 0.0) -> PlanResult:
+    def plan_with_stats(self, confidences, caps=None, base_tokens: int = 0, fixed_seconds: float = 0.0,
+                        other_tokens: int = 0) -> PlanResult:
         rows = as_rows(confidences)
-        result = self._search(rows, candidates(rows, caps), base_tokens, early_stop=False, fixed_seconds=fixed_seconds)
+        result = self._search(rows, candidates(rows, caps), base_tokens, early_stop=False, fixed_seconds=fixed_seconds,
+                              other_tokens=other_tokens)
         self.last = result
         return result

@@ -78,6 +78,24 @@ def test_hand_case_prefill_tokens_count_in_B():
     assert res.theta == pytest.approx(21.0)
 
 
+def test_hand_case_tokens_of_rows_that_do_not_draft_count_in_tau():
+    # One drafting request beside 3 decoding requests that do not draft (base_tokens = 3, each
+    # emits a token: other_tokens = 3). Table {4: 10, 5: 9}: B = 4, best = (1 + 3) * 10 = 40;
+    # (0,1): a = 0.9, B = 5, (1.9 + 3) * 9 = 44.1 > 40 -> admit; without the other rows' tokens
+    # the gain would look like 1.9 * 9 = 17.1 vs 10 (71%), not 10%.
+    table = CostTable.from_points({4: 10.0, 5: 9.0, 6: 8.0})
+    res = PrefixScheduler(table).plan_with_stats([[0.9, 0.5]], base_tokens=3, other_tokens=3)
+    assert res.lengths == [1] and res.expected_tokens == pytest.approx(1.9)
+    assert res.theta == pytest.approx(4.9 * 9.0)
+    # (0,2): a = 0.45, B = 6: (2.35 + 3) * 8 = 42.8 < 44.1 -> stop; counting only the drafting
+    # request it would be 2.35 * 8 = 18.8 > 17.1 and admitted: verification would slow the 3 others
+    assert PrefixScheduler(table).plan([[0.9, 0.5]], base_tokens=3) == [2]
+    # 30 others: (0,1) gives (1.9 + 30) * 9 = 287.1 < 31 * 10 = 310: nothing pays
+    table = CostTable.from_points({31: 10.0, 32: 9.0})
+    assert PrefixScheduler(table).plan([[0.9, 0.5]], base_tokens=30, other_tokens=30) == [0]
+    assert AsyncPrefixScheduler(table).plan_with_stats([[0.9, 0.5]], base_tokens=30, other_tokens=30).lengths == [0]
+
+
 def test_hand_case_nothing_pays_off():
     # Appendix A numbers: B = 1, best = 1 * 1.0; (0,1): tau = 1.8, 1.8 * 0.5 = 0.9 < 1 -> break
     table = CostTable.from_points({1: 1.0, 2: 0.5, 3: 0.45})
