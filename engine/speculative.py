@@ -480,7 +480,7 @@ class SpeculativeDecoder:
                 "probs": d.probs[i, :l] if d.probs is not None and not row.seq.params.greedy else None,
                 # online calibration learns unconstrained acceptance: constrained rounds (forced
                 # positions, masked targets) would bias it
-                "logits": None if d.confidence_logits is None or n or row.seq.grammar is not None
+                "logits": None if d.confidence_logits is None or n or getattr(row.seq, "grammar", None) is not None
                 else d.confidence_logits[i, :gamma].tolist(),
                 "lookup": n,  # the match length of a draft copied from the context; 0: the drafter's
             }
