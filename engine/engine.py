@@ -299,11 +299,12 @@ class LLMEngine:
                 and (r.draft or r.seq.num_computed_tokens + r.pending == len(r.seq.token_ids))]
         if not todo:
             return None
-        width = self.model_config.vocab_size
+        job = functools.partial(_grammar_masks, todo, self.model_config.vocab_size)
+        if not self.grammar_overlap:
+            return _done(job)
         if self._mask_pool is None:
             self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dspark-grammar")
-        job = functools.partial(_grammar_masks, todo, width)
-        return self._mask_pool.submit(job) if self.grammar_overlap else _done(job)
+        return self._mask_pool.submit(job)
 
     def _constrain(self, rows: list[StepRow], logits: torch.Tensor, masks: Future | None) -> None:
         """Structured outputs: the logits of a constrained row keep only the tokens its grammar
