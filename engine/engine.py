@@ -471,6 +471,12 @@ class LLMEngine:
         return table
 
     @property
+    def cost_table(self):
+        """The SPS(B) cost table the verification policy plans with (`scheduler.CostTable`), or
+        None when speculation is off or its policy uses none."""
+        return self.speculative.cost_table if self.speculative is not None else None
+
+    @property
     def warming_up(self) -> bool:
         """The decode graphs are compiling, or are ready while the cost table still holds the eager
         step's times (`idle` re-profiles it)."""

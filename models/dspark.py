@@ -168,12 +168,18 @@ class DraftAttention(nn.Module):
         return apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, ctx_k, ctx_v, ctx_mask):
-        """x: [R, g, d] block; ctx_k/v: [R, C, Hkv, D]; ctx_mask: [R, C] valid context entries."""
+        """x: [R, g, d] blocks; ctx_mask: [R, C] the context entries each block sees. ctx_k/v are
+        either each block's own gathered context [R, C, Hkv, D] (serving) or one context shared
+        by all blocks [C, Hkv, D] (training: the blocks of one sequence)."""
         r, g, d = x.shape
         flat = x.reshape(r * g, d)
         q = self.q_norm(quant.linear(flat, self.q_proj).view(r * g, self.num_heads, self.head_dim))
         q = apply_rope(q, cos, sin).view(r, g, self.num_heads, self.head_dim)
         k, v = self.kv(flat, cos, sin)
+        if ctx_k.dim() == 3:
+            out = shared_context_attention(q, ctx_k, ctx_v, k.view(r, g, self.num_kv_heads, self.head_dim),
+                                           v.view(r, g, self.num_kv_heads, self.head_dim), ctx_mask, self.scale)
+            return quant.linear(out, self.o_proj)
         k = torch.cat([ctx_k, k.view(r, g, self.num_kv_heads, self.head_dim)], dim=1)
         v = torch.cat([ctx_v, v.view(r, g, self.num_kv_heads, self.head_dim)], dim=1)
         mask = torch.cat([ctx_mask, ctx_mask.new_ones(r, g)], dim=1)  # the block sees itself whole
@@ -183,6 +189,26 @@ class DraftAttention(nn.Module):
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return quant.linear(out.transpose(1, 2).reshape(r, g, self.num_heads * self.head_dim), self.o_proj)
+
+
+def shared_context_attention(q, ctx_k, ctx_v, blk_k, blk_v, cmask, scale):
+    """Attention of R blocks over one shared context (masked per block) plus their own block.
+
+    q: [R, g, H, D]; ctx_k/v: [C, Hkv, D]; blk_k/v: [R, g, Hkv, D]; cmask: [R, C].
+    One softmax over [context | own block] per query, bidirectional inside the block: what
+    `DraftAttention` computes for per-block contexts, without copying the context per block."""
+    a, g, h, d = q.shape
+    rep = h // ctx_k.shape[1]
+    if rep > 1:
+        ctx_k, ctx_v = ctx_k.repeat_interleave(rep, 1), ctx_v.repeat_interleave(rep, 1)
+        blk_k, blk_v = blk_k.repeat_interleave(rep, 2), blk_v.repeat_interleave(rep, 2)
+    s_ctx = torch.einsum("aghd,chd->ahgc", q, ctx_k) * scale  # [R, H, g, C]
+    s_ctx = s_ctx.masked_fill(~cmask[:, None, None, :], float("-inf"))
+    s_blk = torch.einsum("aghd,akhd->ahgk", q, blk_k) * scale  # [R, H, g, g]
+    p = torch.softmax(torch.cat([s_ctx, s_blk], dim=-1), dim=-1)
+    c = ctx_k.shape[0]
+    out = torch.einsum("ahgc,chd->aghd", p[..., :c], ctx_v) + torch.einsum("ahgk,akhd->aghd", p[..., c:], blk_v)
+    return out.reshape(a, g, h * d)
 
 
 class DraftMLP(nn.Module):
@@ -417,6 +443,29 @@ class DSparkDrafter(nn.Module):
         if self.confidence_head is not None:
             conf = self.confidence_head(h, prev_emb)
         return bias, conf, state
+
+    def teacher_forced(self, h: torch.Tensor, prev: torch.Tensor):
+        """The sequential stage with the true previous tokens (training): h [A, g, d], prev [A, g]
+        (x_{k-1} of each position) -> (draft logits U + B [A, g, V'], confidence logits [A, g] or
+        None). The same heads `sequential_step` runs one position at a time while drafting."""
+        prev_emb = None
+        if self.markov_head is None:
+            logits = self.base_logits(h)
+        elif self.markov_head.kind == "vanilla":
+            # U + B in one BLAS call: addmm(B, h, lm_head^T); no weight gradient for the frozen head
+            prev_emb = self.markov_head.markov_w1(prev)
+            bias = self.markov_head.markov_w2(prev_emb)
+            a, g = h.shape[:2]
+            logits = torch.addmm(bias.reshape(a * g, -1), h.reshape(a * g, -1), self.draft_head_weight.t()).view(a, g, -1)
+        else:
+            prev_emb = self.markov_head.markov_w1(prev)
+            state, biases = None, []
+            for k in range(h.shape[1]):
+                b, state = self.markov_head.step(prev_emb[:, k], h[:, k], state)
+                biases.append(b)
+            logits = self.base_logits(h) + torch.stack(biases, dim=1)
+        conf = self.confidence_head(h, prev_emb) if self.confidence_head is not None else None
+        return logits, conf
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], target=None) -> None:
         """DeepSpec tensor names in; copies of the target's embedding / lm_head are skipped

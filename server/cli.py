@@ -117,14 +117,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     """Build the cost table SPS(B) offline (what `dspark serve` would profile at start-up) and save it."""
-    from engine.engine import LLMEngine
+    from engine import LLMEngine
 
     cfg = engine_config_from_args(args)
     if not (cfg.speculative_config or {}).get("model"):
         print("dspark profile needs --speculative-config with a drafter: SPS(B) includes its cost", file=sys.stderr)
         return 2
-    eng = LLMEngine(cfg)
-    table = eng.speculative.cost_table if eng.speculative is not None else None
+    table = LLMEngine(cfg).cost_table
     if table is None:
         print("this verification policy uses no cost table", file=sys.stderr)
         return 2

@@ -7,7 +7,9 @@ K/V of all L positions is computed ONCE, and the A blocks [x_p, mask, ...]
 (positions p..p+gamma-1) attend to context positions j < p (their own
 anchor's context, never their future) and bidirectionally to their own
 block: that is the block attention mask, applied as one masked score matrix
-per sequence (context part) plus a per-block gamma x gamma part.
+per sequence (context part) plus a per-block gamma x gamma part
+(`models.dspark.shared_context_attention`: the serving drafter's own forward,
+given one context for all blocks).
 
 Block position k (1-based) predicts the token at p+k; its target distribution
 is the target's (cached top-k) distribution at position p+k-1. Loss per
@@ -42,7 +44,6 @@ import torch
 import torch.nn.functional as F
 
 from models.dspark import DSparkConfig, DSparkDrafter, save_drafter
-from models.llama import apply_rope
 
 from .data import dataset_shards
 
@@ -247,25 +248,6 @@ def context_mask(anchors: torch.Tensor, ctx_len: int, window: int | None = None)
     return seen
 
 
-def block_attention(q, ctx_k, ctx_v, blk_k, blk_v, cmask, scale):
-    """Attention of A blocks over shared context keys (masked per block) plus their own block.
-
-    q: [A, g, H, D]; ctx_k/v: [C, Hkv, D]; blk_k/v: [A, g, Hkv, D]; cmask: [A, C].
-    One softmax over [context | own block] per query, bidirectional inside the block."""
-    a, g, h, d = q.shape
-    rep = h // ctx_k.shape[1]
-    if rep > 1:
-        ctx_k, ctx_v = ctx_k.repeat_interleave(rep, 1), ctx_v.repeat_interleave(rep, 1)
-        blk_k, blk_v = blk_k.repeat_interleave(rep, 2), blk_v.repeat_interleave(rep, 2)
-    s_ctx = torch.einsum("aghd,chd->ahgc", q, ctx_k) * scale  # [A, H, g, C]
-    s_ctx = s_ctx.masked_fill(~cmask[:, None, None, :], float("-inf"))
-    s_blk = torch.einsum("aghd,akhd->ahgk", q, blk_k) * scale  # [A, H, g, g]
-    p = torch.softmax(torch.cat([s_ctx, s_blk], dim=-1), dim=-1)
-    c = ctx_k.shape[0]
-    out = torch.einsum("ahgc,chd->aghd", p[..., :c], ctx_v) + torch.einsum("ahgk,akhd->aghd", p[..., c:], blk_v)
-    return out.reshape(a, g, h * d)
-
-
 # ---------------------------------------------------------------- model pieces for training
 
 
@@ -278,33 +260,15 @@ class TrainableDrafter(torch.nn.Module):
         self.register_buffer("feat_scale", feat_scale)  # fc sees x / scale; folded at export
 
     def forward_sequence(self, ids, hidden, anchors, gamma):
-        """Hidden states h_1..h_g of the blocks at `anchors` of one sequence: [A, g, d]."""
+        """Hidden states h_1..h_g of the blocks at `anchors` of one sequence: [A, g, d]. The
+        serving drafter's backbone, with the sequence's context K/V computed once and shared by
+        its blocks (each masked to the positions before its anchor)."""
         d = self.drafter
-        cfg = d.config
         n = ids.shape[0]
-        dev = ids.device
         h_ctx = d.hidden_norm(d.fc(hidden.float() / self.feat_scale))
-        ctx_pos = torch.arange(n, device=dev)
-        cos_c, sin_c = d.rotary(ctx_pos, h_ctx.dtype)
-        a = anchors.shape[0]
-        blk_ids = torch.full((a, gamma), cfg.mask_token_id, dtype=torch.long, device=dev)
-        blk_ids[:, 0] = ids[anchors]
-        x = d.embed(blk_ids).detach().float()
-        bpos = (anchors[:, None] + torch.arange(gamma, device=dev)[None, :]).reshape(-1)
-        cos_b, sin_b = d.rotary(bpos, x.dtype)
-        cmask = context_mask(anchors, n, cfg.draft_context_window)
-        for layer in d.layers:
-            attn = layer.self_attn
-            hk, hd, hq = attn.num_kv_heads, attn.head_dim, attn.num_heads
-            ck, cv = attn.kv(h_ctx, cos_c, sin_c)
-            y = layer.input_layernorm(x).reshape(a * gamma, -1)
-            q = attn.q_norm(attn.q_proj(y).view(a * gamma, hq, hd))
-            q = apply_rope(q, cos_b, sin_b).view(a, gamma, hq, hd)
-            bk, bv = attn.kv(y, cos_b, sin_b)
-            o = block_attention(q, ck, cv, bk.view(a, gamma, hk, hd), bv.view(a, gamma, hk, hd), cmask, attn.scale)
-            x = x + attn.o_proj(o)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return d.norm(x)
+        ctx = d.context_kv(h_ctx, torch.arange(n, device=ids.device))
+        cmask = context_mask(anchors, n, d.config.draft_context_window)
+        return d.backbone(ids[anchors], anchors, ctx, cmask, gamma)
 
     def export(self) -> DSparkDrafter:
         """The drafter with the feature scale folded into fc (fc(x / s) == (fc.W / s) x)."""
@@ -469,23 +433,7 @@ def drafter_loss(tr: TrainableDrafter, batch, cfg: TrainConfig, t2d: torch.Tenso
     tk_probs = torch.cat(tk_all_probs)
     if cfg.ce_label == "target":
         label = tk_ids[..., 0]  # the target's most likely token (top-k is sorted)
-    prev_emb = None
-    if d.markov_head is None:
-        logits = d.base_logits(h)  # [A, g, V']
-    elif d.markov_head.kind == "vanilla":
-        # U + B in one BLAS call: addmm(B, h, lm_head^T); no weight gradient for the frozen head
-        prev_emb = d.markov_head.markov_w1(prev)
-        bias = d.markov_head.markov_w2(prev_emb)
-        a_, g_ = h.shape[:2]
-        logits = torch.addmm(bias.reshape(a_ * g_, -1), h.reshape(a_ * g_, -1), d.draft_head_weight.t()).view(a_, g_, -1)
-    else:
-        prev_emb = d.markov_head.markov_w1(prev)
-        state = None
-        biases = []
-        for k in range(g):
-            b, state = d.markov_head.step(prev_emb[:, k], h[:, k], state)
-            biases.append(b)
-        logits = d.base_logits(h) + torch.stack(biases, dim=1)
+    logits, conf_logit = d.teacher_forced(h, prev)
     logp = torch.log_softmax(logits.float(), dim=-1)
     vdim = logp.shape[-1]
     if t2d is not None:
@@ -503,9 +451,7 @@ def drafter_loss(tr: TrainableDrafter, batch, cfg: TrainConfig, t2d: torch.Tenso
     tv_loss = (tv * w).sum() / wsum
     loss = cfg.ce_weight * ce_loss + cfg.tv_weight * tv_loss
     conf_loss = torch.zeros((), device=dev)
-    conf_logit = None
-    if d.confidence_head is not None:
-        conf_logit = d.confidence_head(h, prev_emb)
+    if conf_logit is not None:
         target_c = (1.0 - tv).detach().clamp(0, 1)
         bce = F.binary_cross_entropy_with_logits(conf_logit.float(), target_c, reduction="none")
         conf_loss = (bce * w).sum() / wsum

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from server.cli import build_parser, engine_config_from_args
@@ -107,3 +109,21 @@ def test_bad_settings_exit_with_a_message(tmp_path, capsys, yaml_text, env):
 def test_missing_config_file_exits(tmp_path):
     with pytest.raises(SystemExit):
         resolve(["--config", str(tmp_path / "absent.yaml")])
+
+
+def test_profile_writes_the_cost_table_the_engine_plans_with(tmp_path, tiny_llama_dir, tiny_drafter_dir, capsys):
+    """`dspark profile` builds SPS(B) offline through the engine's public interface and saves it
+    where `--cost-table` says; a second run loads it instead of profiling again."""
+    from server.cli import main
+
+    out = tmp_path / "table.json"
+    args = ["profile", "--model", tiny_llama_dir, "--dtype", "float32", "--enforce-eager", "--num-threads", "1",
+            "--speculative-config", json.dumps({"method": "dspark", "model": tiny_drafter_dir}),
+            "--cost-table", str(out)]
+    assert main(args) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("B=")]
+    saved = json.loads(out.read_text())
+    assert lines and len(lines) == len(saved["points"])
+    stamp = out.stat().st_mtime_ns
+    assert main(args) == 0 and out.stat().st_mtime_ns == stamp  # loaded, not re-profiled
+    assert main(["profile", "--model", tiny_llama_dir, "--enforce-eager"]) == 2  # no drafter: nothing to profile

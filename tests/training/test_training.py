@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from engine.llm import apply_chat_template
-from models.dspark import load_drafter
+from models.dspark import load_drafter, shared_context_attention
 from models.loader import load_model
 from training.data import (
     MANIFEST, GenDataConfig, gen_data, read_manifest, teacher_pass, write_json_atomic, write_shard,
 )
 from training.trainer import (
-    CachedDataset, TrainableDrafter, TrainConfig, block_attention, build_drafter, context_mask, drafter_loss, evaluate,
+    CachedDataset, TrainableDrafter, TrainConfig, build_drafter, context_mask, drafter_loss, evaluate,
     expected_tau_from_tv, make_blocks, position_weights, sparse_tv, train_drafter,
 )
 
@@ -33,7 +33,8 @@ def test_a_context_window_shows_a_block_only_its_last_positions():
     assert torch.equal(context_mask(torch.tensor([3, 7]), 8, window=None), context_mask(torch.tensor([3, 7]), 8))
 
 
-def test_block_attention_sees_past_context_and_its_whole_block_only():
+def test_shared_context_attention_sees_past_context_and_its_whole_block_only():
+    """The drafter's attention for training's blocks (one context shared by a sequence's blocks)."""
     torch.manual_seed(0)
     a, g, h, hk, d, c = 2, 4, 4, 2, 8, 10
     q = torch.randn(a, g, h, d)
@@ -41,17 +42,17 @@ def test_block_attention_sees_past_context_and_its_whole_block_only():
     bk, bv = torch.randn(a, g, hk, d), torch.randn(a, g, hk, d)
     anchors = torch.tensor([4, 7])
     cmask = context_mask(anchors, c)
-    out = block_attention(q, ck, cv, bk, bv, cmask, d**-0.5)
+    out = shared_context_attention(q, ck, cv, bk, bv, cmask, d**-0.5)
     # changing context at or after block 0's anchor leaves block 0 unchanged, but not block 1
     ck2, cv2 = ck.clone(), cv.clone()
     ck2[5], cv2[5] = torch.randn(hk, d), torch.randn(hk, d)
-    out2 = block_attention(q, ck2, cv2, bk, bv, cmask, d**-0.5)
+    out2 = shared_context_attention(q, ck2, cv2, bk, bv, cmask, d**-0.5)
     assert torch.allclose(out2[0], out[0])
     assert not torch.allclose(out2[1], out[1])
     # bidirectional within the block: the first position sees the last one's key/value
     bv2 = bv.clone()
     bv2[0, g - 1] += 1.0
-    out3 = block_attention(q, ck, cv, bk, bv2, cmask, d**-0.5)
+    out3 = shared_context_attention(q, ck, cv, bk, bv2, cmask, d**-0.5)
     assert not torch.allclose(out3[0, 0], out[0, 0])
     assert torch.allclose(out3[1], out[1])  # ... and never another block's
     # the same numbers as a dense masked softmax over [context | own block]
