@@ -242,7 +242,9 @@ class LLMEngine:
         4. count the fed tokens as computed; sample the plain rows (one batched sample);
         5. verify the drafted rows: an accepted prefix of the drafts and one token more;
         6. commit (`_commit`): rejected drafts and unused slots rolled back, tokens appended, stop
-           rules, outputs, finished requests released.
+           rules, outputs, finished requests released;
+        7. the whole step's seconds to the speculative decoder (`end_step`): a drafted step is
+           judged for the draft budget, a plain one prices the plain alternative.
         """
         spec = self.speculative
         b = self.batcher
@@ -277,7 +279,10 @@ class LLMEngine:
                     self._verify_drafts(r, logits[r.logits_row:r.logits_row + r.num_logits])
                 except Exception as e:
                     r.failure = self._internal_failure(r.seq, e)
-        return self._commit(rows, now)
+        outputs = self._commit(rows, now)
+        if spec is not None:
+            spec.end_step(num_fed, time.monotonic() - t0)
+        return outputs
 
     def _mark_nonfinite(self, rows: list[StepRow], logits: torch.Tensor) -> None:
         """A request with a NaN or inf among its logits fails alone (one reduction over the batch)."""

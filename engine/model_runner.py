@@ -52,7 +52,8 @@ class ModelRunner:
         self.decode_step = None
         if supported(self.model, device):
             aux_ids = tuple(self.proposer.layer_ids) if self.proposer is not None else ()
-            self.decode_step = CompiledStep(self.model, self.kv, aux_ids, block_size, enforce_eager=enforce_eager)
+            self.decode_step = CompiledStep(self.model, self.kv, aux_ids, block_size, enforce_eager=enforce_eager,
+                                            context=self.proposer.context_entries if self.proposer is not None else None)
         log.info(
             "KV cache: %d blocks x %d tokens (%.2f GiB, %s)",
             self.num_blocks, block_size, self.num_blocks * bytes_per_block / GiB, self.dtype,
@@ -112,18 +113,19 @@ class ModelRunner:
         aux_ids = self.proposer.layer_ids if self.proposer is not None else ()
         if self.decode_step is not None and not prompt_segs and len(logits_rows) == len(ids) \
                 and max(qlens) <= TorchAttentionBackend.SMALL_QUERY:
-            # Decodes and verification blocks only, every token sampled: the pure forward
-            # (compiled once its shape class is; engine/compiled_step.py), then one pool write.
+            # Decodes and verification blocks only, every token sampled: the pure forward and the
+            # drafter context entries (compiled once its shape class is; engine/compiled_step.py),
+            # then one write to each pool.
             inputs = decode_inputs(qlens, clens, tables, self.block_size, self.device)
-            logits, aux, new_kv = self.decode_step(input_ids, inputs, sel)
+            logits, ctx, new_kv = self.decode_step(input_ids, inputs, sel)
             self.kv.index_copy_(2, inputs.slots, new_kv.to(self.kv.dtype))
-            positions, slots = inputs.positions, inputs.slots
-        else:
-            dense_rows = sum(len(seg[2]) for seg in prompt_segs)
-            meta = AttentionMetadata(qlens, clens, tables, self.block_size, device=self.device, dense_rows=dense_rows)
-            positions = meta.positions()
-            logits, aux = self.model(input_ids, positions, meta, self.kv_caches, logits_indices=sel, aux_layer_ids=aux_ids)
-            slots = meta.slot_mapping()
+            if ctx is not None:
+                self.proposer.write_entries(inputs.slots, ctx)
+            return logits
+        dense_rows = sum(len(seg[2]) for seg in prompt_segs)
+        meta = AttentionMetadata(qlens, clens, tables, self.block_size, device=self.device, dense_rows=dense_rows)
+        positions = meta.positions()
+        logits, aux = self.model(input_ids, positions, meta, self.kv_caches, logits_indices=sel, aux_layer_ids=aux_ids)
         if self.proposer is not None:
-            self.proposer.write_context(aux, positions, slots)
+            self.proposer.write_context(aux, positions, meta.slot_mapping())
         return logits

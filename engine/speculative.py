@@ -141,13 +141,20 @@ class DraftProposer:
         c = drafter.config
         return c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * dtype.itemsize
 
+    def context_entries(self, aux_hidden: list[torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+        """The drafter context K/V of fed target positions, [draft layers, 2, N, Hkv, D] in the
+        pool's dtype (a pure function: the compiled decode step computes it in its graph)."""
+        h_ctx = self.drafter.context_features(aux_hidden)
+        return torch.stack([torch.stack((k, v)) for k, v in self.drafter.context_kv(h_ctx, positions)]).to(self.pool.dtype)
+
+    def write_entries(self, slots: torch.Tensor, entries: torch.Tensor) -> None:
+        """Cache `context_entries` at the fed tokens' slots (the target KV's own slots)."""
+        self.pool.index_copy_(2, slots, entries)
+
     @torch.inference_mode()
     def write_context(self, aux_hidden: list[torch.Tensor], positions: torch.Tensor, slots: torch.Tensor) -> None:
         """Cache the drafter's context K/V of every fed target position."""
-        h_ctx = self.drafter.context_features(aux_hidden)
-        for i, (k, v) in enumerate(self.drafter.context_kv(h_ctx, positions)):
-            self.pool[i, 0].index_copy_(0, slots, k.to(self.pool.dtype))
-            self.pool[i, 1].index_copy_(0, slots, v.to(self.pool.dtype))
+        self.write_entries(slots, self.context_entries(aux_hidden, positions))
 
     @torch.inference_mode()
     def propose(self, seqs: list, block_size: int, gamma: int, choice_rows=()) -> Drafts:
@@ -316,7 +323,7 @@ class SpeculativeDecoder:
                  cost_table=None, drafter_dir: str | None = None, record_path: str | None = None):
         from pathlib import Path
 
-        from scheduler import DraftBudget, DraftSkipper, OnlineCalibrator, STSCalibrator, make_policy
+        from scheduler import DraftBudget, DraftSkipper, OnlineCalibrator, PlainSteps, RealisedShare, STSCalibrator, make_policy
 
         self.spec = spec
         self.proposer = proposer
@@ -336,13 +343,16 @@ class SpeculativeDecoder:
         self.skipper = DraftSkipper() if spec.draft_skipping else None
         # load-aware drafting (scheduler/draft_budget.py) for the policies that weigh costs
         self.budget = DraftBudget(gamma) if cost_table is not None and hasattr(self.policy, "plan_with_stats") else None
+        self._plain_steps = PlainSteps()  # what a drafted step is judged against
+        self._realised = RealisedShare()
         self.lookup = LookupStats(spec.prompt_lookup_max, gamma) if spec.prompt_lookup_max else None
         self._token_arrays = TokenArrays()
         self._draft_seconds = 0.0  # drafter pass of the current step
         self._draft_share = None  # EMA of the drafter's share of a step
         self._record = AcceptanceLogWriter(record_path) if record_path else None
         self.draft_failures = 0  # steps whose drafting raised and fell back to plain decoding
-        self._verdict = None  # this step's plan, for DraftBudget: (R, base tokens, B, expected tokens, longest)
+        self._verdict = None  # this step's plan, for DraftBudget: judged once the step ends (end_step)
+        self._drafted = False  # whether the drafter ran this step
 
     # ---------------------------------------------------------------- before the forward
 
@@ -439,6 +449,7 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         d = self.proposer.propose(seqs, block_size, gamma, choice_rows=list(copies))
         self._draft_seconds = time.perf_counter() - t0
+        self._drafted = True
         conf = self.confidences(d.confidence_logits, seqs)
         if d.forced is not None:
             # a forced draft is the only token the masked target can give: accepted for certain
@@ -458,9 +469,10 @@ class SpeculativeDecoder:
             if self.cost_table is not None:
                 self.stats.spec_last_sps = float(step_rate(self.cost_table, plan.num_tokens, self._draft_seconds))
             self.stats.spec_capacity = int(getattr(self.policy, "capacity", 0) or 0)
-            if self.budget is not None:  # judged once the step's seconds are known (observe_step)
-                self._verdict = (len(seqs), base_tokens, other_tokens, plan.num_tokens, plan.expected_tokens,
-                                 max(lengths))
+            if self.budget is not None:  # judged once the step has ended (end_step)
+                self._verdict = {"r": len(seqs), "base": base_tokens, "other": other_tokens, "tokens": plan.num_tokens,
+                                 "expected": plan.expected_tokens, "longest": max(lengths),
+                                 "undrafted": sum(1 for l in lengths if l <= 0)}
         else:
             lengths = self.policy.plan(conf, caps, base_tokens)
             surv = torch.cumprod(conf[:, :gamma], dim=1)
@@ -566,25 +578,12 @@ class SpeculativeDecoder:
         if self.skipper is not None:
             self.skipper.forget(seq.request_id)
 
-    def _judge_drafting(self, seconds: float) -> None:
-        """Did this step's drafting pay? The whole step's expected tokens per second (the drafting
-        requests' expected tokens plus one per other row that samples) against the same rows
-        decoded plainly, the plain step's seconds taken from this step's
-        own verify forward and the profiled shape of SPS(B) (the live table's bucket for a plain
-        step lags while every step drafts, and the scale of a start-up profile can be off)."""
-        r, base, other, num_tokens, expected, longest = self._verdict
-        self._verdict = None
-        verify_seconds = seconds - self._draft_seconds
-        if verify_seconds <= 0:
-            return
-        t = self.cost_table
-        plain_seconds = verify_seconds * t.profiled_sps(num_tokens) / t.profiled_sps(r + base)
-        # the whole step's output, the rows that did not draft included, both ways
-        self.budget.record(longest, (expected + other) / seconds > (r + other) / plain_seconds)
-
     def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """After the forward (and the plain rows' sampling): the cost table and the skipper learn
+        the step's cost."""
         if self._verdict is not None:
-            self._judge_drafting(seconds)
+            self._verdict["draft_seconds"] = self._draft_seconds
+            self._verdict["forward_seconds"] = seconds - self._draft_seconds
         if self.cost_table is not None and num_tokens > 0:
             # the table holds the verification forward only: this step's drafting pass comes off
             # (steps without drafts and steps with them then land on one scale)
@@ -598,6 +597,44 @@ class SpeculativeDecoder:
             self._draft_share = r if self._draft_share is None else 0.9 * self._draft_share + 0.1 * r
             self.skipper.min_gain = max(0.1, self._draft_share / (1.0 - self._draft_share))
         self._draft_seconds = 0.0
+
+    def end_step(self, num_tokens: int, seconds: float) -> None:
+        """After verification and commit, with the whole step's seconds: a drafted step is judged
+        for the draft budget; a step that drafted nothing prices the plain alternative."""
+        drafted, self._drafted = self._drafted, False
+        if self.budget is None:
+            return
+        if self._verdict is not None:
+            self._judge_drafting(seconds)
+        elif drafted:
+            self._plain_steps.tick()
+        elif num_tokens > 0:
+            self._plain_steps.observe(num_tokens, seconds)
+
+    def _judge_drafting(self, seconds: float) -> None:
+        """Did this step's drafting pay? The whole step's tokens per second (the drafting requests'
+        expected tokens, scaled by the share of their expected gain recent drafted steps
+        realised, plus one per other row that samples) against the same rows decoded plainly:
+        a recently measured plain step of about as many tokens (`PlainSteps`), else this step's
+        forward moved along the profiled shape of SPS(B) plus the step's other work."""
+        v, self._verdict = self._verdict, None
+        self._plain_steps.tick()
+        if "forward_seconds" not in v or v["forward_seconds"] <= 0 or seconds <= 0:
+            return
+        r, base, other = v["r"], v["base"], v["other"]
+        realised = self.stats.spec_last_realised_tokens + v["undrafted"]
+        self._realised.record(v["expected"] - r, realised - r)
+        expected = r + self._realised.share * (v["expected"] - r)
+        t = self.cost_table
+        plain = self._plain_steps.seconds(r + base, lambda a, b: t.profiled_sps(a) / t.profiled_sps(b))
+        measured = plain is not None
+        if not measured:
+            overhead = max(0.0, seconds - v["draft_seconds"] - v["forward_seconds"])
+            plain = v["forward_seconds"] * t.profiled_sps(v["tokens"]) / t.profiled_sps(r + base) + overhead
+        # the whole step's output, the rows that did not draft included, both ways; priced from
+        # the profile, the next step decodes plainly to measure the alternative
+        self.budget.record(v["longest"], (expected + other) / seconds > (r + other) / plain,
+                           measure_plain=not measured)
 
     def calibration_report(self) -> dict:
         """Live calibration quality, for metrics and /v1/dspark/calibration."""

@@ -11,10 +11,15 @@ this step is sampled and the output stays exact:
 - positions: the longest length the recent plans verified, plus one so the
   budget can grow again, at most gamma. The drafter's block and its Markov loop
   shrink with it (the backbone's cost scales with the block).
-- whether to draft at all: a drafted step "paid" when its plan's expected
-  tokens over its measured seconds, drafting pass included, beat the same
-  requests decoded plainly (the engine prices that plain step from the measured
-  verify forward and the profiled shape of SPS). After a step that did not pay,
+- whether to draft at all: a drafted step "paid" when its tokens over its
+  measured seconds (the whole step: drafting pass, forward, verification and
+  commit) beat the same requests decoded plainly. The tokens are the plan's
+  expected ones, scaled by how far recent drafted steps realised their plans
+  (`RealisedShare`: calibrated confidences can still promise more than
+  verification accepts); the plain step is priced from recently measured steps
+  that drafted nothing, of about as many tokens (`PlainSteps`), else from this
+  step's forward and the profiled shape of SPS (and the next step decodes
+  plainly, to measure the alternative). After a step that did not pay,
   the next `backoff` steps decode plainly and the step after them drafts again
   as a probe; the backoff doubles while probes keep failing (up to
   `max_backoff`) and resets as soon as one pays.
@@ -22,7 +27,9 @@ this step is sampled and the output stays exact:
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from typing import Callable
 
 
 class DraftBudget:
@@ -46,11 +53,75 @@ class DraftBudget:
             return self.gamma
         return min(self.gamma, max(self._lengths) + 1)
 
-    def record(self, longest: int, paid: bool) -> None:
-        """After a drafted step: the longest draft its plan verified, and whether drafting paid."""
+    def record(self, longest: int, paid: bool, measure_plain: bool = False) -> None:
+        """After a drafted step: the longest draft its plan verified, and whether drafting paid.
+        `measure_plain`: the verdict had no measured plain step to compare with, so the next
+        step decodes plainly (once) to measure one."""
         self._lengths.append(max(0, int(longest)))
         if paid:
-            self._backoff = self._skip = 0
+            self._backoff = 0
+            self._skip = 1 if measure_plain else 0
         else:
             self._backoff = min(self.max_backoff, max(1, 2 * self._backoff))
             self._skip = self._backoff
+
+
+class PlainSteps:
+    """Seconds of recent whole steps that drafted nothing, by the tokens of their forward: what a
+    drafted step is judged against. A verification forward of B tokens (a few queries per
+    sequence) costs more than a decode forward of B tokens, so the profiled SPS(B) overprices
+    the plain alternative; a measured plain step of about as many tokens does not."""
+
+    def __init__(self, horizon: int = 512, alpha: float = 0.25, tolerance: float = 1.25):
+        self.horizon = horizon  # steps after which a measurement is too old to price with
+        self.alpha = alpha  # EMA weight of a new measurement
+        self.tolerance = tolerance  # largest token-count ratio a measurement prices across
+        self._seen: dict[int, tuple[float, int]] = {}  # tokens -> (EMA seconds, step of last measurement)
+        self._step = 0
+
+    def tick(self) -> None:
+        """A step that drafted: time passes for the measurements."""
+        self._step += 1
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self._step += 1
+        old = self._seen.get(tokens)
+        fresh = old is None or self._step - old[1] > self.horizon
+        self._seen[tokens] = (seconds if fresh else (1 - self.alpha) * old[0] + self.alpha * seconds, self._step)
+        if len(self._seen) > 256:  # drop the stale ones
+            self._seen = {k: v for k, v in self._seen.items() if self._step - v[1] <= self.horizon}
+
+    def seconds(self, tokens: int, shape: Callable[[int, int], float]) -> float | None:
+        """Price of a plain step of `tokens`: the nearest recent measurement within `tolerance`,
+        moved along `shape(a, b)` (seconds(b) / seconds(a), the profiled curve); None without one."""
+        best = None
+        for k, (sec, at) in self._seen.items():
+            if self._step - at > self.horizon:
+                continue
+            dist = abs(math.log(k / tokens))
+            if dist <= math.log(self.tolerance) and (best is None or dist < best[0]):
+                best = (dist, k, sec)
+        return None if best is None else best[2] * (1.0 if best[1] == tokens else shape(best[1], tokens))
+
+
+class RealisedShare:
+    """How much of their expected gain recent drafted steps realised: sum of (realised tokens - R)
+    over sum of (expected tokens - R), over the last `history` steps, within [low, high]. `prior`
+    steps that realised exactly their (mean) expected gain are added to the sums, so a few unlucky
+    rounds of a single request do not condemn drafting (a single row realises 1 or 1 + gamma
+    tokens, rarely its expectation)."""
+
+    def __init__(self, history: int = 16, low: float = 0.1, high: float = 1.5, prior: float = 4.0):
+        self._steps: deque[tuple[float, float]] = deque(maxlen=history)
+        self.low, self.high, self.prior = low, high, prior
+
+    def record(self, expected_gain: float, realised_gain: float) -> None:
+        self._steps.append((max(0.0, expected_gain), max(0.0, realised_gain)))
+
+    @property
+    def share(self) -> float:
+        exp = sum(e for e, _ in self._steps)
+        if exp <= 0:
+            return 1.0
+        pseudo = self.prior * exp / len(self._steps)
+        return min(self.high, max(self.low, (sum(r for _, r in self._steps) + pseudo) / (exp + pseudo)))

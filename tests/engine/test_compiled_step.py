@@ -52,9 +52,12 @@ def test_every_class_compiles_once_and_computes_the_eager_function(compiled_llm)
             sel = torch.arange(len(ids))
             got = step(ids, inputs, sel)
             with torch.inference_mode():
-                want = model.forward_decode(ids, inputs, kv, sel, step.aux_layer_ids)
+                logits, aux, new_kv = model.forward_decode(ids, inputs, kv, sel, step.aux_layer_ids)
+                # the drafter context entries, computed in the same graph
+                want = (logits, step.context(aux, inputs.positions), new_kv)
             seen.add(inputs.shape_class)
-            for a, b in zip((got[0], *got[1], got[2]), (want[0], *want[1], want[2])):
+            assert got[1].shape == (1, 2, len(ids), *kv.shape[3:])  # the tiny drafter: one layer, the target's heads
+            for a, b in zip(got, want):
                 assert _close(a, b), query_lens
             exact += torch.equal(got[0], want[0])
             # a mutation check of `_close`: another step's logits are not "close"
