@@ -28,9 +28,11 @@ from .sampler import Sampler, top_logprobs
 from .speculative import SpecConfig, SpeculativeDecoder, verify
 from .sampling_params import SamplingParams
 from .sequence import Sequence, SequenceStatus
-from .structured import GrammarCompiler, GrammarError, GrammarSpec, apply_mask
+from .structured import GrammarCompiler, GrammarDeadEnd, GrammarError, GrammarSpec, apply_mask
 
 log = logging.getLogger(__name__)
+# Redraws of a constrained row whose drawn token the grammar refuses although its mask allowed it.
+_MAX_REDRAWS = 16
 # How far a live step timing also corrects the neighbouring cost-table buckets (ln B units):
 # 1.0 moves B/2 and 2B by half as much as B itself (scheduler/cost_table.py, CostTable.observe).
 LIVE_SPREAD = 1.0
@@ -364,8 +366,29 @@ class LLMEngine:
         for i, r in enumerate(rows):
             if i in result.errors:
                 r.failure = self._internal_failure(r.seq, result.errors[i])
+                continue
+            token, logprob = result.token_ids[i], result.logprobs[i]
+            g, row = r.seq.grammar, None
+            for _ in range(_MAX_REDRAWS):
+                if g is None or g.allows(token):
+                    break
+                # the mask allowed a token the grammar refuses (GrammarMatcher.allows): draw again
+                # without it, which samples exactly the distribution masked by the true set
+                if row is None:
+                    row = logits[r.logits_row].clone()
+                row[token] = float("-inf")
+                if not bool(torch.isfinite(row).any()):
+                    r.failure = self._dead_end(r.seq)
+                    break
+                again = self.sampler(row[None], [r.seq], None)
+                if 0 in again.errors:
+                    r.failure = self._internal_failure(r.seq, again.errors[0])
+                    break
+                token, logprob = again.token_ids[0], again.logprobs[0]
             else:
-                r.emitted = [(result.token_ids[i], result.logprobs[i])]
+                r.failure = self._dead_end(r.seq)
+            if r.failure is None:
+                r.emitted = [(token, logprob)]
 
     def _verify_drafts(self, row: StepRow, logits: torch.Tensor) -> None:
         """Accept a prefix of the row's drafts (greedy: while they are the argmax; sampled: rejection
@@ -408,6 +431,8 @@ class LLMEngine:
                         if self._append_token(seq, token, lp, now):
                             break
                     out = self._make_output(seq)
+                except GrammarDeadEnd:
+                    r.failure = self._dead_end(seq)
                 except Exception as e:
                     r.failure = self._internal_failure(seq, e)
             if out is None:
@@ -416,6 +441,13 @@ class LLMEngine:
             if seq.finished:
                 self._release(seq)
         return outputs
+
+    @staticmethod
+    def _dead_end(seq: Sequence) -> str:
+        """A request whose output constraint cannot be continued fails alone, as its own fault."""
+        seq.error_code = GrammarDeadEnd.code
+        return (f"the output constraint cannot be continued with this model's tokenizer after "
+                f"{seq.num_output_tokens} output tokens (no token it allows there can be generated)")
 
     @staticmethod
     def _internal_failure(seq: Sequence, exc: Exception) -> str:
@@ -542,7 +574,9 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> bool:
         """Append one sampled token and apply every stop rule; True when it finished the request."""
         if seq.grammar is not None and not seq.grammar.accept(token):
-            raise RuntimeError(f"token {token} is outside the request's grammar")  # masked: cannot happen
+            # every token comes from a mask, so the mask allowed what the matcher refuses
+            # (GrammarMatcher.allows): a draft forced there, or verified along masks_along
+            raise GrammarDeadEnd(f"token {token} is outside the request's grammar")
         seq.token_ids.append(token)
         self.stats.generation_tokens += 1
         if seq.first_token_time is None:
@@ -627,7 +661,8 @@ class LLMEngine:
             "num_preemptions": seq.num_preemptions,
             "num_cached_tokens": seq.num_cached_tokens,
         }
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [comp], seq.finished, seq.error, metrics)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [comp], seq.finished, seq.error, metrics,
+                             seq.error_code)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """After an unexpected engine error: finish every request with an error (`message` goes to

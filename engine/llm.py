@@ -118,5 +118,8 @@ class LLM:
                 c = final[rid].outputs[0]
                 c.index = k
                 comps.append(c)
-            results.append(RequestOutput(rids[0], first.prompt, first.prompt_token_ids, comps, True, metrics=first.metrics))
+            failed = next((final[rid] for rid in rids if final[rid].error is not None), None)
+            results.append(RequestOutput(rids[0], first.prompt, first.prompt_token_ids, comps, True, metrics=first.metrics,
+                                         error=failed.error if failed else None,
+                                         error_code=failed.error_code if failed else None))
         return results

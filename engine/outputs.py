@@ -32,3 +32,6 @@ class RequestOutput:
     finished: bool
     error: str | None = None
     metrics: dict = field(default_factory=dict)
+    # why it failed, for the server's answer: "grammar_dead_end" (the request's output constraint
+    # cannot be continued with this model's tokenizer: a client error), else None (internal)
+    error_code: str | None = None

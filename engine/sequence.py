@@ -59,6 +59,7 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.stop_reason: int | str | None = None
         self.error: str | None = None
+        self.error_code: str | None = None  # RequestOutput.error_code
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens the prefix cache supplied at first admission
         self.output_logprobs: list[dict] = []

@@ -438,6 +438,15 @@ def _short(msg: str, limit: int = 500) -> str:
 
 # --------------------------------------------------------------------------------- matcher
 
+class GrammarDeadEnd(RuntimeError):
+    """The request's output constraint cannot be continued with this model's tokenizer: the
+    grammar's mask allowed tokens that its matcher then refused, and none is left (seen with
+    regex literals holding multi-byte characters whose bytes no token of the vocabulary spells
+    the way the matcher expects). A fault of the request's constraint, not of the engine."""
+
+    code = "grammar_dead_end"
+
+
 class GrammarMatcher:
     """The grammar state of one request. Not thread-safe (one request, one thread at a time).
 
@@ -538,10 +547,24 @@ class GrammarMatcher:
 
     # -------------------------------------------------------------- transitions
 
+    def allows(self, token_id: int) -> bool:
+        """Whether `accept(token_id)` would advance. The mask can allow a token the matcher then
+        refuses (llguidance over-approximates a few byte tokens inside a forced multi-byte UTF-8
+        character, e.g. a regex literal with a 4-byte character): such a token is checked
+        against the matcher (`validate_tokens`, no state change) and struck from the mask."""
+        token_id = int(token_id)
+        row = self._compute()
+        if not self._bit(row, token_id, self.vocab_size):
+            return False
+        if token_id in self.eos_token_ids or self._m.validate_tokens([token_id]) == 1:
+            return True
+        row.view(np.uint32)[token_id >> 5] &= np.uint32(~(1 << (token_id & 31)) & 0xFFFFFFFF)
+        return False
+
     def accept(self, token_id: int) -> bool:
         """Advance by one token. False (state unchanged) when the grammar does not allow it."""
         token_id = int(token_id)
-        if not self._bit(self._compute(), token_id, self.vocab_size):
+        if not self.allows(token_id):
             return False
         pushes = not (token_id in self.eos_token_ids and self._m.is_stopped())
         if not self._m.consume_token(token_id):

@@ -537,6 +537,8 @@ class OpenAIServing:
         if out.finished and reason not in ("stop", "length"):
             if reason == "abort":
                 raise APIError(503, "the request was aborted by the engine", code="aborted")
+            if out.error_code == "grammar_dead_end":  # the request's constraint, not the server
+                raise APIError(400, out.error, code="grammar_dead_end")
             raise APIError(500, f"generation failed: {out.error or reason}", code="engine_error")
         return out
 

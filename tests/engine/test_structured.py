@@ -529,3 +529,39 @@ def test_greedy_random_logits_always_valid(tok, compiler, schema):
             pytest.fail(f"no EOS after 600 tokens: {tok.decode(out)!r}")
         value = json.loads(tok.decode(out))
         jsonschema.validate(value, schema)
+
+
+# A regex literal with multi-byte characters (a fuzzed request found it): llguidance's mask
+# allows byte tokens inside a forced 4-byte character that its matcher then refuses.
+DEAD_END_REGEX = "\x86A\U000b61b3\x1dI\xad\U000becab\x9bll\U0001fa4fda"
+
+
+def test_a_token_the_mask_allows_but_the_matcher_refuses_is_struck_not_raised(tok, compiler):
+    m = compiler.compile(GrammarSpec.regex(DEAD_END_REGEX)).matcher()
+    struck = None
+    for _ in range(40):
+        allowed = m.allowed_token_ids()
+        if not allowed:
+            break
+        ok = [t for t in allowed if m.allows(t)]
+        refused = sorted(set(allowed) - set(ok))
+        if refused:
+            struck = refused[0]
+            assert not m.accept(struck)  # False, state unchanged (before: RuntimeError)
+            assert struck not in m.allowed_token_ids()  # struck from the mask
+            break
+        assert m.accept(ok[0])
+    assert struck is not None, "the regex no longer reaches a token the mask over-allows (llguidance fixed?)"
+
+
+def test_a_grammar_dead_end_fails_the_request_alone_as_its_own_fault(tok):
+    from engine import LLM, SamplingParams
+
+    llm = LLM(dtype="float32", num_threads=1, max_model_len=256, speculative_config={"method": "none"})
+    dead = SamplingParams(max_tokens=16, structured=GrammarSpec.regex(DEAD_END_REGEX))
+    fine = SamplingParams(max_tokens=8, structured=GrammarSpec.regex("[a-z]{1,6}"))
+    msgs = [{"role": "user", "content": "Say something."}]
+    out_dead, out_fine = llm.chat([msgs, msgs], [dead, fine])
+    assert out_dead.outputs[0].finish_reason == "error" and out_dead.error_code == "grammar_dead_end"
+    assert "cannot be continued" in out_dead.error
+    assert out_fine.error is None and out_fine.outputs[0].finish_reason in ("stop", "length")

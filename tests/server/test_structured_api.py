@@ -196,3 +196,17 @@ def test_metrics_count_structured_requests(client, oai, model_name):
     assert metric_value(text, "dspark_structured_requests_total") == before + 1
     assert metric_value(text, "dspark_grammar_mask_tokens_total") > 0
     assert metric_value(text, "dspark_grammar_compiles_total") >= 1
+
+
+def test_a_constraint_the_tokenizer_cannot_continue_is_a_400_not_a_500(client, model_name):
+    """A regex literal with multi-byte characters that no token of this vocabulary can continue
+    (found by the API fuzzer: it was a 500): the request fails alone, as its own fault."""
+    regex = "\x86A\U000b61b3\x1dI\xad\U000becab\x9bll\U0001fa4fda"
+    r = client.post("/v1/chat/completions", json={"model": model_name, "max_tokens": 16, "guided_regex": regex,
+                                                  "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "grammar_dead_end" and err["type"] == "invalid_request_error" and "cannot be continued" in err["message"]
+    ok = client.post("/v1/chat/completions", json={"model": model_name, "max_tokens": 4,
+                                                   "messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200
