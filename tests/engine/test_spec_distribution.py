@@ -244,6 +244,9 @@ class _ToyGrammar:
         self._mask(self.history[-1], out)
         return out
 
+    def allows(self, token: int) -> bool:
+        return True  # like accept: the toy's matcher takes any token, only its mask restricts
+
     def accept(self, token: int) -> bool:
         self.history.append(int(token))
         return True
