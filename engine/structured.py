@@ -463,6 +463,7 @@ class GrammarMatcher:
         self._words = bitmask_words(vocab_size)
         self._buf = np.zeros(self._words, dtype=np.int32)  # the mask of the current state when _fresh
         self._fresh = False
+        self._checked: int | None = None  # a token `allows` confirmed with the matcher in this state
         self._scratch = np.zeros((0, self._words), dtype=np.int32)  # masks_along's rows
         self._eos_row = np.zeros(self._words, dtype=np.int32)       # only EOS allowed
         for e in eos_token_ids:
@@ -493,6 +494,7 @@ class GrammarMatcher:
         self._m.reset()
         self._n = self._ll_n = 0
         self._fresh = False
+        self._checked = None
 
     # -------------------------------------------------------------- masks
 
@@ -556,7 +558,10 @@ class GrammarMatcher:
         row = self._compute()
         if not self._bit(row, token_id, self.vocab_size):
             return False
-        if token_id in self.eos_token_ids or self._m.validate_tokens([token_id]) == 1:
+        if token_id == self._checked or token_id in self.eos_token_ids:
+            return True
+        if self._m.validate_tokens([token_id]) == 1:
+            self._checked = token_id  # the sampler checked it; accept at commit need not again
             return True
         row.view(np.uint32)[token_id >> 5] &= np.uint32(~(1 << (token_id & 31)) & 0xFFFFFFFF)
         return False
@@ -572,6 +577,7 @@ class GrammarMatcher:
         self._n += 1
         self._ll_n += pushes
         self._fresh = False
+        self._checked = None
         return True
 
     def rollback(self, n: int) -> None:
@@ -586,6 +592,7 @@ class GrammarMatcher:
         self._n -= n
         self._ll_n -= ll
         self._fresh = False
+        self._checked = None
 
     def masks_along(self, tokens: list[int], out: torch.Tensor) -> int:
         """The masks along a draft, for speculative verification.
