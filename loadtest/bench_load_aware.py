@@ -22,24 +22,42 @@ Writes docs/benchmarks/load-aware-engine.json, .md and .png.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from loadtest.bench_engine import OUT_DIR, PROMPTS, _machine
+from loadtest.bench_engine import OUT_DIR, PROMPTS, _machine, write_results
 from loadtest.bench_structured import _engine
 
 STATS = ("steps", "spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens",
          "spec_num_proposed_tokens", "spec_num_decode_steps")
 
 
-def _run(llm, concurrency: int, new_tokens: int) -> dict:
+def prompts(dataset: str, num: int, seed: int = 0) -> list[str]:
+    """`num` user prompts: the fixed chat prompts ("chat"), ShareGPT's first human turns ("sharegpt",
+    prompts of at most 1024 approximate tokens, seeded draw), or the first turns of an eval set
+    (a name under ../shared/eval_datasets, or a .jsonl path)."""
+    from loadtest import workloads
+
+    if dataset == "chat":
+        return [PROMPTS[i % len(PROMPTS)] for i in range(num)]
+    if dataset == "sharegpt":
+        from training.sharegpt import sharegpt_path
+
+        specs = workloads.load_sharegpt(sharegpt_path(), num, seed, workloads.ApproxTokenizer().count,
+                                        max_input_len=1024, max_total_len=2048, max_tokens=None)
+    else:
+        path = Path(dataset) if dataset.endswith(".jsonl") else workloads.eval_dataset_path(dataset)
+        specs = workloads.load_jsonl_turns(path, num, seed, max_tokens=0)
+    return [s.prompt for s in specs]
+
+
+def _run(llm, texts: list[str], new_tokens: int) -> dict:
     from engine import SamplingParams
 
-    msgs = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(concurrency)]
+    msgs = [[{"role": "user", "content": t}] for t in texts]
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     eng = llm.engine
     before = eng.stats.snapshot()
@@ -79,7 +97,8 @@ def markdown(res: dict) -> str:
         f"`{res['command']}`",
         "",
         f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, torch {res['machine']['torch']}, "
-        f"commit {res['machine']['commit']}; {res['threads']} torch threads. Chat prompts, {res['new_tokens']} "
+        f"commit {res['machine']['commit']}; {res['threads']} torch threads. Prompts: {res.get('dataset', 'chat')} "
+        f"(the first `concurrency` of a seeded draw, the same in every round), {res['new_tokens']} "
         f"tokens each (EOS ignored, greedy), all requests of a point at once; {res['rounds']} interleaved rounds.",
         "",
         "| concurrency | plain tok/s (rounds) | default tok/s (rounds) | default / plain: per round | median | "
@@ -128,29 +147,31 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of both engines (default 2)")
-    ap.add_argument("--out", default=str(OUT_DIR / "load-aware-engine.json"))
+    ap.add_argument("--dataset", default="chat",
+                    help="chat (fixed prompts), sharegpt, or an eval set (gsm8k, humaneval, ... or a .jsonl path)")
+    ap.add_argument("--out", default=None, help="default: docs/benchmarks/load-aware-engine[-DATASET].json")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     from models.loader import default_drafter_path
 
     grid = [int(x) for x in args.concurrency_grid.split(",")]
+    texts = prompts(args.dataset, max(grid))
     engines = {"plain": _engine({"method": "none"}, args.threads),
                "default": _engine({"method": "dspark", "model": default_drafter_path()}, args.threads)}
     res = {"command": "python -m loadtest.bench_load_aware " + " ".join(argv or []), "machine": _machine(),
-           "threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds, "points": []}
+           "threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds, "dataset": args.dataset,
+           "points": []}
     for c in grid:
         runs: dict[str, list[dict]] = {"plain": [], "default": []}
         for r in range(args.rounds):
             for name in (("plain", "default") if r % 2 == 0 else ("default", "plain")):
-                runs[name].append(_run(engines[name], c, args.new_tokens))
+                runs[name].append(_run(engines[name], texts[:c], args.new_tokens))
         point = summarise(c, runs)
         res["points"].append(point)
         print({k: v for k, v in point.items()}, flush=True)
-    out = Path(args.out)
-    out.write_text(json.dumps(res, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(res))
-    plot(res, out.with_suffix(".png"))
-    print(markdown(res))
+    suffix = "" if args.dataset == "chat" else "-" + Path(args.dataset).stem
+    out = Path(args.out) if args.out else OUT_DIR / f"load-aware-engine{suffix}.json"
+    write_results(out, res, markdown, plot)
     return 0
 
 

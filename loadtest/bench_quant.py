@@ -14,11 +14,12 @@ Writes JSON and a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+
+from loadtest.bench_engine import write_results
 
 from models import quant
 
@@ -128,11 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="docs/benchmarks/quantization-kernels", help="path prefix of the .json and .md")
     args = ap.parse_args(argv)
     res = run(args.threads, getattr(torch, args.dtype), args.repeats)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(Path(args.out), res, markdown)
     return 0
 
 

@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from loadtest.bench_engine import OUT_DIR, _machine
+from loadtest.bench_engine import OUT_DIR, _machine, write_results
 
 SCHEMA = {
     "type": "object",
@@ -195,10 +195,7 @@ def main(argv=None) -> int:
                      "draft_skipping": False, "prompt_lookup_max": 0}, args.threads, eager=True)
     res["acceptance"] = acceptance(fixed, args.max_tokens)
     print(res["acceptance"], flush=True)
-    out = Path(args.out)
-    out.write_text(json.dumps(res, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(Path(args.out), res, markdown)
     return 0
 
 

@@ -11,10 +11,19 @@ backend turns it into whatever index tensors it needs (also once per step).
 their slots, gathers each sequence's context into a padded batch and runs one
 SDPA call per group of sequences with similar query lengths, with a boolean mask
 carrying causality, padding and sliding windows.
+
+On a CPU with our kernels (models/kernels) and a bf16 pool, the group of small queries
+(decodes, verification blocks, short chunks) and the compiled decode step read the pool
+directly instead (`paged_kernel`, ``torch.ops.dspark.paged_attention``): one pass over each
+sequence's own context, no gathered copy, no padding to the longest context of the batch.
+Gathering 32 contexts of ~1,000 tokens costs ~20 ms per layer on two cores; the kernel reads
+the same bytes once (docs/benchmarks/attention.md). Both paths of a step use the kernel, so a
+token's attention has the same bits in a decode step, a verification block or a mixed step.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +68,31 @@ class AttentionMetadata:
                     slots.append(table[p // bs] * bs + p % bs)
             self._cache["slots"] = torch.tensor(slots, dtype=torch.long, device=self.device)
         return self._cache["slots"]
+
+
+_PAGED: list[bool] = []  # resolved once: whether the paged-attention kernel serves here
+
+
+def paged_kernel() -> bool:
+    """Whether ``torch.ops.dspark.paged_attention`` serves the small-query attention of bf16 pools
+    here (models/kernels builds on AVX-512 CPUs with a C++ compiler).
+    ``DSPARK_ATTENTION_KERNEL=torch`` keeps the gather-then-matmul path (the reference)."""
+    if not _PAGED:
+        ok = False
+        if os.environ.get("DSPARK_ATTENTION_KERNEL", "auto") != "torch":
+            from models import kernels
+
+            ok = kernels.load()
+        _PAGED.append(ok)
+    return _PAGED[0]
+
+
+def _takes_kernel(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16
+            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and paged_kernel())
+
+
+_NONE = torch.empty(0, dtype=torch.bfloat16)  # "the pool already holds the new tokens' K/V"
 
 
 class TorchAttentionBackend:
@@ -125,6 +159,7 @@ class TorchAttentionBackend:
             qpos=(clens - qlens).unsqueeze(1) + qi.unsqueeze(0),  # [nseq, max_q]
             qvalid=qi.unsqueeze(0) < qlens.unsqueeze(1),
             clens=clens,
+            qlens=qlens,
             max_q=max_q,
             scatter=None if scatter is None else scatter.to(dev),
             tokens=None if tokens is None else tokens.to(dev),
@@ -156,8 +191,12 @@ class TorchAttentionBackend:
         groups = self._groups(meta)
         out = None if len(groups) == 1 else q.new_empty(q.shape)
         for gi, g in enumerate(groups):
-            res = self._attend(q if g["tokens"] is None else q.index_select(0, g["tokens"]),
-                               k_cache, v_cache, g, self._mask(meta, g, gi, window), scale)
+            qg = q if g["tokens"] is None else q.index_select(0, g["tokens"])
+            if g["max_q"] <= self.SMALL_QUERY and _takes_kernel(q, k_cache):
+                res = torch.ops.dspark.paged_attention(qg, k_cache, v_cache, g["gather"], g["clens"], g["qlens"],
+                                                       _NONE, _NONE, scale, window or 0)
+            else:
+                res = self._attend(qg, k_cache, v_cache, g, self._mask(meta, g, gi, window), scale)
             if out is None:
                 return res
             out.index_copy_(0, g["tokens"], res)
@@ -226,6 +265,8 @@ class DecodeInputs:
     scatter: torch.Tensor
     overlay: torch.Tensor
     mask: torch.Tensor
+    query_lens: torch.Tensor  # [S] (the paged-attention kernel reads these two)
+    context_lens: torch.Tensor  # [S]
 
     @property
     def shape_class(self) -> tuple[bool, bool]:
@@ -239,6 +280,7 @@ def decode_inputs(query_lens: list[int], context_lens: list[int], block_tables: 
     """`DecodeInputs` of one step. The mask, gather and padding are the ones
     `TorchAttentionBackend` builds for a single group of small queries, so the two paths attend
     over the same numbers in the same shapes."""
+    paged_kernel()  # resolved here, outside any compiled graph that reads it
     qlens = torch.tensor(query_lens, dtype=torch.long)
     clens = torch.tensor(context_lens, dtype=torch.long)
     nseq, n = len(query_lens), int(qlens.sum())
@@ -258,7 +300,7 @@ def decode_inputs(query_lens: list[int], context_lens: list[int], block_tables: 
     return DecodeInputs(
         positions=positions.to(device), slots=slots.to(device), gather=gather.to(device),
         scatter=(seq * max_q + offset).to(device), overlay=(seq * max_ctx + positions).to(device),
-        mask=mask.to(device),
+        mask=mask.to(device), query_lens=qlens.to(device), context_lens=clens.to(device),
     )
 
 
@@ -280,7 +322,12 @@ def overlay_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     context is gathered from the pool and the new tokens' K/V are put into the gathered copy
     (the pool is written once after the forward, for every layer: a graph compiler would
     otherwise copy the whole pool to keep an in-place write functional). Same numbers, same
-    shapes, same kernels as the writing path: the same bits."""
+    shapes, same kernels as the writing path: the same bits. With the paged-attention kernel, the
+    new tokens' K/V are handed to it beside the pool (`k_new`), which it reads in their place."""
+    if _takes_kernel(q, k_cache):
+        return torch.ops.dspark.paged_attention(q, k_cache, v_cache, inputs.gather, inputs.context_lens,
+                                                inputs.query_lens, k.to(k_cache.dtype), v.to(v_cache.dtype),
+                                                scale, 0)
     nseq, ctx = inputs.gather.shape
     max_q = inputs.mask.shape[2]
     flat = inputs.gather.reshape(-1)

@@ -1,4 +1,6 @@
-"""CPU kernels of our own, compiled on first use: ``torch.ops.dspark.quant_mm`` (quant_mm.cpp).
+"""CPU kernels of our own, compiled on first use: ``torch.ops.dspark.quant_mm`` (quant_mm.cpp) and
+``torch.ops.dspark.paged_attention`` (paged_attention.cpp: few-query attention read straight from the
+paged KV pool; models/attention.py).
 
 The kernel needs a CPU with AVX-512 VNNI (Intel Cascade Lake and later, AMD Zen 4 and later) and a
 C++ compiler (the one torch.compile uses: g++ or $CXX). It is built once per source, torch version
@@ -24,7 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("quant_mm.cpp")
+_SOURCES = (Path(__file__).with_name("quant_mm.cpp"), Path(__file__).with_name("paged_attention.cpp"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512vnni", "-mf16c", "-mfma")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
@@ -59,9 +61,9 @@ def _build(cxx: str) -> Path:
     from torch.utils import cpp_extension
 
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
-    key = hashlib.sha256("\n".join((_SOURCE.read_text(), torch.__version__, version, " ".join(_FLAGS),
+    key = hashlib.sha256("\n".join((*(p.read_text() for p in _SOURCES), torch.__version__, version, " ".join(_FLAGS),
                                     str(torch._C._GLIBCXX_USE_CXX11_ABI))).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"quant_mm-{key}.so"
+    out = _cache_dir() / f"dspark_kernels-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -71,10 +73,10 @@ def _build(cxx: str) -> Path:
             return out
         libdirs = cpp_extension.library_paths()
         cmd = [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               *[f"-I{p}" for p in cpp_extension.include_paths()], str(_SOURCE),
+               *[f"-I{p}" for p in cpp_extension.include_paths()], *map(str, _SOURCES),
                *[f"-L{p}" for p in libdirs], *[f"-Wl,-rpath,{p}" for p in libdirs], "-lc10", "-ltorch_cpu",
                "-o", str(out) + ".tmp"]
-        log.info("building the VNNI quantized-matmul kernel (once per version, about 10 s)")
+        log.info("building the CPU kernels (quantized matmul, paged attention; once per version, about 15 s)")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
@@ -108,6 +110,10 @@ def load() -> bool:
                 @torch.library.register_fake("dspark::quant_mm")
                 def _(x, w, consts, n, bits):
                     return x.new_empty((x.shape[0], n))
+
+                @torch.library.register_fake("dspark::paged_attention")
+                def _(q, k_cache, v_cache, gather, context_lens, query_lens, k_new, v_new, scale, window):
+                    return q.new_empty(q.shape)
             except Exception as e:  # a broken toolchain must not stop the server: torch's kernels serve
                 reason = f"the build or load failed: {e}"
                 log.warning("VNNI quantized-matmul kernel unavailable (%s); using torch's packed kernels", reason)

@@ -1,0 +1,145 @@
+"""``torch.ops.dspark.paged_attention`` (models/kernels/paged_attention.cpp): the small-query
+attention of bf16 pools, read straight from the paged pool. Against a float32 reference, and the
+property the exactness of speculation rests on: a token's attention has the same bits whatever
+else is in the step (other sequences, the other queries of its verification block)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models.attention as A
+from models import kernels
+from models.attention import AttentionMetadata, TorchAttentionBackend, decode_inputs, overlay_attention
+
+pytestmark = pytest.mark.skipif(not kernels.load(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+
+BS = 16
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _kernel_on():
+    saved = list(A._PAGED)
+    A._PAGED[:] = [True]
+    yield
+    A._PAGED[:] = saved
+
+
+def _pool(ctx, hkv, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    nblk = [-(-c // BS) for c in ctx]
+    perm = torch.randperm(sum(nblk) + 3, generator=g).tolist()  # out of order, as the pool hands blocks out
+    tables, used = [], 0
+    for n in nblk:
+        tables.append(perm[used:used + n])
+        used += n
+    slots = (sum(nblk) + 3) * BS
+    kc = torch.randn(slots, hkv, d, generator=g).to(torch.bfloat16)
+    vc = torch.randn(slots, hkv, d, generator=g).to(torch.bfloat16)
+    return tables, kc, vc
+
+
+def _step(query_lens, ctx, heads, seed):
+    """A pool holding the contexts, and the step's q and new K/V (bf16)."""
+    h, hkv, d = heads
+    tables, kc, vc = _pool(ctx, hkv, d, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    n = sum(query_lens)
+    q, k, v = (torch.randn(n, x, d, generator=g).to(torch.bfloat16) for x in (h, hkv, hkv))
+    return tables, kc, vc, q, k, v
+
+
+def _reference(q, kc, vc, table, c, ql, scale, window=None):
+    """Float32 causal attention of one sequence's last `ql` positions over its pool entries."""
+    h, hkv = q.shape[1], kc.shape[1]
+    slots = torch.tensor([table[p // BS] * BS + p % BS for p in range(c)])
+    k = kc[slots].float().repeat_interleave(h // hkv, 1)
+    v = vc[slots].float().repeat_interleave(h // hkv, 1)
+    out = torch.empty(ql, h, q.shape[2])
+    for r in range(ql):
+        p = c - ql + r
+        lo = 0 if window is None else max(0, p - window + 1)
+        att = torch.einsum("hd,khd->hk", q[r].float(), k[lo:p + 1]) * scale
+        out[r] = torch.einsum("hk,khd->hd", att.softmax(-1), v[lo:p + 1])
+    return out
+
+
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 8, 128), (4, 1, 16)])
+@pytest.mark.parametrize("query_lens, ctx", [
+    ([1], [1]),
+    ([1, 1, 1], [5, 300, 17]),
+    ([8, 1, 3], [8, 700, 33]),  # a block that is the whole context, a decode, a verification block
+    ([1] * 12, [1000 - 37 * i for i in range(12)]),
+])
+def test_overlay_path_matches_a_float_reference(heads, query_lens, ctx):
+    tables, kc, vc, q, k, v = _step(query_lens, ctx, heads, seed=sum(ctx))
+    scale = heads[2] ** -0.5
+    out = overlay_attention(q, k, v, kc, vc, decode_inputs(query_lens, ctx, tables, BS, CPU), scale)
+    # the reference reads the new tokens from the pool: write them where the step would
+    kw, vw = kc.clone(), vc.clone()
+    i = 0
+    for t, c, ql in zip(tables, ctx, query_lens):
+        for p in range(c - ql, c):
+            kw[t[p // BS] * BS + p % BS], vw[t[p // BS] * BS + p % BS] = k[i], v[i]
+            i += 1
+    i = 0
+    for t, c, ql in zip(tables, ctx, query_lens):
+        torch.testing.assert_close(out[i:i + ql].float(), _reference(q[i:i + ql], kw, vw, t, c, ql, scale),
+                                   atol=2e-2, rtol=2e-2)
+        i += ql
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_writing_path_with_windows_matches_the_reference_and_the_overlay_path(window):
+    """The eager backend (writes the pool, then reads it) and the compiled step's overlay path
+    (new K/V beside the pool) give the same bits."""
+    query_lens, ctx = [1, 4, 1, 16], [40, 90, 3, 200]
+    tables, kc, vc, q, k, v = _step(query_lens, ctx, (6, 2, 64), seed=3)
+    kw, vw = kc.clone(), vc.clone()
+    meta = AttentionMetadata(query_lens, ctx, tables, BS)
+    written = TorchAttentionBackend().forward(q, k, v, kw, vw, meta, 0.125, window)
+    i = 0
+    for t, c, ql in zip(tables, ctx, query_lens):
+        torch.testing.assert_close(written[i:i + ql].float(), _reference(q[i:i + ql], kw, vw, t, c, ql, 0.125, window),
+                                   atol=2e-2, rtol=2e-2)
+        i += ql
+    if window is None:
+        overlay = overlay_attention(q, k, v, kc, vc, decode_inputs(query_lens, ctx, tables, BS, CPU), 0.125)
+        assert torch.equal(written, overlay)
+
+
+def test_a_tokens_bits_do_not_depend_on_the_rest_of_the_step():
+    """Batch invariance: each sequence alone gives the bits it gets among others, and the last
+    query of a verification block gives the bits of the same token decoded on its own (its block's
+    earlier tokens already in the pool): what keeps greedy speculation token-identical."""
+    query_lens, ctx = [1, 5, 1, 3], [260, 64, 999, 17]
+    tables, kc, vc, q, k, v = _step(query_lens, ctx, (9, 3, 64), seed=5)
+    together = overlay_attention(q, k, v, kc, vc, decode_inputs(query_lens, ctx, tables, BS, CPU), 0.125)
+    i = 0
+    for t, c, ql in zip(tables, ctx, query_lens):
+        alone = overlay_attention(q[i:i + ql], k[i:i + ql], v[i:i + ql], kc, vc, decode_inputs([ql], [c], [t], BS, CPU), 0.125)
+        assert torch.equal(alone, together[i:i + ql])
+        if ql > 1:  # the block's earlier tokens written, its last one decoded alone
+            kw, vw = kc.clone(), vc.clone()
+            for r, p in enumerate(range(c - ql, c - 1)):
+                kw[t[p // BS] * BS + p % BS], vw[t[p // BS] * BS + p % BS] = k[i + r], v[i + r]
+            last = i + ql - 1
+            single = overlay_attention(q[last:last + 1], k[last:last + 1], v[last:last + 1], kw, vw,
+                                       decode_inputs([1], [c], [t], BS, CPU), 0.125)
+            assert torch.equal(single, together[last:last + 1])
+        i += ql
+
+
+def test_bad_inputs_are_refused_not_read_out_of_bounds():
+    tables, kc, vc = _pool([20], 2, 64, seed=1)
+    inputs = decode_inputs([1], [20], tables, BS, CPU)
+    q = torch.zeros(1, 4, 64, dtype=torch.bfloat16)
+    none = torch.empty(0, dtype=torch.bfloat16)
+    bad = inputs.gather.clone()
+    bad[0, 3] = kc.shape[0] + 5
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        torch.ops.dspark.paged_attention(q, kc, vc, bad, inputs.context_lens, inputs.query_lens, none, none, 0.1, 0)
+    with pytest.raises(RuntimeError, match="lengths out of range"):
+        torch.ops.dspark.paged_attention(q, kc, vc, inputs.gather, inputs.context_lens + 100, inputs.query_lens,
+                                         none, none, 0.1, 0)
