@@ -1,6 +1,6 @@
 """Soak: a real server on 127.0.0.1 under mixed traffic, disconnects, malformed bodies and bursts.
 
-`make test` runs the short version (120 requests); `make soak` the long one
+`make test` runs the short version (80 requests); `make soak` the long one
 (DSPARK_SOAK_REQUESTS=2000), which also writes its figures into docs/reliability.md
 (DSPARK_SOAK_REPORT). The server runs at most 4 requests and lets 8 wait, so bursts of
 up to 16 concurrent requests overflow it and some answers are clean 429s.
@@ -24,7 +24,7 @@ import pytest
 from dspark_testing import serving, wait_until
 
 
-NUM_REQUESTS = int(os.environ.get("DSPARK_SOAK_REQUESTS", "120"))
+NUM_REQUESTS = int(os.environ.get("DSPARK_SOAK_REQUESTS", "80"))
 REPORT = os.environ.get("DSPARK_SOAK_REPORT")  # a markdown file whose soak section is rewritten
 SEED = int(os.environ.get("DSPARK_SOAK_SEED", "0"))
 MAX_NUM_SEQS, MAX_WAITING = 4, 8
