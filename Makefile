@@ -92,12 +92,12 @@ llama-server: install
 	$(PY) -m loadtest.llama_server $(LLAMA_SERVER_ARGS)
 
 # Our default server (DSpark + lookup) and plain decoding against llama-server on the same GGUF and thread count,
-# ShareGPT, 128 output tokens (ignore_eos), greedy, two interleaved rounds (docs/benchmarks/peers.*).
+# ShareGPT, 128 output tokens (ignore_eos), greedy, three interleaved rounds (docs/benchmarks/peers.*).
 # (at most 32: the llama-server peer runs 32 --parallel slots)
 PEERS_GRID ?= 1,2,4,8,16,32
 bench-peers: install llama-server
 	$(PY) -m loadtest sweep --name peers --result-dir docs/benchmarks --dataset sharegpt \
-		--max-tokens 128 --ignore-eos --temperature 0 --concurrency-grid $(PEERS_GRID) --rounds 2 \
+		--max-tokens 128 --ignore-eos --temperature 0 --concurrency-grid $(PEERS_GRID) --rounds 3 \
 		--config-name dspark-default --config-name dspark-plain \
 		--server-args "--speculative-config '{\"method\": \"none\"}'" \
 		--peer llama-server $(ARGS)

@@ -323,7 +323,7 @@ class SpeculativeDecoder:
                  cost_table=None, drafter_dir: str | None = None, record_path: str | None = None):
         from pathlib import Path
 
-        from scheduler import DraftBudget, DraftSkipper, OnlineCalibrator, PlainSteps, RealisedShare, STSCalibrator, make_policy
+        from scheduler import DraftBudget, DraftedSteps, DraftSkipper, OnlineCalibrator, PlainSteps, STSCalibrator, make_policy
 
         self.spec = spec
         self.proposer = proposer
@@ -344,7 +344,7 @@ class SpeculativeDecoder:
         # load-aware drafting (scheduler/draft_budget.py) for the policies that weigh costs
         self.budget = DraftBudget(gamma) if cost_table is not None and hasattr(self.policy, "plan_with_stats") else None
         self._plain_steps = PlainSteps()  # what a drafted step is judged against
-        self._realised = RealisedShare()
+        self._drafted_steps = DraftedSteps()  # the realised side of the verdict
         self.lookup = LookupStats(spec.prompt_lookup_max, gamma) if spec.prompt_lookup_max else None
         self._token_arrays = TokenArrays()
         self._draft_seconds = 0.0  # drafter pass of the current step
@@ -612,19 +612,17 @@ class SpeculativeDecoder:
             self._plain_steps.observe(num_tokens, seconds)
 
     def _judge_drafting(self, seconds: float) -> None:
-        """Did this step's drafting pay? The whole step's tokens per second (the drafting requests'
-        expected tokens, scaled by the share of their expected gain recent drafted steps
-        realised, plus one per other row that samples) against the same rows decoded plainly:
-        a recently measured plain step of about as many tokens (`PlainSteps`), else this step's
-        forward moved along the profiled shape of SPS(B) plus the step's other work."""
+        """Did drafting pay? The last few drafted steps' realised tokens (the drafting requests'
+        accepted drafts + 1 each, one per other row that samples) over their whole seconds, against
+        the same rows decoded plainly (`DraftedSteps`): a recently measured plain step of about as
+        many tokens (`PlainSteps`), else this step's forward moved along the profiled shape of
+        SPS(B) plus the step's other work."""
         v, self._verdict = self._verdict, None
         self._plain_steps.tick()
         if "forward_seconds" not in v or v["forward_seconds"] <= 0 or seconds <= 0:
             return
         r, base, other = v["r"], v["base"], v["other"]
         realised = self.stats.spec_last_realised_tokens + v["undrafted"]
-        self._realised.record(v["expected"] - r, realised - r)
-        expected = r + self._realised.share * (v["expected"] - r)
         t = self.cost_table
         plain = self._plain_steps.seconds(r + base, lambda a, b: t.profiled_sps(a) / t.profiled_sps(b))
         measured = plain is not None
@@ -633,8 +631,8 @@ class SpeculativeDecoder:
             plain = v["forward_seconds"] * t.profiled_sps(v["tokens"]) / t.profiled_sps(r + base) + overhead
         # the whole step's output, the rows that did not draft included, both ways; priced from
         # the profile, the next step decodes plainly to measure the alternative
-        self.budget.record(v["longest"], (expected + other) / seconds > (r + other) / plain,
-                           measure_plain=not measured)
+        paid = self._drafted_steps.record(realised + other, seconds, r + other, plain)
+        self.budget.record(v["longest"], paid, measure_plain=not measured)
 
     def calibration_report(self) -> dict:
         """Live calibration quality, for metrics and /v1/dspark/calibration."""

@@ -7,7 +7,7 @@
 
 from .calibration import OnlineCalibrator, STSCalibrator, ece, reliability
 from .cost_table import CostTable, default_grid, profile_cost_table
-from .draft_budget import DraftBudget, PlainSteps, RealisedShare
+from .draft_budget import DraftBudget, DraftedSteps, PlainSteps
 from .policies import FixedPolicy, OffPolicy, VerifyPolicy, make_policy
 from .prefix import AsyncPrefixScheduler, PlanResult, PrefixScheduler, ThresholdPolicy
 from .skipping import DraftSkipper
@@ -26,8 +26,8 @@ __all__ = [
     "ece",
     "DraftSkipper",
     "DraftBudget",
+    "DraftedSteps",
     "PlainSteps",
-    "RealisedShare",
     # helpers
     "PlanResult",
     "profile_cost_table",

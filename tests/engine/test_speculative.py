@@ -332,7 +332,7 @@ def test_a_drafted_step_is_judged_against_measured_plain_steps_not_the_profile(t
     in a few ms, and the budget backs off. Greedy output is plain decoding's either way."""
     import time as _time
 
-    from scheduler import CostTable, DraftBudget, PlainSteps, PrefixScheduler, RealisedShare
+    from scheduler import CostTable, DraftBudget, DraftedSteps, PlainSteps, PrefixScheduler
 
     model, drafter = tiny_pair
     reqs = _reqs(n=3, max_tokens=120)
@@ -342,7 +342,7 @@ def test_a_drafted_step_is_judged_against_measured_plain_steps_not_the_profile(t
     spec.cost_table = CostTable.from_points({1: 1.0, 64: 1.0})
     monkeypatch.setattr(spec.cost_table, "observe", lambda n, s: None)  # keep the curve as given
     spec.policy = PrefixScheduler(spec.cost_table)
-    spec.budget, spec._plain_steps, spec._realised = DraftBudget(4), PlainSteps(), RealisedShare()
+    spec.budget, spec._plain_steps, spec._drafted_steps = DraftBudget(4), PlainSteps(), DraftedSteps()
     monkeypatch.setattr(eng.proposer, "propose", _replay_outputs(ref, reqs))
     real = eng.runner.execute
 

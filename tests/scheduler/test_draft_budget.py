@@ -64,30 +64,19 @@ def test_plain_steps_price_from_the_nearest_recent_measurement_along_the_profile
     assert p.seconds(8, shape) == pytest.approx(0.040)
 
 
-def test_realised_share_scales_expected_gain_by_what_recent_steps_realised():
-    from scheduler import RealisedShare
+def test_drafted_steps_judge_the_realised_rate_of_a_window_against_plain():
+    from scheduler import DraftedSteps
 
-    s = RealisedShare(history=4, low=0.1, high=1.5, prior=0.0)
-    assert s.share == 1.0  # no history: trust the plan
-    for _ in range(4):
-        s.record(expected_gain=10.0, realised_gain=5.0)
-    assert s.share == pytest.approx(0.5)
-    for _ in range(4):
-        s.record(expected_gain=10.0, realised_gain=0.0)  # the window forgets the older steps
-    assert s.share == pytest.approx(0.1)  # bounded below: a probe can still bring drafting back
-    s.record(expected_gain=10.0, realised_gain=40.0)
-    assert s.share == pytest.approx(40.0 / 40.0)
-    for _ in range(4):
-        s.record(expected_gain=1.0, realised_gain=10.0)
-    assert s.share == 1.5  # bounded above
-
-
-def test_realised_share_shrinks_a_few_rounds_towards_the_plan():
-    from scheduler import RealisedShare
-
-    s = RealisedShare(history=16, prior=4.0)
-    s.record(expected_gain=0.5, realised_gain=0.0)  # one unlucky round of one request
-    assert s.share == pytest.approx(2.0 / 2.5)  # (0 + 4 * 0.5) / (0.5 + 4 * 0.5)
-    for _ in range(15):
-        s.record(expected_gain=0.5, realised_gain=0.0)
-    assert s.share == pytest.approx(0.2)  # 16 rounds outweigh the prior of 4
+    d = DraftedSteps(window=3)
+    # 10 tokens in 20 ms against 8 plain tokens in 10 ms: 0.5 vs 0.8 tokens per ms, it lost
+    assert d.record(tokens=10, seconds=0.020, plain_tokens=8, plain_seconds=0.010) is False
+    # a step that won big outweighs it: (10 + 40) / 40 ms = 1.25 > (8 + 8) / 20 ms = 0.8
+    assert d.record(tokens=40, seconds=0.020, plain_tokens=8, plain_seconds=0.010) is True
+    # a single row's unlucky round (1 token: nothing accepted) does not condemn drafting at once
+    assert d.record(tokens=1, seconds=0.015, plain_tokens=1, plain_seconds=0.010) is True
+    # the window forgets: three losing steps in a row end it
+    for _ in range(2):
+        d.record(tokens=1, seconds=0.015, plain_tokens=1, plain_seconds=0.010)
+    assert d.record(tokens=1, seconds=0.015, plain_tokens=1, plain_seconds=0.010) is False
+    with pytest.raises(ValueError):
+        DraftedSteps(window=0)
