@@ -471,7 +471,7 @@ class SpeculativeDecoder:
             self.stats.spec_capacity = int(getattr(self.policy, "capacity", 0) or 0)
             if self.budget is not None:  # judged once the step has ended (end_step)
                 self._verdict = {"r": len(seqs), "base": base_tokens, "other": other_tokens, "tokens": plan.num_tokens,
-                                 "expected": plan.expected_tokens, "longest": max(lengths),
+                                 "longest": max(lengths),
                                  "undrafted": sum(1 for l in lengths if l <= 0)}
         else:
             lengths = self.policy.plan(conf, caps, base_tokens)
