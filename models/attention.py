@@ -82,7 +82,7 @@ def paged_kernel() -> bool:
         if os.environ.get("DSPARK_ATTENTION_KERNEL", "auto") != "torch":
             from models import kernels
 
-            ok = kernels.load()
+            ok = kernels.paged_attention_available()
         _PAGED.append(ok)
     return _PAGED[0]
 

@@ -341,6 +341,12 @@ def quantization_kinds(mode: str, net: LlamaForCausalLM, stored_types: dict[str,
     return kinds
 
 
+def _avx2_packs() -> bool:
+    from models import kernels
+
+    return quant.vnni_kernel() and kernels.isa() == "avx2"
+
+
 def load_model(
     model: str | None = None,
     dtype: str | torch.dtype = "auto",
@@ -351,9 +357,9 @@ def load_model(
     """Load a target model with its tokenizer. `model=None` is the embedded default.
 
     `quantization` (models/quant.py): none keeps dense weights only (the reference arithmetic);
-    auto packs what the checkpoint stores quantized when serving in bfloat16 on a CPU (none
-    elsewhere: the packed kernels are CPU kernels, fast for bf16 activations); int4 / int8 pack
-    every projection and the head."""
+    auto packs what the checkpoint stores quantized when serving in bfloat16 on a CPU, or in the
+    float32 that dtype auto chose where our kernel runs (none elsewhere: the packed kernels are CPU
+    kernels, torch's fast for bf16 activations only); int4 / int8 pack every projection and the head."""
     from transformers import AutoConfig, AutoTokenizer
 
     device = torch.device(device)
@@ -366,11 +372,14 @@ def load_model(
         if quantization != "auto":
             raise ValueError(f"--quantization {quantization} runs on the CPU only (packed CPU kernels); use none or auto")
         quantization = "none"
-    if quantization == "auto" and torch_dtype != torch.bfloat16:
+    if quantization == "auto" and torch_dtype != torch.bfloat16 and not (dtype == "auto" and _avx2_packs()):
         # torch's packed CPU kernels are fast for bf16 activations only (float32: slower than a
-        # dense GEMM, docs/benchmarks/quantization.md): auto keeps float32 serving dense
+        # dense GEMM, docs/benchmarks/quantization.md), so auto keeps float32 dense: the reference
+        # arithmetic when float32 is asked for. Where dtype auto chose float32 on an AVX2-only CPU
+        # and the AVX2 build of our kernel is opted in (DSPARK_KERNEL_ISA=avx2), it packs: our
+        # kernel takes float32 activations too.
         quantization = "none"
-    elif quantization != "none" and torch_dtype != torch.bfloat16:
+    elif quantization != "none" and torch_dtype != torch.bfloat16 and not quant.vnni_kernel():
         log.warning("--quantization %s with %s activations: torch's packed CPU kernels are slow "
                     "outside bfloat16 (use --dtype bfloat16)", quantization, torch_dtype)
     stored_types: dict[str, str] = {}

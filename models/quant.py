@@ -4,8 +4,11 @@ A decode step on a CPU is bound by the bytes of weights it reads. Dequantizing a
 about 3.2x the bytes of its Q4_1 blocks; these linears keep the checkpoint's precision instead.
 Two kernels, chosen at load (`PackedWeight.quantize`):
 
-- **Ours** (``models/kernels``, the ``vnni`` layout; where the CPU has AVX-512 VNNI and a C++
-  compiler is present, else torch's). Weights in GGUF's own blocks of 32 with fp16 constants:
+- **Ours** (``models/kernels``, the ``vnni`` layout; where the CPU has AVX-512 VNNI, or, opted in
+  with DSPARK_KERNEL_ISA=avx2, AVX2 with FMA and F16C (an AVX2 build of the same arithmetic), and a
+  C++ compiler is present, else torch's).
+  It takes float32 activations as well as bf16, so on AVX2 CPUs, where `--dtype auto` serves
+  float32, `--quantization auto` packs too (models/loader.py). Weights in GGUF's own blocks of 32 with fp16 constants:
   ``int4`` is Q4_1 (w = d * q + m, q in 0..15), ``int8`` is Q8_0 (w = d * c); the GGUF's blocks map
   onto them exactly. Each activation row is quantized to int8 in groups of 32 and multiplied with
   integer dot products (llama.cpp's arithmetic): 2-3x torch's int4 kernel for 1-64 rows, and

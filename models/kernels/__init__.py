@@ -2,9 +2,11 @@
 ``torch.ops.dspark.paged_attention`` (paged_attention.cpp: few-query attention read straight from the
 paged KV pool; models/attention.py).
 
-The kernel needs a CPU with AVX-512 VNNI (Intel Cascade Lake and later, AMD Zen 4 and later) and a
-C++ compiler (the one torch.compile uses: g++ or $CXX). It is built once per source, torch version
-and compiler into ``$DSPARK_CACHE_DIR/kernels`` (about 10 s), under a file lock so that concurrent
+They need a C++ compiler (the one torch.compile uses: g++ or $CXX) and a CPU with AVX-512 VNNI (Intel
+Cascade Lake and later, AMD Zen 4 and later: both kernels), or, opted in with DSPARK_KERNEL_ISA=avx2,
+AVX2 with FMA and F16C (Intel Haswell and later, AMD Zen 1-3: the quantized matmul only, with AVX2's
+integer dot products; attention keeps the torch path there). `isa()` says which build this CPU takes. It is built once per source, ISA,
+torch version and compiler into ``$DSPARK_CACHE_DIR/kernels`` (about 10 s), under a file lock so that concurrent
 processes build it once, and loaded with ``torch.ops.load_library``. Where it cannot be built or
 loaded, `load()` returns False, `unavailable_reason()` says why, and the caller keeps torch's own
 packed kernels. ``DSPARK_QUANT_KERNEL=torch`` turns it off.
@@ -27,9 +29,13 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = (Path(__file__).with_name("quant_mm.cpp"), Path(__file__).with_name("paged_attention.cpp"))
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-          "-mavx512vnni", "-mf16c", "-mfma")
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+# ISA -> (compiler flags, /proc/cpuinfo flags it needs), best first
+_ISAS = {
+    "avx512": (("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"),
+               ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")),
+    "avx2": (("-mavx2", "-mf16c", "-mfma"), ("avx2", "f16c", "fma")),
+}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -57,13 +63,29 @@ def _cache_dir() -> Path:
     return cache_dir() / "kernels"
 
 
-def _build(cxx: str) -> Path:
+def isa() -> str | None:
+    """The kernel build this CPU runs: "avx512" where it has AVX-512 VNNI, else None. The AVX2 build
+    is opt-in for now: DSPARK_KERNEL_ISA=avx2 selects it on any CPU with AVX2 + FMA + F16C (an
+    AVX-512 one too, to test it there). On an AVX2-only machine it makes the default server several
+    times faster (packed float32 serving), but three integration tests (greedy answers of bf16 and
+    concurrent requests compared with solo ones) did not pass with it on such a machine yet."""
+    flags = _cpu_flags()
+    forced = os.environ.get("DSPARK_KERNEL_ISA")
+    for name, (_, needs) in _ISAS.items():
+        wanted = forced == name if forced else name == "avx512"
+        if wanted and all(f in flags for f in needs):
+            return name
+    return None
+
+
+def _build(cxx: str, target: str) -> Path:
     from torch.utils import cpp_extension
 
+    flags = (*_FLAGS, *_ISAS[target][0])
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
-    key = hashlib.sha256("\n".join((*(p.read_text() for p in _SOURCES), torch.__version__, version, " ".join(_FLAGS),
+    key = hashlib.sha256("\n".join((*(p.read_text() for p in _SOURCES), torch.__version__, version, " ".join(flags),
                                     str(torch._C._GLIBCXX_USE_CXX11_ABI))).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"dspark_kernels-{key}.so"
+    out = _cache_dir() / f"dspark_kernels-{target}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +94,7 @@ def _build(cxx: str) -> Path:
         if out.exists():
             return out
         libdirs = cpp_extension.library_paths()
-        cmd = [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        cmd = [cxx, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                *[f"-I{p}" for p in cpp_extension.include_paths()], *map(str, _SOURCES),
                *[f"-L{p}" for p in libdirs], *[f"-Wl,-rpath,{p}" for p in libdirs], "-lc10", "-ltorch_cpu",
                "-o", str(out) + ".tmp"]
@@ -89,9 +111,9 @@ def _why_not() -> str | None:
         return "DSPARK_QUANT_KERNEL=torch"
     if sys.platform != "linux":
         return f"built for Linux only (this is {sys.platform})"
-    missing = [f for f in _CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        return f"the CPU lacks {', '.join(missing)}"
+    if isa() is None:
+        return ("the CPU lacks AVX-512 VNNI (DSPARK_KERNEL_ISA=avx2 opts in to the AVX2 build where the CPU "
+                "has AVX2, FMA and F16C)")
     if _compiler() is None:
         return "no C++ compiler (g++ or $CXX) on PATH"
     return None
@@ -105,21 +127,29 @@ def load() -> bool:
         reason = _why_not()
         if reason is None:
             try:
-                torch.ops.load_library(str(_build(_compiler())))
+                target = isa()
+                torch.ops.load_library(str(_build(_compiler(), target)))
 
                 @torch.library.register_fake("dspark::quant_mm")
                 def _(x, w, consts, n, bits):
                     return x.new_empty((x.shape[0], n))
 
-                @torch.library.register_fake("dspark::paged_attention")
-                def _(q, k_cache, v_cache, gather, context_lens, query_lens, k_new, v_new, scale, window):
-                    return q.new_empty(q.shape)
+                if target == "avx512":
+                    @torch.library.register_fake("dspark::paged_attention")
+                    def _(q, k_cache, v_cache, gather, context_lens, query_lens, k_new, v_new, scale, window):
+                        return q.new_empty(q.shape)
+                _state["isa"] = target
             except Exception as e:  # a broken toolchain must not stop the server: torch's kernels serve
                 reason = f"the build or load failed: {e}"
                 log.warning("VNNI quantized-matmul kernel unavailable (%s); using torch's packed kernels", reason)
         _state["ok"] = reason is None
         _state["reason"] = reason
         return reason is None
+
+
+def paged_attention_available() -> bool:
+    """Whether ``torch.ops.dspark.paged_attention`` was built (the AVX-512 build only)."""
+    return load() and _state.get("isa") == "avx512"
 
 
 def unavailable_reason() -> str | None:

@@ -17,6 +17,10 @@
 // Batch invariance: every (query, head) row is computed by its own loops over j in ascending order,
 // whatever the other queries, sequences and the thread split are, so a token's output has the same
 // bits in a decode step, a verification block, or a step shared with any other requests.
+//
+// AVX-512 only: built for an AVX2 CPU (models/kernels/__init__.py) this file defines nothing, and
+// attention keeps the torch path there.
+#if defined(__AVX512F__)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -207,3 +211,4 @@ TORCH_LIBRARY_FRAGMENT(dspark, m) {
         "Tensor query_lens, Tensor k_new, Tensor v_new, float scale, int window) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(dspark, CPU, m) { m.impl("paged_attention", &paged_attention); }
+#endif  // __AVX512F__

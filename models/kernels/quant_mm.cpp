@@ -1,5 +1,6 @@
 // dspark::quant_mm: y = x @ W^T for a weight quantized in groups of 32 along K, computed with
-// AVX-512 VNNI integer dot products (the arithmetic of llama.cpp's Q4_1 x Q8_0 and Q8_0 x Q8_0).
+// AVX-512 VNNI integer dot products (the arithmetic of llama.cpp's Q4_1 x Q8_0 and Q8_0 x Q8_0), or,
+// built for AVX2 CPUs (models/kernels/__init__.py picks the ISA), with AVX2's maddubs/madd.
 //
 // Each row of x is quantized to int8 in groups of 32 (scale sx = max|x| / 127, codes
 // round-half-even(x / sx), their sum sum_q). For every group g of output channel n:
@@ -57,6 +58,7 @@ void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* xq, float* sx, floa
   }
 }
 
+#if defined(__AVX512VNNI__)
 // R rows of x against one block of 16 channels; out[r * 16 + c].
 template <int BITS, int R>
 inline void block_rows(const uint8_t* wb, const at::Half* cb, int64_t G, const int8_t* xq, const float* sx,
@@ -93,6 +95,64 @@ inline void block_rows(const uint8_t* wb, const at::Half* cb, int64_t G, const i
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kBlock, acc[r]);
 }
+
+#else
+// R rows of x against one block of 16 channels; out[r * 16 + c]. AVX2 (no VNNI): the same packed
+// bytes, each 64-byte vector read as two halves of 8 channels; u8 x s8 products summed in pairs by
+// maddubs and in fours by madd (llama.cpp's AVX2 arithmetic). bits 4: q <= 15, so the int16 pair
+// sums cannot saturate. bits 8: the stored u = c + 128 becomes the signed c (u ^ 0x80) and the dot is
+// |x| . (c signed by x) (|x|, |c| <= 127: pair sums <= 32258), so y = d * sx * dot(c, xq) and the
+// -128 * sum term of the VNNI path is not needed. Integer dots are exact; the float accumulation
+// order per (row, channel) is fixed, so rows stay batch-invariant.
+template <int BITS, int R>
+inline void block_rows(const uint8_t* wb, const at::Half* cb, int64_t G, const int8_t* xq, const float* sx,
+                       const float* sq, int64_t K, float* out) {
+  constexpr int64_t kGroupBytes = BITS == 4 ? 256 : 512;
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = wb + g * kGroupBytes;
+    const at::Half* cg = cb + g * 2 * kBlock;
+    for (int h = 0; h < 2; ++h) {  // channels 8h .. 8h + 7
+      __m256i w[8];
+      if constexpr (BITS == 4) {
+        for (int o = 0; o < 4; ++o) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * o + 32 * h));
+          w[2 * o] = _mm256_and_si256(v, low);
+          w[2 * o + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        }
+      } else {
+        for (int o = 0; o < 8; ++o)
+          w[o] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * o + 32 * h)), flip);
+      }
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cg + 8 * h)));
+      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cg + kBlock + 8 * h)));
+      for (int r = 0; r < R; ++r) {
+        const int32_t* xr = reinterpret_cast<const int32_t*>(xq + r * K + g * kGroup);
+        __m256i s = _mm256_setzero_si256();
+        for (int o = 0; o < 8; ++o) {
+          const __m256i xb = _mm256_set1_epi32(xr[o]);
+          __m256i p;
+          if constexpr (BITS == 4) p = _mm256_maddubs_epi16(w[o], xb);
+          else p = _mm256_maddubs_epi16(_mm256_sign_epi8(xb, xb), _mm256_sign_epi8(w[o], xb));
+          s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+        }
+        const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(sx[r * G + g]));
+        acc[r][h] = _mm256_fmadd_ps(t, d, acc[r][h]);
+        if constexpr (BITS == 4) acc[r][h] = _mm256_fmadd_ps(_mm256_set1_ps(sq[r * G + g]), m, acc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(out + r * kBlock, acc[r][0]);
+    _mm256_storeu_ps(out + r * kBlock + 8, acc[r][1]);
+  }
+}
+
+#endif
 
 template <int BITS, typename T>
 void run(const T* x, int64_t M, int64_t K, int64_t N, const uint8_t* w, const at::Half* consts, T* y) {

@@ -8,7 +8,7 @@ from loadtest import bench_attention
 from models import kernels
 
 
-@pytest.mark.skipif(not kernels.load(), reason="kernels unavailable here")
+@pytest.mark.skipif(not kernels.paged_attention_available(), reason="paged attention kernel unavailable here")
 def test_a_small_grid_times_both_paths_and_they_agree():
     points = bench_attention.measure([(2, 40, 1), (2, 40, 3)], reps=1)
     assert [(p["sequences"], p["context"], p["queries"]) for p in points] == [(2, 40, 1), (2, 40, 3)]

@@ -12,7 +12,9 @@ import models.attention as A
 from models import kernels
 from models.attention import AttentionMetadata, TorchAttentionBackend, decode_inputs, overlay_attention
 
-pytestmark = pytest.mark.skipif(not kernels.load(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(not kernels.paged_attention_available(),
+                                reason=f"paged attention kernel unavailable (AVX-512 build only; kernels: "
+                                       f"{kernels.unavailable_reason() or kernels.isa()})")
 
 BS = 16
 CPU = torch.device("cpu")
