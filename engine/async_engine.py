@@ -180,6 +180,7 @@ class AsyncEngine:
             kv_cached_blocks=kv.allocator.num_cached,
             compiled_graphs=len(eng.runner.decode_step.ready) if eng.runner.decode_step is not None else 0,
             compiling=int(eng.warming_up),
+            **eng.floors.snapshot(),
         )
         spec = eng.speculative
         if spec is not None and spec.online is not None:

@@ -74,8 +74,15 @@ class ContinuousBatcher:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
+        """Queue a request: behind every waiting one of the same or a lower `priority` value (FCFS
+        within a priority; lower values first, as vLLM's priority scheduling)."""
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        prio = seq.params.priority
+        if not self.waiting or self.waiting[-1].params.priority <= prio:
+            self.waiting.append(seq)
+            return
+        i = next(i for i, s in enumerate(self.waiting) if s.params.priority > prio)
+        self.waiting.insert(i, seq)
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of both queues and free its blocks (finish or abort)."""
@@ -106,8 +113,9 @@ class ContinuousBatcher:
         upto = seq.num_computed_tokens + min(n, seq.num_pending_tokens)
         self.kv.cache_prompt_blocks(seq.block_table, seq.token_ids, seq.num_prompt_tokens, upto)
 
-    def schedule(self, extra_tokens: dict[Sequence, int] | None = None) -> ScheduledBatch:
-        """Plan one step. `extra_tokens[seq]` asks for speculative slots beyond the next token."""
+    def schedule(self, extra_tokens: dict[Sequence, int] | None = None, max_admit: int | None = None) -> ScheduledBatch:
+        """Plan one step. `extra_tokens[seq]` asks for speculative slots beyond the next token;
+        `max_admit`: most waiting requests to admit this step (None: as many as fit; speed floors)."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         scheduled: set[int] = set()
@@ -119,9 +127,10 @@ class ContinuousBatcher:
                 n = min(n + extra_tokens.get(seq, 0), budget)
             total = seq.num_computed_tokens + n
             while not self.kv.can_grow(seq.block_table, total):
-                victim = next(
+                # the latest admitted of the highest priority value (the least urgent) goes first
+                victim = max(
                     (s for s in reversed(self.running) if id(s) not in scheduled and s is not seq),
-                    None,
+                    key=lambda s: s.params.priority, default=None,
                 )
                 if victim is None:
                     break
@@ -137,7 +146,9 @@ class ContinuousBatcher:
             i += 1
         if batch.preempted:
             return batch  # no admissions while memory is short
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        admitted = 0
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and (
+                max_admit is None or admitted < max_admit):
             seq = self.waiting[0]
             hit = 0
             if seq.num_computed_tokens == 0:
@@ -163,4 +174,5 @@ class ContinuousBatcher:
             self.running.append(seq)
             batch.add(seq, n)
             budget -= n
+            admitted += 1
         return batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import threading
@@ -16,6 +17,7 @@ import torch
 from models import quant
 from models.dspark import load_drafter
 from models.loader import load_model
+from scheduler.sla import SpeedFloors
 
 from .batcher import ContinuousBatcher, StepRow
 from .block_manager import KVCacheManager
@@ -55,6 +57,9 @@ class EngineConfig:
     cost_table: str | None = None  # SPS(B) JSON to load (or save after profiling); default: in the cache dir
     record_acceptance: str | None = None  # JSONL of verification rounds, for `dspark calibrate`
     enable_prefix_caching: bool = True  # reuse the KV (and drafter context) of cached prompt blocks
+    # Speed floor of every request without its own (tokens/s after the first token; 0: none):
+    # the load-aware scheduler weighs requests below it more and holds admissions (scheduler/sla.py).
+    sla_min_tokens_per_s: float = 0.0
     # Structured outputs: compute the token masks on a worker thread while the forward runs.
     grammar_overlap: bool = True
     # Never torch.compile the decode step (engine/compiled_step.py); default from DSPARK_ENFORCE_EAGER,
@@ -116,6 +121,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, prefix_caching=cfg.enable_prefix_caching,
                                  cache_salt=salt)
         self.batcher = ContinuousBatcher(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.floors = SpeedFloors(cfg.sla_min_tokens_per_s)
         self.sampler = Sampler()
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
@@ -130,7 +136,7 @@ class LLMEngine:
             table = self._cost_table() if self.spec.verification in ("scheduled", "async") or self.spec.draft_skipping else None
             self.speculative = SpeculativeDecoder(
                 self.spec, self.proposer, self.gamma, self.stats, self.max_model_len, cost_table=table,
-                drafter_dir=self.spec.model, record_path=cfg.record_acceptance,
+                drafter_dir=self.spec.model, record_path=cfg.record_acceptance, floors=self.floors,
             )
         if self.runner.decode_step is not None:
             self.runner.decode_step.start()  # compiles in the background; serving starts now, eager
@@ -159,6 +165,7 @@ class LLMEngine:
         self.validate_prompt(prompt_token_ids)
         matcher = self.compile_grammar(params.structured).matcher() if params.structured is not None else None
         seq = Sequence(request_id, prompt_token_ids, params, self.tokenizer, prompt, arrival_time, self.device)
+        seq.floor = self.floors.floor_of(params.min_tokens_per_s)
         if matcher is not None:
             seq.grammar = matcher
             self.stats.structured_requests += 1
@@ -251,7 +258,7 @@ class LLMEngine:
         spec = self.speculative
         b = self.batcher
         caps = spec.caps(b.running, b.waiting, b.max_num_batched_tokens, b.max_num_seqs) if spec is not None else None
-        batch = b.schedule(caps)
+        batch = b.schedule(caps, self._admissions())
         self.stats.preemptions += len(batch.preempted)
         self.stats.prompt_tokens += batch.cached_prompt_tokens
         rows = batch.rows
@@ -282,9 +289,42 @@ class LLMEngine:
                 except Exception as e:
                     r.failure = self._internal_failure(r.seq, e)
         outputs = self._commit(rows, now)
+        seconds = time.monotonic() - t0
         if spec is not None:
-            spec.end_step(num_fed, time.monotonic() - t0)
+            spec.end_step(num_fed, seconds)
+        self._observe_floors(rows, num_fed, seconds, now)
         return outputs
+
+    # ------------------------------------------------------------ speed floors
+
+    def _admissions(self) -> int | None:
+        """Most waiting requests this step may admit under the speed floors (scheduler/sla.py):
+        None (no limit) when no running or waiting request has a floor."""
+        b = self.batcher
+        if not b.waiting:
+            return None
+        seats = max(0, b.max_num_seqs - len(b.running))
+        waiting = [s.floor for s in itertools.islice(b.waiting, seats)]
+        if not any(f > 0.0 for f in waiting) and not any(s.floor > 0.0 for s in b.running):
+            return None
+        now = time.monotonic()
+        table = self.cost_table
+        n = self.floors.admissions([s.floor_view(now) for s in b.running], waiting,
+                                   table.seconds if table is not None else None)
+        if n < len(waiting):
+            self.floors.admission_holds += 1
+        return n
+
+    def _observe_floors(self, rows: list[StepRow], num_fed: int, seconds: float, now: float) -> None:
+        """The step's decoding rows teach the floors' step model; the running requests below their
+        floor are counted (a metric)."""
+        f = self.floors
+        decoding = [r for r in rows if r.logits_row is not None and r.pending == 1]
+        if decoding:
+            table = self.cost_table
+            f.observe_step(seconds, len(decoding), sum(r.fed for r in decoding), sum(len(r.emitted) for r in decoding),
+                           table.seconds(num_fed) if table is not None and num_fed > 0 else None)
+        f.below_floor = sum(1 for s in self.batcher.running if s.floor > 0.0 and f.below(s.floor_view(now)))
 
     def _mark_nonfinite(self, rows: list[StepRow], logits: torch.Tensor) -> None:
         """A request with a NaN or inf among its logits fails alone (one reduction over the batch)."""
@@ -466,7 +506,10 @@ class LLMEngine:
         return self._make_output(seq)
 
     def _release(self, seq: Sequence) -> None:
-        """A finished request leaves the engine: its blocks, its speculative state, its fault hook."""
+        """A finished request leaves the engine: its blocks, its speculative state, its fault hook
+        (and its speed floor, met or missed, is counted)."""
+        if seq.finish_reason in ("stop", "length") and seq.last_token_time is not None:
+            self.floors.finished(seq.floor_view(seq.last_token_time))
         self.batcher.remove(seq)
         self.seqs.pop(seq.request_id, None)
         if self.speculative is not None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any
 
+from scheduler.sla import MAX_FLOOR
+
 # The sampler and the stop checks build int64 tensors from these per step: a value past this bound
 # would overflow there and fail the whole step (every request in it), so it is refused here instead.
 MAX_INT_PARAM = 2**31 - 1
@@ -42,6 +44,12 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Speculation cap for this request (None: the server's setting; 0: no speculation).
     max_draft_tokens: int | None = None
+    # Speed floor of this request in output tokens/s after its first token (None: the server's
+    # --sla-min-tokens-per-s; 0: none). The load-aware scheduler weighs a request below it more in the
+    # plan and holds admissions that would push the per-user speed below the floors (scheduler/sla.py).
+    min_tokens_per_s: float | None = None
+    # Admission order (vLLM's name): lower values are admitted first and preempted last; FCFS within one.
+    priority: int = 0
     # A grammar the output must follow (engine.structured.GrammarSpec: JSON schema, regex, choice...).
     structured: Any = None
     extra: dict = field(default_factory=dict)
@@ -93,6 +101,12 @@ class SamplingParams:
             bad(f"logprobs must be in [0, 20], got {self.logprobs}", "logprobs")
         if self.max_draft_tokens is not None and self.max_draft_tokens < 0:
             bad(f"max_draft_tokens must be non-negative, got {self.max_draft_tokens}", "max_draft_tokens")
+        if self.min_tokens_per_s is not None and (
+                isinstance(self.min_tokens_per_s, bool) or not isinstance(self.min_tokens_per_s, (int, float))
+                or not math.isfinite(self.min_tokens_per_s) or not 0.0 <= self.min_tokens_per_s <= MAX_FLOOR):
+            bad(f"min_tokens_per_s must be a number in [0, {MAX_FLOOR:g}], got {self.min_tokens_per_s!r}", "min_tokens_per_s")
+        if not _is_int(self.priority) or abs(self.priority) > MAX_INT_PARAM:
+            bad(f"priority must be an integer in [-{MAX_INT_PARAM}, {MAX_INT_PARAM}], got {self.priority!r}", "priority")
         if self.structured is not None:
             from .structured import GrammarSpec
 

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from scheduler.sla import FloorView
+
 from .block_manager import BlockTable
 from .detokenizer import IncrementalDetokenizer
 from .sampling_params import SamplingParams
@@ -73,10 +75,17 @@ class Sequence:
             if tokenizer is not None
             else None
         )
+        self.floor = 0.0  # its speed floor in tokens/s (the engine resolves the server default); 0: none
         self.grammar = None  # engine.structured.GrammarMatcher of a constrained request (set by the engine)
         self.output_text = ""  # text emitted so far (stop strings already cut)
         self._text_sent = 0  # chars of output_text already handed out
         self._tokens_sent = 0  # output tokens already handed out
+
+    def floor_view(self, now: float) -> FloorView:
+        """Its speed floor and its decode speed so far (tokens after the first, seconds since it)."""
+        if self.first_token_time is None:
+            return FloorView(self.floor, 0, 0.0)
+        return FloorView(self.floor, self.num_output_tokens - 1, max(0.0, now - self.first_token_time))
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -320,7 +320,7 @@ class SpeculativeDecoder:
     acceptance log that `dspark calibrate` reads)."""
 
     def __init__(self, spec: SpecConfig, proposer: DraftProposer, gamma: int, stats, max_model_len: int,
-                 cost_table=None, drafter_dir: str | None = None, record_path: str | None = None):
+                 cost_table=None, drafter_dir: str | None = None, record_path: str | None = None, floors=None):
         from pathlib import Path
 
         from scheduler import DraftBudget, DraftedSteps, DraftSkipper, OnlineCalibrator, PlainSteps, STSCalibrator, make_policy
@@ -353,6 +353,10 @@ class SpeculativeDecoder:
         self.draft_failures = 0  # steps whose drafting raised and fell back to plain decoding
         self._verdict = None  # this step's plan, for DraftBudget: judged once the step ends (end_step)
         self._drafted = False  # whether the drafter ran this step
+        # speed floors (scheduler/sla.py): requests below theirs weigh more in the plan (Algorithm 1's
+        # policy only)
+        self.floors = floors
+        self._floor_plans = floors is not None and getattr(self.policy, "name", None) == "scheduled"
 
     # ---------------------------------------------------------------- before the forward
 
@@ -461,9 +465,15 @@ class SpeculativeDecoder:
         if hasattr(self.policy, "plan_with_stats"):
             # The drafting pass is done: its seconds are a constant of this step, which the cost table
             # (the verification forward alone) does not hold; the plan adds them to every B it weighs.
+            floors = {}
+            if self._floor_plans:  # speed floors: weights from each request's speed so far (history only)
+                now = time.monotonic()
+                floors = {"weights": [self.floors.weight(s.floor_view(now)) if s.floor > 0.0 else 1.0 for s in seqs]}
             plan = self.policy.plan_with_stats(conf, caps, base_tokens, fixed_seconds=self._draft_seconds,
-                                               other_tokens=other_tokens)
+                                               other_tokens=other_tokens, **floors)
             lengths = list(plan.lengths)
+            if self.floors is not None:
+                self.floors.floor_draft_tokens += plan.weighted_drafts
             self.stats.spec_last_expected_tokens = float(plan.expected_tokens)
             self.stats.spec_last_planned_tokens = int(plan.num_tokens)
             if self.cost_table is not None:

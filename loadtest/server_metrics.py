@@ -107,6 +107,9 @@ def engine_stats(d: Samples) -> dict:
         "preemptions": _value(d, "dspark_engine_preemptions_total"),
         "prefix_cache_queries": _value(d, "dspark_prefix_cache_queries_total"),
         "prefix_cache_hits": _value(d, "dspark_prefix_cache_hits_total"),
+        # speed floors (--sla-min-tokens-per-s): steps that held the queue, drafts verified for floors
+        "sla_admission_holds": _value(d, "dspark_sla_admission_holds_total"),
+        "sla_floor_draft_tokens": _value(d, "dspark_sla_floor_draft_tokens_total"),
         "errors_by_code": errors,
     }
 

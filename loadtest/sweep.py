@@ -210,6 +210,11 @@ def combine_rounds(rounds: list[dict], baseline_rounds: list[dict] | None) -> di
         "tokens_per_s_per_user_mean": r["summary"]["tokens_per_s_per_user"]["mean"],
         "requests_completed": r["summary"]["requests_completed"],
         "tau": ((r.get("server_metrics") or {}).get("spec_decode") or {}).get("tau"),
+        "duration_s": r["summary"].get("duration_s"),
+        # per completed request: (tokens/s per user, output tokens), so goodput at any floor can be
+        # computed for every round afterwards (loadtest/bench_sla.py)
+        "requests": [[q.get("tokens_per_s_per_user"), q.get("output_tokens")] for q in r.get("requests", [])
+                     if q.get("ok")],
     } for r in rounds]
     if baseline_rounds:
         ratios = [_throughput(r) / _throughput(b) for r, b in zip(rounds, baseline_rounds) if _throughput(b) > 0]

@@ -46,6 +46,7 @@ class PlanResult:
     expected_tokens: float  # tau: R bonus tokens + sum of admitted a[r][j]
     theta: float  # (tau + other_tokens) * rate(B): expected tokens per second of the whole step
     num_candidates: int = 0  # (r, j) with a > 0 within the caps
+    weighted_drafts: int = 0  # drafts of rows weighted above 1 (speed floors) the plan verified
 
 
 def as_rows(confidences) -> list[list[float]]:
@@ -72,8 +73,10 @@ def rows_and_limits(confidences, caps: Sequence[int] | None) -> list[tuple[list[
     return [(row, len(row) if caps is None else max(0, min(len(row), int(caps[r])))) for r, row in enumerate(rows)]
 
 
-def candidates(confidences, caps: Sequence[int] | None = None) -> list[tuple[float, int, int]]:
-    """All (a, j, r) with a[r][j] > 0 and j <= cap[r], ranked: a descending, then smaller j, then smaller r.
+def candidates(confidences, caps: Sequence[int] | None = None,
+               weights: Sequence[float] | None = None) -> list[tuple[float, int, int]]:
+    """All (a, j, r) with a[r][j] > 0 and j <= cap[r], ranked: a descending (w[r] * a with
+    `weights`), then smaller j, then smaller r.
 
     j is 1-based (the number of drafts verified if (r, j) is the last admitted one).
     """
@@ -85,7 +88,10 @@ def candidates(confidences, caps: Sequence[int] | None = None) -> list[tuple[flo
             if a <= 0.0:
                 break
             out.append((a, j, r))
-    out.sort(key=lambda t: (-t[0], t[1], t[2]))
+    if weights is None:
+        out.sort(key=lambda t: (-t[0], t[1], t[2]))
+    else:
+        out.sort(key=lambda t: (-weights[t[2]] * t[0], t[1], t[2]))
     return out
 
 
@@ -110,23 +116,36 @@ class PrefixScheduler(VerifyPolicy):
         self.last: PlanResult | None = None
 
     def plan(self, confidences, caps: Sequence[int] | None = None, base_tokens: int = 0,
-             fixed_seconds: float = 0.0, other_tokens: int = 0) -> list[int]:
-        return self.plan_with_stats(confidences, caps, base_tokens, fixed_seconds, other_tokens).lengths
+             fixed_seconds: float = 0.0, other_tokens: int = 0, weights: Sequence[float] | None = None) -> list[int]:
+        extra = {} if weights is None else {"weights": weights}
+        return self.plan_with_stats(confidences, caps, base_tokens, fixed_seconds, other_tokens, **extra).lengths
 
     def plan_with_stats(self, confidences, caps: Sequence[int] | None = None, base_tokens: int = 0,
-                        fixed_seconds: float = 0.0, other_tokens: int = 0) -> PlanResult:
+                        fixed_seconds: float = 0.0, other_tokens: int = 0,
+                        weights: Sequence[float] | None = None) -> PlanResult:
         """`base_tokens`: the forward's tokens that are not these requests' (prefill chunks, decoding
         requests that do not draft); `other_tokens`: the tokens those rows emit this step (one per
         such decoding request or finished prompt). The step's output is theirs plus tau: a draft
-        worth a tokens is weighed against slowing them too."""
+        worth a tokens is weighed against slowing them too.
+
+        `weights` (speed floors, scheduler/sla.py): per request, how much one of its tokens is worth
+        (>= 1; a request below its speed floor more). The greedy then maximises the weighted
+        throughput (sum of w[r] x its expected tokens + other) x SPS(B), ranking candidates by
+        w[r] * a. With every weight 1 (or None) the plan is exactly Algorithm 1's."""
         rows = as_rows(confidences)
-        result = self._search(rows, candidates(rows, caps), base_tokens, early_stop=True, fixed_seconds=fixed_seconds,
-                              other_tokens=other_tokens)
+        if weights is not None:
+            if len(weights) != len(rows):
+                raise ValueError(f"{len(weights)} weights for {len(rows)} requests")
+            weights = [w if w > 1.0 and math.isfinite(w) else 1.0 for w in weights]
+            if all(w == 1.0 for w in weights):
+                weights = None
+        result = self._search(rows, candidates(rows, caps, weights), base_tokens, early_stop=True,
+                              fixed_seconds=fixed_seconds, other_tokens=other_tokens, weights=weights)
         self.last = result
         return result
 
     def _search(self, rows, ranked, base_tokens: int, early_stop: bool, fixed_seconds: float = 0.0,
-                other_tokens: int = 0) -> PlanResult:
+                other_tokens: int = 0, weights: Sequence[float] | None = None) -> PlanResult:
         R = len(rows)
         table = self.cost_table
 
@@ -136,18 +155,21 @@ class PrefixScheduler(VerifyPolicy):
         lengths = [0] * R
         B = R + base_tokens  # every request's anchor, plus prefill tokens riding in the same forward
         tau = float(R)  # each round emits at least one token per request (correction or bonus)
-        best = (tau + other_tokens) * sps(B) if R else 0.0
+        value = float(sum(weights)) if weights is not None else tau  # tau weighted by w[r]
+        best = (value + other_tokens) * sps(B) if R else 0.0
         best_lengths, best_B, best_tau = list(lengths), B, tau
         for a, j, r in ranked:
             lengths[r] = j
             B += 1
             tau += a
-            theta = (tau + other_tokens) * sps(B)
+            value += a * (weights[r] if weights is not None else 1.0)
+            theta = (value + other_tokens) * sps(B)
             if theta > best:
                 best, best_lengths, best_B, best_tau = theta, list(lengths), B, tau
             elif early_stop:
                 break
-        return PlanResult(best_lengths, best_B, best_tau, best, len(ranked))
+        weighted = sum(l for l, w in zip(best_lengths, weights) if w > 1.0) if weights is not None else 0
+        return PlanResult(best_lengths, best_B, best_tau, best, len(ranked), weighted)
 
 
 def best_capacity(ranked_a: Sequence[float], num_requests: int, base_tokens: int, cost_table: CostTable,

@@ -67,6 +67,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         '"verification": "scheduled"}; see README')
     g.add_argument("--cost-table", default=None,
                    help="SPS(B) cost table JSON to load, or to write after profiling (default: in the cache dir)")
+    g.add_argument("--sla-min-tokens-per-s", type=float, default=0.0, metavar="TOKENS_PER_S",
+                   help="speed floor of every request (output tokens/s after its first token; 0: none): the "
+                        "load-aware scheduler weighs requests below it more in the plan and keeps new requests "
+                        "waiting while admitting them would push the per-user speed below; a request sets its own with "
+                        "min_tokens_per_s (0 relaxes it). docs/scheduler.md")
     g.add_argument("--record-acceptance", default=None,
                    help="append every verification round (confidence logits, verified, accepted) to this JSONL")
 
@@ -98,7 +103,7 @@ def engine_config_from_args(args: argparse.Namespace):
         kv_cache_memory=args.kv_cache_memory, num_threads=args.num_threads,
         speculative_config=args.speculative_config, cost_table=args.cost_table,
         record_acceptance=args.record_acceptance, enable_prefix_caching=args.enable_prefix_caching,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, sla_min_tokens_per_s=args.sla_min_tokens_per_s,
     )
 
 

@@ -178,6 +178,24 @@ class EngineCollector:
         yield gauge("dspark_compiling", "1 while the decode step's graphs compile in the background (steps of a "
                     "class not compiled yet run eager, slower) and until the cost table is re-profiled on them "
                     "(at the first idle moment)", s.get("compiling", 0))
+        yield gauge("dspark_sla_default_floor_tokens_per_s", "The server's speed floor per request "
+                    "(--sla-min-tokens-per-s; 0: none; a request may set its own with min_tokens_per_s)",
+                    s.get("sla_default_floor", 0.0))
+        yield gauge("dspark_sla_requests_below_floor", "Running requests whose decode speed so far (tokens/s after "
+                    "the first token) is below their floor", s.get("sla_requests_below_floor", 0))
+        sla = CounterMetricFamily("dspark_sla_requests", "Finished requests with a speed floor, by whether their "
+                                  "decode speed met it", labels=["outcome"])
+        sla.add_metric(["met"], s.get("sla_requests_met", 0))
+        sla.add_metric(["missed"], s.get("sla_requests_missed", 0))
+        yield sla
+        ratio = s.get("sla_attainment_ratio")
+        yield gauge("dspark_sla_floor_attainment_ratio", "Share of the last 200 finished requests with a floor "
+                    "that met it (1 before any)", 1.0 if ratio is None else ratio)
+        yield counter("dspark_sla_floor_draft_tokens", "Drafts the plan verified for requests below their floor "
+                      "(weighted by it in Algorithm 1's objective)", s.get("sla_floor_draft_tokens", 0))
+        yield counter("dspark_sla_admission_holds", "Engine steps in which the speed floors kept a waiting request "
+                      "waiting (one more would have pushed the predicted per-user speed below the tightest floor)",
+                      s.get("sla_admission_holds", 0))
         yield counter("dspark_engine_preemptions", "Requests preempted (KV blocks freed, recomputed later)",
                       s["preemptions"])
 

@@ -24,6 +24,8 @@ from typing import Annotated, Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.sampling_params import MAX_FLOOR, MAX_INT_PARAM as MAX_PRIORITY
+
 MAX_N = 8  # choices per request
 MAX_PROMPTS = 32  # prompts in one /v1/completions batch
 MAX_TOP_LOGPROBS = 20
@@ -103,6 +105,10 @@ class SamplingFields(_Strict):
     include_stop_str_in_output: bool = False
     # dspark extension: cap this request's speculative drafts (0: plain decoding for it).
     max_draft_tokens: int | None = Field(None, ge=0, le=MAX_DRAFT_TOKENS)
+    # dspark extension: this request's speed floor in output tokens/s after the first token (None: the
+    # server's --sla-min-tokens-per-s; 0: none). vLLM's priority: lower values are admitted first.
+    min_tokens_per_s: float | None = Field(None, ge=0.0, le=MAX_FLOOR, allow_inf_nan=False)
+    priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
     # structured outputs, vLLM's names: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
     # and the older guided_* fields (engine/structured.py bounds their size)
     structured_outputs: dict | None = None

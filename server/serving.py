@@ -461,6 +461,8 @@ class OpenAIServing:
                 skip_special_tokens=req.skip_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 max_draft_tokens=req.max_draft_tokens,
+                min_tokens_per_s=req.min_tokens_per_s,
+                priority=req.priority,
             )
         except Exception as e:  # SamplingParamsError names the parameter
             raise from_engine_error(e) from None

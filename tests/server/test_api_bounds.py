@@ -109,6 +109,12 @@ OVER_THE_BOUND = [
     # speculation cap and choices
     bad(CHAT, "max_draft_tokens", P.MAX_DRAFT_TOKENS + 1),
     bad(CHAT, "max_draft_tokens", -1),
+    bad(CHAT, "min_tokens_per_s", -1),
+    bad(CHAT, "min_tokens_per_s", 1e9),
+    bad(CHAT, "min_tokens_per_s", "fast"),
+    bad(COMPLETIONS, "min_tokens_per_s", -0.5),
+    bad(CHAT, "priority", 2**31),
+    bad(CHAT, "priority", 1.5),
     bad(CHAT, "n", 0),
     bad(CHAT, "n", P.MAX_N + 1),
     bad(CHAT, "n", 2**63),

@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from dspark_testing import make_random_drafter
-from server_helpers import ServerProcess, chat_body, metric_value
+from server_helpers import ServerProcess, chat_body, metric_value, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,26 @@ def test_speculation_runs_and_is_counted(spec_server):
         assert _spec_counters(c)["drafts"] == mid["drafts"]
         bad = c.post("/v1/chat/completions", json={**body, "max_draft_tokens": "many"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_draft_tokens"
+
+
+def _floor_outcomes(c: httpx.Client) -> float:
+    text = c.get("/metrics").text
+    return sum(metric_value(text, "dspark_sla_requests_total", {"outcome": o}) for o in ("met", "missed"))
+
+
+def test_a_request_with_a_speed_floor(spec_server):
+    with httpx.Client(base_url=spec_server.url, timeout=120) as c:
+        body = chat_body("Count from one to ten.", max_tokens=12, temperature=0, ignore_eos=True)
+        plain = c.post("/v1/chat/completions", json=body)
+        before = _floor_outcomes(c)
+        floored = c.post("/v1/chat/completions", json={**body, "min_tokens_per_s": 1.0, "priority": -1})
+        assert floored.status_code == 200, floored.text
+        # greedy: the floor changes what is verified, never the answer
+        assert floored.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+        wait_until(lambda: _floor_outcomes(c) == before + 1, 10, what="the floor's outcome counted")
+        assert metric_value(c.get("/metrics").text, "dspark_sla_default_floor_tokens_per_s") == 0.0
+        bad = c.post("/v1/chat/completions", json={**body, "min_tokens_per_s": -3})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "min_tokens_per_s"
 
 
 def test_calibration_report_and_offline_fit(spec_server, rounds_log, tmp_path):
