@@ -299,10 +299,10 @@ class LLMEngine:
 
     def _admissions(self) -> int | None:
         """Most waiting requests this step may admit under the speed floors (scheduler/sla.py):
-        None (no limit) when no running or waiting request has a floor."""
+        None (no limit) without a server floor or when no running or waiting request has a floor."""
         b = self.batcher
-        if not b.waiting:
-            return None
+        if not b.waiting or self.floors.default_floor <= 0.0:
+            return None  # only the server's floor holds the queue (a request's own, up to it)
         seats = max(0, b.max_num_seqs - len(b.running))
         waiting = [s.floor for s in itertools.islice(b.waiting, seats)]
         if not any(f > 0.0 for f in waiting) and not any(s.floor > 0.0 for s in b.running):

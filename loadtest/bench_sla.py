@@ -23,7 +23,7 @@ import statistics
 from pathlib import Path
 
 from loadtest import report
-from loadtest.sweep import sweep_main
+from loadtest.sweep import request_speeds, sweep_main
 
 OUT_DIR = report.RESULTS_DIR
 OFF = "--speculative-config '{\"method\": \"none\"}'"
@@ -52,8 +52,7 @@ def _rounds(point: dict) -> list[dict]:
         return point["rounds"]
     s = point["summary"]
     return [{"output_token_throughput": s["output_token_throughput"], "duration_s": s["duration_s"],
-             "requests": [[q.get("tokens_per_s_per_user"), q.get("output_tokens")] for q in point["requests"]
-                          if q.get("ok")]}]
+             "requests": request_speeds(point)}]
 
 
 def analyse(sweep: dict, floors: dict[str, float]) -> list[dict]:

@@ -198,6 +198,11 @@ def _median(xs: list[float]) -> float:
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
+def request_speeds(point: dict) -> list[list]:
+    """(tokens/s per user, output tokens) of a point's completed requests."""
+    return [[q.get("tokens_per_s_per_user"), q.get("output_tokens")] for q in point.get("requests", []) if q.get("ok")]
+
+
 def combine_rounds(rounds: list[dict], baseline_rounds: list[dict] | None) -> dict:
     """One point from its rounds: the round with the median output throughput (the lower middle one
     for an even count), every round's headline numbers, and the median per-round ratio to the baseline."""
@@ -213,8 +218,7 @@ def combine_rounds(rounds: list[dict], baseline_rounds: list[dict] | None) -> di
         "duration_s": r["summary"].get("duration_s"),
         # per completed request: (tokens/s per user, output tokens), so goodput at any floor can be
         # computed for every round afterwards (loadtest/bench_sla.py)
-        "requests": [[q.get("tokens_per_s_per_user"), q.get("output_tokens")] for q in r.get("requests", [])
-                     if q.get("ok")],
+        "requests": request_speeds(r),
     } for r in rounds]
     if baseline_rounds:
         ratios = [_throughput(r) / _throughput(b) for r, b in zip(rounds, baseline_rounds) if _throughput(b) > 0]

@@ -155,8 +155,13 @@ class SpeedFloors:
 
     def admissions(self, running: list[FloorView], waiting_floors: list[float], seconds_of) -> int:
         """How many of the waiting requests (their floors, in queue order) may join the `running`
-        ones this step. `seconds_of`: the cost table's seconds of a forward of B tokens; None (no
+        ones this step; floors count up to the server's default (none without one). `seconds_of`: the cost table's seconds of a forward of B tokens; None (no
         model): only the measured speeds so far hold the queue."""
+        # a request's own floor holds the queue only up to the server's (the operator's) floor: a
+        # request may ask for more speed in the plan, not make everyone else wait for it
+        cap = self.default_floor
+        running = [FloorView(min(v.floor, cap), v.tokens, v.elapsed) for v in running]
+        waiting_floors = [min(f, cap) for f in waiting_floors]
         if seconds_of is None:
             if any(self.below(v) for v in running):
                 return 0

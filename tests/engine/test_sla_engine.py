@@ -50,9 +50,10 @@ def test_admission_holds_at_the_predicted_capacity(tiny_llama_dir, tiny_drafter_
     assert eng._admissions() is None  # nothing waiting: no limit
 
 
-def test_without_floors_nothing_is_held(tiny_llama_dir, tiny_drafter_dir, tmp_path):
+def test_without_a_server_floor_nothing_is_held(tiny_llama_dir, tiny_drafter_dir, tmp_path):
+    """Requests' own floors weigh in the plan but hold the queue only up to the server's floor."""
     eng = _engine(tiny_llama_dir, tiny_drafter_dir, tmp_path)
-    for rid, ids, p in _requests(6):
+    for rid, ids, p in _requests(6, min_tokens_per_s=10_000.0):
         eng.add_request(rid, params=p, prompt_token_ids=ids)
     eng.step()
     assert eng.num_running == 6 and eng.floors.admission_holds == 0

@@ -118,7 +118,7 @@ def test_weights_from_the_speed_so_far():
 
 def test_admission_holds_while_floors_are_at_risk():
     seconds_of = CostTable.from_points({1: 100.0, 2: 50.0, 3: 100.0 / 3, 4: 25.0, 8: 12.5}).seconds  # 10 ms per token
-    f = SpeedFloors()
+    f = SpeedFloors(1000.0)  # the server's floor caps what a request's own floor may hold
     fast = FloorView(30.0, 100, 1.0)  # 100 tok/s so far
     # before any decoding step is measured: one request at a time
     assert f.admissions([], [30.0] * 5, seconds_of) == 1 and f.admissions([fast], [30.0], seconds_of) == 0
@@ -145,6 +145,12 @@ def test_admission_holds_while_floors_are_at_risk():
     # without a cost table only measured speeds hold: a running request below its floor
     assert f.admissions([fast] * 6, [30.0] * 2, None) == 2
     assert f.admissions([FloorView(30.0, 20, 1.0)], [0.0], None) == 0
+    # a request's own floor holds the queue only up to the server's: none without one
+    f.default_floor = 0.0
+    assert f.admissions([FloorView(30.0, 20, 1.0)], [0.0], None) == 1
+    f.default_floor = 20.0
+    f.overhead = 1.0
+    assert f.admissions([], [30.0] * 5, seconds_of) == 5  # 20 tok/s fits 5
 
 
 def test_outcomes_and_metrics():
