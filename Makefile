@@ -38,55 +38,55 @@ soak: install
 		$(PY) -m pytest -q -s -m soak tests/reliability $(ARGS)
 
 bench-engine: install
-	$(PY) -m loadtest.bench_engine $(ARGS)
+	$(PY) -m dspark_serve.loadtest.bench_engine $(ARGS)
 
 bench-batching: install
-	$(PY) -m loadtest.bench_batching $(ARGS)
+	$(PY) -m dspark_serve.loadtest.bench_batching $(ARGS)
 
 bench-spec: install
-	$(PY) -m loadtest.bench_spec $(ARGS)
+	$(PY) -m dspark_serve.loadtest.bench_spec $(ARGS)
 
 bench-serve: install
-	$(PY) -m loadtest $(ARGS)
+	$(PY) -m dspark_serve.loadtest $(ARGS)
 
 bench-sweep: install
-	$(PY) -m loadtest sweep $(ARGS)
+	$(PY) -m dspark_serve.loadtest sweep $(ARGS)
 
 bench-profile: install
-	$(PY) -m loadtest.profile_decode $(ARGS)
+	$(PY) -m dspark_serve.loadtest.profile_decode $(ARGS)
 
 # Packed int4 / int8 (torch's kernels and our VNNI kernel) against dense linears at the default
 # model's shapes, 1-128 rows, and the machine's memory bandwidth (docs/benchmarks/quantization-kernels.{json,md}).
 bench-quant: install
-	$(PY) -m loadtest.bench_quant $(ARGS)
+	$(PY) -m dspark_serve.loadtest.bench_quant $(ARGS)
 
 # The compiled decode step against --enforce-eager in the engine, plain and DSpark, c = 1 and 8
 # (docs/benchmarks/compile.{md,json}; a cold inductor cache adds about 12 minutes of compiling on 2 cores).
 bench-compile: install
-	$(PY) -m loadtest.bench_compile $(ARGS)
+	$(PY) -m dspark_serve.loadtest.bench_compile $(ARGS)
 
 # Structured outputs: tokens/s and DSpark's acceptance with and without a JSON schema, c = 1 and 8
 # (docs/benchmarks/structured.{md,json}); the grammar engines compared (docs/benchmarks/grammar-engines.md,
 # needs xgrammar and outlines-core installed with --no-deps beside llguidance).
 bench-structured: install
-	$(PY) -m loadtest.bench_structured $(ARGS)
+	$(PY) -m dspark_serve.loadtest.bench_structured $(ARGS)
 
 bench-grammar: install
-	$(PY) -m loadtest.bench_grammar $(ARGS)
+	$(PY) -m dspark_serve.loadtest.bench_grammar $(ARGS)
 
 # Load-aware speculation vs plain decoding in the engine (no HTTP), interleaved rounds at c = 1..32
 # (docs/benchmarks/load-aware-engine.{md,json,png}); the HTTP view is `make bench-sweep`.
 bench-load-aware: install
-	$(PY) -m loadtest.bench_load_aware $(ARGS)
+	$(PY) -m dspark_serve.loadtest.bench_load_aware $(ARGS)
 
 # Paged attention: our kernel against the gather-then-matmul path, per layer
 bench-attention: install
-	$(PY) -m loadtest.bench_attention $(ARGS)
+	$(PY) -m dspark_serve.loadtest.bench_attention $(ARGS)
 
 # Per-user speed floors (docs/benchmarks/sla.md): goodput of --sla-min-tokens-per-s servers against
 # the default (Algorithm 1 alone), fixed and plain decoding, ShareGPT, interleaved rounds.
 bench-sla: install
-	$(PY) -m loadtest.bench_sla $(ARGS)
+	$(PY) -m dspark_serve.loadtest.bench_sla $(ARGS)
 
 # llama.cpp's llama-server for the peer benchmark, built from the llama.cpp sources vendored in the
 # llama-cpp-python sdist on PyPI (CMake + Ninja, pip-installed into the venv when missing; a C++
@@ -94,14 +94,14 @@ bench-sla: install
 # rebuilds). docs/benchmarks/README.md, "llama.cpp's llama-server as a peer".
 LLAMA_SERVER_ARGS ?=
 llama-server: install
-	$(PY) -m loadtest.llama_server $(LLAMA_SERVER_ARGS)
+	$(PY) -m dspark_serve.loadtest.llama_server $(LLAMA_SERVER_ARGS)
 
 # Our default server (DSpark + lookup) and plain decoding against llama-server on the same GGUF and thread count,
 # ShareGPT, 128 output tokens (ignore_eos), greedy, three interleaved rounds (docs/benchmarks/peers.*).
 # (at most 32: the llama-server peer runs 32 --parallel slots)
 PEERS_GRID ?= 1,2,4,8,16,32
 bench-peers: install llama-server
-	$(PY) -m loadtest sweep --name peers --result-dir docs/benchmarks --dataset sharegpt \
+	$(PY) -m dspark_serve.loadtest sweep --name peers --result-dir docs/benchmarks --dataset sharegpt \
 		--max-tokens 128 --ignore-eos --temperature 0 --concurrency-grid $(PEERS_GRID) --rounds 3 \
 		--config-name dspark-default --config-name dspark-plain \
 		--server-args "--speculative-config '{\"method\": \"none\"}'" \
@@ -113,7 +113,7 @@ bench-peers: install llama-server
 PREFIX_GRID ?= 1,8,32
 bench-prefix: install
 	for set in sharegpt-multiturn sharegpt-system-prompt; do \
-	$(PY) -m loadtest sweep --name prefix-caching-$$set --result-dir docs/benchmarks --dataset $$set \
+	$(PY) -m dspark_serve.loadtest sweep --name prefix-caching-$$set --result-dir docs/benchmarks --dataset $$set \
 		--max-tokens 64 --temperature 0 --concurrency-grid $(PREFIX_GRID) --num-requests 32 --fresh-prompts \
 		--config-name caching-on --config-name caching-off --server-args="--no-enable-prefix-caching" \
 		--baseline caching-off --rounds 2 --no-progress $(ARGS) || exit 1; done

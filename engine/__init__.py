@@ -1,6 +1,6 @@
 """dspark-serve engine: continuous batching over a paged KV cache.
 
-    from engine import LLM, SamplingParams
+    from dspark_serve.engine import LLM, SamplingParams
     llm = LLM()  # the embedded default model
     print(llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=32))[0].outputs[0].text)
 """

@@ -38,8 +38,8 @@ import time
 
 import torch
 
-from models import quant
-from models.attention import DecodeInputs, decode_inputs
+from dspark_serve.models import quant
+from dspark_serve.models.attention import DecodeInputs, decode_inputs
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def _use_dspark_inductor_cache() -> None:
     # torch writes its default into the variable the first time it asks: that is not a choice.
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
-        from models.loader import cache_dir
+        from dspark_serve.models.loader import cache_dir
 
         path = cache_dir() / "inductor"
         path.mkdir(parents=True, exist_ok=True)

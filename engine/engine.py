@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from models import quant
-from models.dspark import load_drafter
-from models.loader import load_model
-from scheduler.sla import SpeedFloors
+from dspark_serve.models import quant
+from dspark_serve.models.dspark import load_drafter
+from dspark_serve.models.loader import load_model
+from dspark_serve.scheduler.sla import SpeedFloors
 
 from .batcher import ContinuousBatcher, StepRow
 from .block_manager import KVCacheManager
@@ -521,9 +521,9 @@ class LLMEngine:
 
     def _cost_table(self):
         """SPS(B) of this machine: loaded from --cost-table / the cache, else profiled now and saved."""
-        from scheduler import CostTable, profile_cost_table
+        from dspark_serve.scheduler import CostTable, profile_cost_table
 
-        from models.loader import cache_dir
+        from dspark_serve.models.loader import cache_dir
 
         step = self.runner.decode_step
         key = {"model": self.loaded.path, "dtype": str(self.runner.dtype), "quantization": self.loaded.model.quantization,

@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from models.attention import AttentionMetadata, TorchAttentionBackend, decode_inputs
-from models.loader import LoadedModel
+from dspark_serve.models.attention import AttentionMetadata, TorchAttentionBackend, decode_inputs
+from dspark_serve.models.loader import LoadedModel
 
 from .batcher import StepRow
 from .compiled_step import CompiledStep, supported

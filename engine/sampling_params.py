@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any
 
-from scheduler.sla import MAX_FLOOR
+from dspark_serve.scheduler.sla import MAX_FLOOR
 
 # The sampler and the stop checks build int64 tensors from these per step: a value past this bound
 # would overflow there and fail the whole step (every request in it), so it is refused here instead.

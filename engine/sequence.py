@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from scheduler.sla import FloorView
+from dspark_serve.scheduler.sla import FloorView
 
 from .block_manager import BlockTable
 from .detokenizer import IncrementalDetokenizer

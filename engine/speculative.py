@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from models.dspark import DSparkDrafter, check_context_window
-from scheduler.prefix import step_rate
+from dspark_serve.models.dspark import DSparkDrafter, check_context_window
+from dspark_serve.scheduler.prefix import step_rate
 
 from .lookup import LookupStats, TokenArrays, find_match, prefer_copy
 from .acceptance_log import AcceptanceLogWriter
@@ -323,7 +323,8 @@ class SpeculativeDecoder:
                  cost_table=None, drafter_dir: str | None = None, record_path: str | None = None, floors=None):
         from pathlib import Path
 
-        from scheduler import DraftBudget, DraftedSteps, DraftSkipper, OnlineCalibrator, PlainSteps, STSCalibrator, make_policy
+        from dspark_serve.scheduler import (DraftBudget, DraftedSteps, DraftSkipper, OnlineCalibrator, PlainSteps,
+                                            STSCalibrator, make_policy)
 
         self.spec = spec
         self.proposer = proposer

@@ -1,4 +1,5 @@
-"""`python -m loadtest [run] ...`, `python -m loadtest sweep ...`, `python -m loadtest plot ...`."""
+"""`python -m dspark_serve.loadtest [run] ...`, `python -m dspark_serve.loadtest sweep ...`,
+`python -m dspark_serve.loadtest plot ...`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The paged-attention kernel against the gather-then-matmul path, per layer, in ONE run.
 
-    python -m loadtest.bench_attention [--threads 2] [--reps 20]
+    python -m dspark_serve.loadtest.bench_attention [--threads 2] [--reps 20]
 
 For each (sequences, context length, queries per sequence) of the grid: one layer's attention
 of the default model's shape (9 query heads, 3 KV heads, head_dim 64, bf16 pool, 16-token
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from loadtest.bench_engine import OUT_DIR, _machine, write_results
+from dspark_serve.loadtest.bench_engine import OUT_DIR, _machine, write_results
 
 GRID = [(1, 512, 1), (1, 512, 8), (1, 4096, 1), (8, 512, 1), (8, 512, 4), (32, 256, 1), (32, 1024, 1),
         (32, 1024, 3), (64, 1024, 1)]
@@ -29,7 +29,7 @@ BS = 16
 
 
 def _case(nseq: int, ctx: int, nq: int, seed: int = 0):
-    from models.attention import decode_inputs
+    from dspark_serve.models.attention import decode_inputs
 
     g = torch.Generator().manual_seed(seed)
     clens = [max(nq, ctx - (i * 37) % max(1, ctx // 2)) for i in range(nseq)]
@@ -58,7 +58,7 @@ def _time(fn, reps: int) -> float:
 
 
 def measure(grid, reps: int) -> list[dict]:
-    import models.attention as A
+    import dspark_serve.models.attention as A
 
     points = []
     for nseq, ctx, nq in grid:
@@ -129,13 +129,13 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=str(OUT_DIR / "attention.json"))
     args = ap.parse_args(argv)
-    from models import kernels
+    from dspark_serve.models import kernels
 
     if not kernels.load():
         raise SystemExit(f"the kernels are not available here: {kernels.unavailable_reason()}")
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    res = {"command": "python -m loadtest.bench_attention " + " ".join(argv or []), "machine": _machine(),
+    res = {"command": "python -m dspark_serve.loadtest.bench_attention " + " ".join(argv or []), "machine": _machine(),
            "threads": args.threads, "points": measure(GRID, args.reps)}
     write_results(Path(args.out), res, markdown, plot)
     return 0

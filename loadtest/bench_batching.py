@@ -13,7 +13,7 @@ tokens; its prefill joins a step of decodes), greedy, up to `--max-tokens` new t
 
 Writes docs/benchmarks/NAME.json, NAME.md and NAME.png.
 
-    python -m loadtest.bench_batching --baseline 660304e [--requests 120] [--threads 2]
+    python -m dspark_serve.loadtest.bench_batching --baseline 660304e [--requests 120] [--threads 2]
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def worker(args) -> dict:
     """One variant: run the workload in this process, print a JSON line."""
     import torch
 
-    from engine import LLM, SamplingParams, apply_chat_template
-    from training.sharegpt import sharegpt_pairs, sharegpt_path
+    from dspark_serve.engine import LLM, SamplingParams, apply_chat_template
+    from dspark_serve.training.sharegpt import sharegpt_pairs, sharegpt_path
 
     llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.slots, max_num_batched_tokens=2048,
               num_threads=args.threads)
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     finally:
         if tmp is not None:
             subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "tree")], cwd=ROOT, capture_output=True)
-    from loadtest.bench_engine import _machine
+    from dspark_serve.loadtest.bench_engine import _machine
 
     def med(name, key):
         vals = sorted(x[key] for x in runs[name])
@@ -143,7 +143,8 @@ def main(argv=None) -> int:
     base = variants[0][0]
     result = {
         "benchmark": "continuous-batching decode throughput on ShareGPT (prefills join decode steps)",
-        "command": "python -m loadtest.bench_batching " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m dspark_serve.loadtest.bench_batching "
+                   + " ".join(argv if argv is not None else sys.argv[1:]),
         "requests": args.requests, "slots": args.slots, "max_tokens": args.max_tokens,
         "max_prompt_tokens": args.max_prompt_tokens, "threads": args.threads, "dtype": args.dtype,
         "rounds": args.rounds, "machine": _machine(), "runs": runs,

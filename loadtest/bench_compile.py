@@ -1,6 +1,6 @@
 """The compiled decode step in the engine against --enforce-eager (issue 30, part 2).
 
-    python -m loadtest.bench_compile [--threads 2] [--rounds 2] [--out docs/benchmarks/compile.json]
+    python -m dspark_serve.loadtest.bench_compile [--threads 2] [--rounds 2] [--out docs/benchmarks/compile.json]
 
 The default model in bfloat16 (packed int4 projections, int8 head), plain decoding and DSpark,
 each as two engines in this process: one compiling its decode graphs (waited for before any
@@ -22,18 +22,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from loadtest.bench_engine import OUT_DIR, PROMPTS, _machine
+from dspark_serve.loadtest.bench_engine import OUT_DIR, PROMPTS, _machine
 
 
 def _engine(spec: dict | None, eager: bool, threads: int):
-    from engine import LLM
+    from dspark_serve.engine import LLM
 
     kw = {} if spec is None else {"speculative_config": spec}
     return LLM(dtype="bfloat16", num_threads=threads, enforce_eager=eager, **kw)
 
 
 def _run(llm, prompts, concurrency: int, max_tokens: int) -> tuple[list[list[int]], float, int]:
-    from engine import SamplingParams
+    from dspark_serve.engine import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     msgs = [[{"role": "user", "content": p}] for p in prompts]
@@ -55,13 +55,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(OUT_DIR / "compile.json"))
     args = ap.parse_args(argv)
     prompts = PROMPTS[: args.num_prompts]
-    from models.loader import default_drafter_path
+    from dspark_serve.models.loader import default_drafter_path
 
     configs = {"plain": {"method": "none"}, "dspark": {"method": "dspark", "model": default_drafter_path()}}
-    result = {"command": "python -m loadtest.bench_compile", "machine": _machine(), "threads": args.threads,
+    result = {"command": "python -m dspark_serve.loadtest.bench_compile", "machine": _machine(), "threads": args.threads,
               "dtype": "bfloat16", "max_tokens": args.max_tokens, "prompts": len(prompts), "configs": {}}
     for name, spec in configs.items():
-        from models.loader import cache_dir
+        from dspark_serve.models.loader import cache_dir
 
         inductor = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir() / "inductor")
         warm = inductor.is_dir() and any(inductor.rglob("*.so"))

@@ -10,7 +10,7 @@ same torch thread count, same number of new tokens (EOS ignored by both):
 
 Writes docs/benchmarks/engine.json, engine.md and engine.png.
 
-    python -m loadtest.bench_engine [--threads 2] [--new-tokens 128]
+    python -m dspark_serve.loadtest.bench_engine [--threads 2] [--new-tokens 128]
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def write_results(out: Path, res: dict, markdown, plot=None) -> None:
 
 
 def bench_ours(model, dtype, threads, prompts_ids, new_tokens):
-    from engine import LLM, SamplingParams
+    from dspark_serve.engine import LLM, SamplingParams
 
     llm = LLM(model=model, dtype=dtype, num_threads=threads)
     p = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
@@ -126,8 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT_DIR))
     args = ap.parse_args(argv)
 
-    from engine import apply_chat_template
-    from models.loader import default_model_path, load_model, resolve_dtype
+    from dspark_serve.engine import apply_chat_template
+    from dspark_serve.models.loader import default_model_path, load_model, resolve_dtype
 
     torch.set_num_threads(args.threads)
     model_path = args.model or default_model_path()
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     hf = bench_hf(model_path, torch_dtype, prompts_ids, args.new_tokens)
     result = {
         "benchmark": "plain decoding, engine vs transformers generate",
-        "command": "python -m loadtest.bench_engine " + " ".join(argv or []),
+        "command": "python -m dspark_serve.loadtest.bench_engine " + " ".join(argv or []),
         "model": os.path.basename(model_path),
         "dtype": ours["dtype"],
         "threads": args.threads,

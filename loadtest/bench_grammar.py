@@ -15,7 +15,7 @@ The chosen engine's paths in `engine/structured.py` are measured too: the packed
 alone, unpacking it into a bool mask of the model's vocabulary width, and applying a mask
 to a logits row.
 
-    python -m loadtest.bench_grammar [--reps 5] [--engines llguidance,xgrammar,outlines]
+    python -m dspark_serve.loadtest.bench_grammar [--reps 5] [--engines llguidance,xgrammar,outlines]
 
 Writes docs/benchmarks/grammar-engines.json and .md. An engine that is not installed is
 reported as such (install with `pip install --no-deps`; never let pip touch torch).
@@ -39,7 +39,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import numpy as np
 import torch
 
-from loadtest.bench_engine import OUT_DIR, _machine
+from dspark_serve.loadtest.bench_engine import OUT_DIR, _machine
 
 # name -> (schema, a valid instance); schema None = json_object (any JSON object)
 CASES: dict[str, tuple[dict | None, object]] = {
@@ -156,7 +156,7 @@ class LLGuidance(_Engine):
 
     def compile(self, schema):
         src = '{"type": "object"}' if schema is None else json.dumps(schema)
-        from engine.structured import DEFAULT_JSON_WHITESPACE
+        from dspark_serve.engine.structured import DEFAULT_JSON_WHITESPACE
 
         # served settings: JSON whitespace bounded as engine/structured.py does
         g = self.ll.LLMatcher.grammar_from_json_schema(
@@ -354,7 +354,7 @@ def bench_case(eng, tok, eos: list[int], vocab: int, schema, instance, reps: int
 
 def bench_module_paths(tok, eos: list[int], reps: int) -> dict:
     """The chosen engine through engine/structured.py: what one decode step adds per request."""
-    from engine.structured import GrammarCompiler, GrammarSpec, apply_mask
+    from dspark_serve.engine.structured import GrammarCompiler, GrammarSpec, apply_mask
 
     schema, instance = CASES["nested_object"]
     comp = GrammarCompiler(tok, eos_token_ids=eos)
@@ -423,7 +423,7 @@ def write_md(res: dict, path: Path) -> None:
         "# Grammar engines for structured outputs (CPU, one thread)", "",
         f"Tokenizer: {res['tokenizer']} ({res['vocab']} tokens), EOS {res['eos']}. "
         f"Machine: {res['machine'].get('cpu', '?')}; torch and the engines on one thread. "
-        f"`python -m loadtest.bench_grammar --reps {res['reps']}`. Load average during the run "
+        f"`python -m dspark_serve.loadtest.bench_grammar --reps {res['reps']}`. Load average during the run "
         f"{res['load_before']} -> {res['load_after']} (1-minute; on a shared machine the means and tails "
         "include time other processes took).", "",
         "Each case feeds a valid instance (as `json.dumps` writes it, tokenized by the model's tokenizer) "
@@ -533,7 +533,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    from models.loader import default_model_path, gguf_tokenizer
+    from dspark_serve.models.loader import default_model_path, gguf_tokenizer
 
     tok = gguf_tokenizer(Path(default_model_path()))
     vocab = len(tok)

@@ -1,6 +1,6 @@
 """Load-aware speculation against plain decoding in the engine itself, in ONE run.
 
-The HTTP sweep (`python -m loadtest sweep`) measures what a user sees, but on a
+The HTTP sweep (`python -m dspark_serve.loadtest sweep`) measures what a user sees, but on a
 2-core machine its load generator, the server's event loop and the model share
 the cores, and plain decoding itself varies by 30% between rounds. This
 benchmark takes the HTTP layer out: two engines in this process (the default
@@ -16,7 +16,7 @@ and the steps the draft budget kept plain.
 
 Writes docs/benchmarks/load-aware-engine.json, .md and .png.
 
-    python -m loadtest.bench_load_aware [--concurrency-grid 1,2,4,8,16,32] [--rounds 4] [--threads 2]
+    python -m dspark_serve.loadtest.bench_load_aware [--concurrency-grid 1,2,4,8,16,32] [--rounds 4] [--threads 2]
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from loadtest.bench_engine import OUT_DIR, PROMPTS, _machine, write_results
-from loadtest.bench_structured import _engine
+from dspark_serve.loadtest.bench_engine import OUT_DIR, PROMPTS, _machine, write_results
+from dspark_serve.loadtest.bench_structured import _engine
 
 STATS = ("steps", "spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens",
          "spec_num_proposed_tokens", "spec_num_decode_steps")
@@ -39,12 +39,12 @@ def prompts(dataset: str, num: int, seed: int = 0) -> list[str]:
     """`num` user prompts: the fixed chat prompts ("chat"), ShareGPT's first human turns ("sharegpt",
     prompts of at most 1024 approximate tokens, seeded draw), or the first turns of an eval set
     (a name under ../shared/eval_datasets, or a .jsonl path)."""
-    from loadtest import workloads
+    from dspark_serve.loadtest import workloads
 
     if dataset == "chat":
         return [PROMPTS[i % len(PROMPTS)] for i in range(num)]
     if dataset == "sharegpt":
-        from training.sharegpt import sharegpt_path
+        from dspark_serve.training.sharegpt import sharegpt_path
 
         specs = workloads.load_sharegpt(sharegpt_path(), num, seed, workloads.ApproxTokenizer().count,
                                         max_input_len=1024, max_total_len=2048, max_tokens=None)
@@ -55,7 +55,7 @@ def prompts(dataset: str, num: int, seed: int = 0) -> list[str]:
 
 
 def _run(llm, texts: list[str], new_tokens: int) -> dict:
-    from engine import SamplingParams
+    from dspark_serve.engine import SamplingParams
 
     msgs = [[{"role": "user", "content": t}] for t in texts]
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
@@ -152,13 +152,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default: docs/benchmarks/load-aware-engine[-DATASET].json")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    from models.loader import default_drafter_path
+    from dspark_serve.models.loader import default_drafter_path
 
     grid = [int(x) for x in args.concurrency_grid.split(",")]
     texts = prompts(args.dataset, max(grid))
     engines = {"plain": _engine({"method": "none"}, args.threads),
                "default": _engine({"method": "dspark", "model": default_drafter_path()}, args.threads)}
-    res = {"command": "python -m loadtest.bench_load_aware " + " ".join(argv or []), "machine": _machine(),
+    res = {"command": "python -m dspark_serve.loadtest.bench_load_aware " + " ".join(argv or []), "machine": _machine(),
            "threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds, "dataset": args.dataset,
            "points": []}
     for c in grid:

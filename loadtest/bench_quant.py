@@ -1,6 +1,6 @@
 """Packed (int4 / int8) against dense linears on this CPU, at the default model's shapes.
 
-    python -m loadtest.bench_quant [--threads 2] [--dtype bfloat16] [--out docs/benchmarks/quantization]
+    python -m dspark_serve.loadtest.bench_quant [--threads 2] [--dtype bfloat16] [--out docs/benchmarks/quantization]
 
 Times one model's worth of projections (30 layers of qkv, o, gate_up and down, each layer its own
 weights so that they stream from memory as in a real forward, not from cache) and the 49152 x 576
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from loadtest.bench_engine import write_results
+from dspark_serve.loadtest.bench_engine import write_results
 
-from models import quant
+from dspark_serve.models import quant
 
 from .report import cpu_model
 

@@ -5,10 +5,10 @@ import json, os, sys, tempfile, time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 torch.set_num_threads(2)
-from engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
-from loadtest.bench_spec import _random_drafter
-from training.sharegpt import sharegpt_pairs, sharegpt_path
-from models.loader import load_model
+from dspark_serve.engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
+from dspark_serve.loadtest.bench_spec import _random_drafter
+from dspark_serve.training.sharegpt import sharegpt_pairs, sharegpt_path
+from dspark_serve.models.loader import load_model
 
 conc = [int(x) for x in sys.argv[1].split(",")]
 n_req = int(sys.argv[2])

@@ -3,7 +3,7 @@ alone, fixed-length verification and plain decoding, over HTTP, in ONE run.
 
 1. The single-stream speed S: tokens/s per user of the default server at concurrency 1 (median of
    `--single-stream-requests` ShareGPT requests), unless `--single-stream` gives it.
-2. One interleaved sweep (`python -m loadtest sweep --rounds N`): `off` (plain decoding), `fixed`
+2. One interleaved sweep (`python -m dspark_serve.loadtest sweep --rounds N`): `off` (plain decoding), `fixed`
    (verify every draft), `scheduled` (the default: Algorithm 1, no floor) and one `sla-P` server per
    floor fraction P (`--sla-min-tokens-per-s P x S`), the same ShareGPT requests at each concurrency.
 3. Per floor F and round: goodput = requests whose decode speed (1 / TPOT) reached F, per second,
@@ -12,7 +12,7 @@ alone, fixed-length verification and plain decoding, over HTTP, in ONE run.
 
 Writes docs/benchmarks/sla.json, .md and .png (and the sweep's own files, sla-sweep.*).
 
-    python -m loadtest.bench_sla [--concurrency-grid 8,16,32] [--rounds 2] [--fractions 0.5,0.75]
+    python -m dspark_serve.loadtest.bench_sla [--concurrency-grid 8,16,32] [--rounds 2] [--fractions 0.5,0.75]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import json
 import statistics
 from pathlib import Path
 
-from loadtest import report
-from loadtest.sweep import request_speeds, sweep_main
+from dspark_serve.loadtest import report
+from dspark_serve.loadtest.sweep import request_speeds, sweep_main
 
 OUT_DIR = report.RESULTS_DIR
 OFF = "--speculative-config '{\"method\": \"none\"}'"
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
                 args.concurrency_grid, "--rounds", str(args.rounds), "--num-requests", str(args.num_requests),
                 "--baseline", "scheduled", *configs])
     sweep = json.loads((out_dir / f"{sweep_name}.json").read_text())
-    res = {"command": "python -m loadtest.bench_sla " + " ".join(argv or []), "machine": sweep["machine"],
+    res = {"command": "python -m dspark_serve.loadtest.bench_sla " + " ".join(argv or []), "machine": sweep["machine"],
            "git": sweep["git"], "single_stream": s, "single_stream_source": source, "floors": floors,
            "rounds": args.rounds,
            "workload": f"{args.dataset}, {args.num_requests} requests per point, {args.max_tokens} output tokens "

@@ -10,7 +10,7 @@
    the verify block's argmax differs from the token plain decoding chose is a
    shape-dependent near-tie.
 
-    python -m loadtest.bench_spec [--drafter DIR] [--threads 2]
+    python -m dspark_serve.loadtest.bench_spec [--drafter DIR] [--threads 2]
 
 Writes docs/benchmarks/spec.json and spec.md. Without --drafter a random-weight
 drafter shaped for the target is used (its acceptance is ~0: it measures cost
@@ -32,11 +32,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from loadtest.bench_engine import OUT_DIR, PROMPTS, _machine
+from dspark_serve.loadtest.bench_engine import OUT_DIR, PROMPTS, _machine
 
 
 def _random_drafter(target, path, gamma):
-    from models.dspark import DSparkDrafter, random_drafter_config, save_drafter
+    from dspark_serve.models.dspark import DSparkDrafter, random_drafter_config, save_drafter
 
     torch.manual_seed(0)
     d = DSparkDrafter(random_drafter_config(target.config, num_layers=1, block_size=gamma))
@@ -73,8 +73,8 @@ def write_json_result(res: dict, default_path: str) -> None:
 
 def drafting_overhead(engine, batch: int, ctx: int, gamma: int, reps: int = 10) -> dict:
     """Median seconds of one drafter pass vs one target verify forward for `batch` requests."""
-    from engine import SamplingParams
-    from engine.batcher import StepRow
+    from dspark_serve.engine import SamplingParams
+    from dspark_serve.engine.batcher import StepRow
 
     for i in range(batch):
         engine.add_request(f"o{batch}-{i}", params=SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
@@ -105,8 +105,8 @@ def drafting_overhead(engine, batch: int, ctx: int, gamma: int, reps: int = 10) 
 
 
 def bf16_divergence(target_model, drafter_dir, gamma, new_tokens, threads):
-    from engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
-    from engine.speculative import Drafts
+    from dspark_serve.engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
+    from dspark_serve.engine.speculative import Drafts
 
     plain = LLMEngine(EngineConfig(model=target_model, dtype="bfloat16", num_threads=threads))
     tok = plain.tokenizer
@@ -174,8 +174,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from engine import EngineConfig, LLMEngine
-    from models.loader import load_model
+    from dspark_serve.engine import EngineConfig, LLMEngine
+    from dspark_serve.models.loader import load_model
 
     tmp = tempfile.mkdtemp()
     drafter = args.drafter or _random_drafter(load_model(args.model, "float32").model, Path(tmp) / "drafter", args.gamma)
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     divergence = None if args.skip_divergence else bf16_divergence(args.model, drafter, args.gamma, args.new_tokens,
                                                                    args.threads)
     result = {
-        "command": "python -m loadtest.bench_spec " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m dspark_serve.loadtest.bench_spec " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": _machine(), "threads": args.threads, "dtype": dtype,
         "drafter": "random weights, 1 layer" if not args.drafter else args.drafter,
         "drafting_overhead": overhead, "bf16_divergence": divergence,

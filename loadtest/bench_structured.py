@@ -1,6 +1,6 @@
 """Structured outputs: speed and DSpark acceptance with and without a JSON schema (issue 32).
 
-    python -m loadtest.bench_structured [--threads 2] [--rounds 2] [--out docs/benchmarks/structured.json]
+    python -m dspark_serve.loadtest.bench_structured [--threads 2] [--rounds 2] [--out docs/benchmarks/structured.json]
 
 The default model in bfloat16 (compiled decode step, waited for), plain decoding and DSpark (the
 default drafter, context lookup on), each with and without a JSON schema, on 8 chat prompts that
@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from loadtest.bench_engine import OUT_DIR, _machine, write_results
+from dspark_serve.loadtest.bench_engine import OUT_DIR, _machine, write_results
 
 SCHEMA = {
     "type": "object",
@@ -52,7 +52,7 @@ PROMPTS = [
 
 
 def _engine(spec: dict, threads: int, eager: bool = False):
-    from engine import LLM
+    from dspark_serve.engine import LLM
 
     llm = LLM(dtype="bfloat16", num_threads=threads, enforce_eager=eager, speculative_config=spec)
     step = llm.engine.runner.decode_step
@@ -65,8 +65,8 @@ def _engine(spec: dict, threads: int, eager: bool = False):
 
 
 def _run(llm, constrained: bool, concurrency: int, max_tokens: int) -> dict:
-    from engine import SamplingParams
-    from engine.structured import GrammarSpec
+    from dspark_serve.engine import SamplingParams
+    from dspark_serve.engine.structured import GrammarSpec
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens,
                             structured=GrammarSpec.json_schema(SCHEMA) if constrained else None)
@@ -166,11 +166,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT_DIR / "structured.json"))
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    from models.loader import default_drafter_path
+    from dspark_serve.models.loader import default_drafter_path
 
     engines = {"plain": _engine({"method": "none"}, args.threads),
                "dspark": _engine({"method": "dspark", "model": default_drafter_path()}, args.threads)}
-    res = {"command": "python -m loadtest.bench_structured", "machine": _machine(), "threads": args.threads,
+    res = {"command": "python -m dspark_serve.loadtest.bench_structured", "machine": _machine(), "threads": args.threads,
            "max_tokens": args.max_tokens, "rounds": args.rounds, "schema": SCHEMA, "points": []}
     for constrained in (False, True):
         for c in (1, 8):

@@ -1,8 +1,8 @@
-"""`python -m loadtest`: load an OpenAI-compatible endpoint and write one result file per run.
+"""`python -m dspark_serve.loadtest`: load an OpenAI-compatible endpoint and write one result file per run.
 
-    python -m loadtest --dataset sharegpt --concurrency 8 --num-requests 200
-    python -m loadtest --dataset gsm8k --request-rate 2 --max-duration 120
-    python -m loadtest sweep --config-name off --server-args "--speculative-config '{\"method\": \"none\"}'"
+    python -m dspark_serve.loadtest --dataset sharegpt --concurrency 8 --num-requests 200
+    python -m dspark_serve.loadtest --dataset gsm8k --request-rate 2 --max-duration 120
+    python -m dspark_serve.loadtest sweep --config-name off --server-args "--speculative-config '{\"method\": \"none\"}'"
 
 See docs/benchmarks/README.md.
 """
@@ -91,7 +91,7 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dspark_serve.loadtest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_endpoint_args(p)
     add_workload_args(p)

@@ -1,6 +1,6 @@
 """Build llama.cpp's `llama-server` from the llama.cpp sources on PyPI, and find it.
 
-    python -m loadtest.llama_server [--force] [--version V] [--jobs N]   (or `make llama-server`)
+    python -m dspark_serve.loadtest.llama_server [--force] [--version V] [--jobs N]   (or `make llama-server`)
 
 The `llama-server` peer of loadtest/peers.py needs llama.cpp's own server
 binary. It is not packaged for Debian 12 and GitHub is out of reach, but PyPI
@@ -44,7 +44,7 @@ from .report import cpu_model
 # The llama-cpp-python release whose sdist provides llama.cpp (vendor/llama.cpp).
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 BINARY = "llama-server"
-BUILD_COMMAND = "make llama-server"  # = python -m loadtest.llama_server
+BUILD_COMMAND = "make llama-server"  # = python -m dspark_serve.loadtest.llama_server
 
 # CMake cache entries of the build (in this order on the command line).
 CMAKE_DEFINES = {
@@ -278,7 +278,7 @@ def build(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None, work
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loadtest.llama_server", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m dspark_serve.loadtest.llama_server", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", default=LLAMA_CPP_PYTHON_VERSION,
                     help="llama-cpp-python release whose vendored llama.cpp is built "

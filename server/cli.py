@@ -82,7 +82,7 @@ def default_speculative_config(model: str | None, speculative_config: dict | Non
     `{"method": "none"}` turns speculation off."""
     if model is not None:
         return speculative_config
-    from models.loader import default_drafter_path
+    from dspark_serve.models.loader import default_drafter_path
 
     path = default_drafter_path()
     if speculative_config is None:
@@ -93,7 +93,7 @@ def default_speculative_config(model: str | None, speculative_config: dict | Non
 
 
 def engine_config_from_args(args: argparse.Namespace):
-    from engine import EngineConfig
+    from dspark_serve.engine import EngineConfig
 
     args.speculative_config = default_speculative_config(args.model, args.speculative_config)
     return EngineConfig(
@@ -109,7 +109,7 @@ def engine_config_from_args(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Offline generation: chat with the model from the command line, no server."""
-    from engine import LLM, SamplingParams
+    from dspark_serve.engine import LLM, SamplingParams
 
     llm = LLM.from_config(engine_config_from_args(args))
     prompts = args.prompt or ["Write a short poem about speculative decoding."]
@@ -122,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     """Build the cost table SPS(B) offline (what `dspark serve` would profile at start-up) and save it."""
-    from engine import LLMEngine
+    from dspark_serve.engine import LLMEngine
 
     cfg = engine_config_from_args(args)
     if not (cfg.speculative_config or {}).get("model"):
@@ -144,7 +144,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if not (args.data and args.drafter) or args.input:
             print("calibrate takes either a --record-acceptance log, or --drafter DIR with --data DIR", file=sys.stderr)
             return 2
-        from training.evaluate import calibrate_drafter
+        from dspark_serve.training.evaluate import calibrate_drafter
 
         res = calibrate_drafter(args.drafter, args.data, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
                                 model=args.model, num_threads=args.num_threads)
@@ -154,8 +154,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print("calibrate needs a --record-acceptance log, or --drafter with --data", file=sys.stderr)
         return 2
 
-    from engine.acceptance_log import read_rounds
-    from scheduler import STSCalibrator
+    from dspark_serve.engine.acceptance_log import read_rounds
+    from dspark_serve.scheduler import STSCalibrator
 
     rounds = read_rounds(args.input)  # context lookup's rounds have no drafter confidences to fit
     if not len(rounds.verified):
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--output", default=None, help="calibration.json path (default: beside the input)")
     cal.set_defaults(func=cmd_calibrate)
 
-    from training.cli import add_training_parsers
+    from dspark_serve.training.cli import add_training_parsers
 
     add_training_parsers(sub)
 

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import EngineDeadError, QueueFullError, RequestError, SamplingParamsError
+from dspark_serve.engine import EngineDeadError, QueueFullError, RequestError, SamplingParamsError
 
 log = logging.getLogger(__name__)
 

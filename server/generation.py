@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from engine import RequestOutput, SamplingParams
+from dspark_serve.engine import RequestOutput, SamplingParams
 
 from .metrics import ServerMetrics
 

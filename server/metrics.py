@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from engine import RequestOutput
+from dspark_serve.engine import RequestOutput
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

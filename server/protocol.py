@@ -24,7 +24,7 @@ from typing import Annotated, Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.sampling_params import MAX_FLOOR, MAX_INT_PARAM as MAX_PRIORITY
+from dspark_serve.engine.sampling_params import MAX_FLOOR, MAX_INT_PARAM as MAX_PRIORITY
 
 MAX_N = 8  # choices per request
 MAX_PROMPTS = 32  # prompts in one /v1/completions batch

@@ -215,7 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(args.log_level.upper())
     # No `*_created` series: they double the exposition and no dashboard uses them (process-wide switch).
     prometheus_client.disable_created_metrics()
-    from engine import AsyncEngine
+    from dspark_serve.engine import AsyncEngine
 
     from .app import create_app
 

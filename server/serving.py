@@ -19,9 +19,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from engine import RequestOutput, SamplingParams, apply_chat_template
+from dspark_serve.engine import RequestOutput, SamplingParams, apply_chat_template
 
-from engine.structured import GrammarError, GrammarSpec
+from dspark_serve.engine.structured import GrammarError, GrammarSpec
 
 from . import protocol as P
 from . import reasoning as R
@@ -77,7 +77,7 @@ class OpenAIServing:
         self.vocab_size = engine.vocab_size
         self.chat_template = settings.chat_template  # None: the model's
         self.reasoning_parser = settings.reasoning_parser
-        from models.loader import sampling_defaults
+        from dspark_serve.models.loader import sampling_defaults
 
         self.sampling_defaults = (sampling_defaults(getattr(engine, "model_path", None))
                                   if settings.generation_config == "auto" else {})

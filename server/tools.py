@@ -24,7 +24,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from engine.structured import GrammarSpec
+from dspark_serve.engine.structured import GrammarSpec
 
 from .errors import APIError
 

@@ -26,7 +26,7 @@ from dspark_testing import make_random_drafter, make_tiny_model
 
 @pytest.fixture(scope="session")
 def default_tokenizer():
-    from models.loader import gguf_tokenizer, default_model_path
+    from dspark_serve.models.loader import gguf_tokenizer, default_model_path
     from pathlib import Path
 
     return gguf_tokenizer(Path(default_model_path()))
@@ -35,7 +35,7 @@ def default_tokenizer():
 @pytest.fixture(scope="session")
 def llm_fp32():
     """The embedded default model in float32, loaded once per test session."""
-    from engine import LLM
+    from dspark_serve.engine import LLM
 
     return LLM(dtype="float32", num_threads=2)
 

@@ -72,8 +72,8 @@ def make_tiny_model(path, model_type: str = "llama", tokenizer=None, shard: bool
 
 def make_random_drafter(target_dir_or_model, path, seed: int = 0, **kw):
     """Save a random-weight DSpark drafter (DeepSpec format) shaped for a target."""
-    from models.dspark import DSparkDrafter, random_drafter_config, save_drafter
-    from models.loader import load_model
+    from dspark_serve.models.dspark import DSparkDrafter, random_drafter_config, save_drafter
+    from dspark_serve.models.loader import load_model
 
     target = target_dir_or_model
     if isinstance(target, str):
@@ -156,7 +156,7 @@ def wait_until(condition: Callable[[], object], timeout: float, interval: float 
 
 
 class ServerProcess:
-    """`python -m server.cli serve ...` on a free 127.0.0.1 port, with its log in a file.
+    """`python -m dspark_serve.server.cli serve ...` on a free 127.0.0.1 port, with its log in a file.
 
     One torch thread unless the args say otherwise (the test client needs the other core).
     `command_prefix` wraps the command (e.g. a sandbox); `env` adds variables; DSPARK_* from
@@ -176,8 +176,8 @@ class ServerProcess:
         full_env["DSPARK_ENFORCE_EAGER"] = os.environ.get("DSPARK_ENFORCE_EAGER", "1")
         full_env.update(env or {})
         threads = [] if "--num-threads" in args else ["--num-threads", "1"]
-        command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                   *threads, *args]
+        command = [sys.executable, "-m", "dspark_serve.server.cli", "serve", "--host", "127.0.0.1",
+                   "--port", str(self.port), *threads, *args]
         self._log = open(log_path, "w")
         # The log is a descriptor opened out here: it stays writable inside any sandbox prefix.
         self.proc = subprocess.Popen([*(command_prefix or []), *command], cwd=REPO, env=full_env,

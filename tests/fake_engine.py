@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from engine import CompletionOutput, RequestOutput
+from dspark_serve.engine import CompletionOutput, RequestOutput
 
 
 class FakeTokenizer:

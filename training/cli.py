@@ -38,7 +38,7 @@ def cmd_gen_data(args: argparse.Namespace) -> int:
 def cmd_train_drafter(args: argparse.Namespace) -> int:
     import torch
 
-    from engine.cpu_alloc import keep_freed_memory
+    from dspark_serve.engine.cpu_alloc import keep_freed_memory
 
     from .trainer import TrainConfig, train_drafter
 

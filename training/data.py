@@ -98,7 +98,7 @@ def iter_examples(path: str | None) -> Iterator[tuple[str, str, str | None]]:
                     yield (str(rec.get("id", f"{Path(path).stem}-{i}")), text,
                            reply if isinstance(reply, str) and reply.strip() else None)
         return
-    from training.sharegpt import sharegpt_pairs, sharegpt_path
+    from dspark_serve.training.sharegpt import sharegpt_pairs, sharegpt_path
 
     with open(sharegpt_path(), encoding="utf-8", errors="replace") as fp:
         seen = set()
@@ -170,7 +170,7 @@ def teacher_pass(model, seqs: list[list[int]], prompt_lens: list[int], layer_ids
 
     Runs the target over whole sequences (packed up to `max_tokens_per_pass`) with a scratch
     paged KV pool, so it is the same forward the engine serves with."""
-    from models.attention import AttentionMetadata
+    from dspark_serve.models.attention import AttentionMetadata
 
     cfg = model.config
     dtype = next(model.parameters()).dtype
@@ -268,8 +268,8 @@ def gen_data(cfg: GenDataConfig) -> dict:
     the run stops are regenerated. `time_budget_s` stops admitting prompts after that long."""
     from tqdm import tqdm
 
-    from engine import LLM, SamplingParams
-    from engine.llm import apply_chat_template
+    from dspark_serve.engine import LLM, SamplingParams
+    from dspark_serve.engine.llm import apply_chat_template
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

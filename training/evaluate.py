@@ -18,6 +18,7 @@ Writes one JSON and PNG plots to --out.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -68,7 +69,7 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
 
 def analyse_rounds(logits: np.ndarray, accepted: np.ndarray, verified: np.ndarray, calibrator=None) -> dict:
     """Everything eval-drafter reports, from recorded rounds (logits [N, gamma])."""
-    from scheduler.calibration import ece, reliability
+    from dspark_serve.scheduler.calibration import ece, reliability
 
     n, gamma = logits.shape
     res: dict = {"rounds": int(n), "tau": float((accepted + 1).mean()) if n else None,
@@ -111,8 +112,8 @@ def analyse_rounds(logits: np.ndarray, accepted: np.ndarray, verified: np.ndarra
 def run_set(llm_factory, prompts: list[str] | list[list[int]], temperature: float, max_tokens: int, seed: int) -> dict:
     """Serve `prompts` (user messages, or chat-templated token ids) once with recording on;
     returns the raw rounds and timing."""
-    from engine import SamplingParams
-    from engine.acceptance_log import read_rounds
+    from dspark_serve.engine import SamplingParams
+    from dspark_serve.engine.acceptance_log import read_rounds
 
     with tempfile.TemporaryDirectory() as tmp:
         rec = os.path.join(tmp, "rounds.jsonl")
@@ -126,9 +127,12 @@ def run_set(llm_factory, prompts: list[str] | list[list[int]], temperature: floa
         wall = time.monotonic() - t0
         rounds = read_rounds(rec)
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
+    # one digest of every output's token ids, in prompt order: two runs (before and after a
+    # refactor, say) produced identical outputs exactly when their digests agree
+    digest = hashlib.sha256(json.dumps([list(o.outputs[0].token_ids) for o in outs]).encode()).hexdigest()
     return {"logits": rounds.logits, "accepted": rounds.accepted, "verified": rounds.verified,
             "lookup_accepted": rounds.lookup_accepted, "lookup_verified": rounds.lookup_verified,
-            "generated_tokens": gen, "wall_s": wall}
+            "generated_tokens": gen, "wall_s": wall, "outputs_sha256": digest}
 
 
 def with_lookup(res: dict, r: dict) -> dict:
@@ -151,8 +155,8 @@ def spec_llm_factory(drafter: str, model: str | None, dtype: str, max_num_seqs: 
                      prompt_lookup_max: int | None = None):
     """LLMs that verify a FIXED gamma every round (no skipping, no online calibration), recording rounds.
     Context lookup follows the serving default unless `prompt_lookup_max` is given (0: the drafter alone)."""
-    from engine import LLM
-    from engine.engine import EngineConfig
+    from dspark_serve.engine import LLM
+    from dspark_serve.engine.engine import EngineConfig
 
     spec = {"method": "dspark", "model": drafter, "verification": "fixed", "draft_skipping": False,
             "online_calibration": False, "reproducible_seeds": False}  # seeded samples speculate too
@@ -177,7 +181,7 @@ def calibrate_drafter(drafter: str, data: str, num_prompts: int = 64, max_tokens
     """STS on the held-out split of a gen-data dataset: serve its validation prompts with the
     drafter (fixed gamma, at each temperature), fit the temperatures on all recorded rounds and
     write calibration.json beside the drafter."""
-    from scheduler.calibration import STSCalibrator
+    from dspark_serve.scheduler.calibration import STSCalibrator
 
     from .data import validation_prompts
 
@@ -202,7 +206,7 @@ def eval_drafter(drafter: str, datasets: dict[str, str], out: str, num_prompts: 
                  temperatures=(0.0, 1.0), gamma: int | None = None, model: str | None = None, dtype: str = "float32",
                  max_num_seqs: int = 16, seed: int = 0, num_threads: int | None = None,
                  context_window: int | None = None, prompt_lookup_max: int | None = None) -> dict:
-    from scheduler.calibration import STSCalibrator
+    from dspark_serve.scheduler.calibration import STSCalibrator
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +217,7 @@ def eval_drafter(drafter: str, datasets: dict[str, str], out: str, num_prompts: 
     if context_window is None:
         context_window = json.loads((Path(drafter) / "config.json").read_text()).get("draft_context_window")
     if prompt_lookup_max is None:
-        from engine.speculative import SpecConfig
+        from dspark_serve.engine.speculative import SpecConfig
         prompt_lookup_max = SpecConfig.prompt_lookup_max
     report = {"drafter": os.path.abspath(drafter), "num_prompts": num_prompts, "max_tokens": max_tokens,
               "dtype": dtype, "draft_context_window": context_window or None, "prompt_lookup_max": prompt_lookup_max,
@@ -226,7 +230,7 @@ def eval_drafter(drafter: str, datasets: dict[str, str], out: str, num_prompts: 
             r = run_set(factory, prompts, temp, max_tokens, seed)
             res = with_lookup(analyse_rounds(r["logits"], r["accepted"], r["verified"], calibrator), r)
             res.update({"prompts": len(prompts), "generated_tokens": r["generated_tokens"],
-                        "wall_s": round(r["wall_s"], 1)})
+                        "outputs_sha256": r["outputs_sha256"], "wall_s": round(r["wall_s"], 1)})
             report["results"][key][name] = res
             log.info("%s %s: tau %.3f over %d rounds", key, name, res["tau"] or 0, res["rounds"])
             # after every set: a run stopped part-way keeps what it measured

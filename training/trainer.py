@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models.dspark import DSparkConfig, DSparkDrafter, save_drafter
+from dspark_serve.models.dspark import DSparkConfig, DSparkDrafter, save_drafter
 
 from .data import dataset_shards
 
@@ -319,7 +319,7 @@ def grow_layers(drafter: DSparkDrafter, target, num_layers: int) -> None:
     """Append draft layers up to `num_layers`: copies of the target's last layer whose output
     projections (o_proj, down_proj) start at zero, so each new layer is an identity on the
     residual stream and the grown drafter computes exactly what the saved one did."""
-    from models.dspark import DraftLayer
+    from dspark_serve.models.dspark import DraftLayer
 
     cfg = drafter.config
     if num_layers < len(drafter.layers):
@@ -559,7 +559,7 @@ def _device_of(loaded) -> torch.device:
 def warm_start(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[TrainableDrafter, torch.Tensor | None]:
     """A saved drafter to continue training: its fc (folded at export) is unfolded for the
     feature scale of this data, so training starts from exactly the saved function."""
-    from models.dspark import load_drafter
+    from dspark_serve.models.dspark import load_drafter
 
     drafter = load_drafter(cfg.init_drafter, target=loaded.model, dtype=torch.float32, device=_device_of(loaded)).train()
     if list(drafter.config.target_layer_ids) != list(ds.layer_ids):
@@ -584,7 +584,7 @@ def build_drafter(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[Trainabl
 
 
 def _build_drafter(cfg: TrainConfig, ds: CachedDataset, loaded) -> tuple[TrainableDrafter, torch.Tensor | None]:
-    from models.dspark import random_drafter_config
+    from dspark_serve.models.dspark import random_drafter_config
 
     if cfg.init_drafter:
         return warm_start(cfg, ds, loaded)
@@ -647,7 +647,7 @@ def resolve_device(name: str) -> torch.device:
 def train_drafter(cfg: TrainConfig) -> dict:
     from tqdm import tqdm
 
-    from models.loader import load_model
+    from dspark_serve.models.loader import load_model
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ def _compiler() -> str | None:
 
 
 def _cache_dir() -> Path:
-    from models.loader import cache_dir
+    from dspark_serve.models.loader import cache_dir
 
     return cache_dir() / "kernels"
 

@@ -174,10 +174,13 @@ def test_build_context_builds_a_wheel_with_every_package(tmp_path):
 
     wheel = next((tmp_path / "dist").glob("dspark_serve-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("server/cli.py", "server/serve.py", "engine/__init__.py", "models/loader.py", "scheduler/__init__.py"):
-        assert module in names, module
+    for module in ("server/cli.py", "server/serve.py", "engine/__init__.py", "models/loader.py", "scheduler/__init__.py",
+                   "models/kernels/quant_mm.cpp", "models/default_drafter/model.safetensors"):
+        assert f"dspark_serve/{module}" in names, module
+    # one top-level name: no generic `server/`, `models/` ... in a user's site-packages
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"dspark_serve"}
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "dspark = server.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "dspark = dspark_serve.server.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_tokenizer_warm_up_step_fills_the_cache(tmp_path):

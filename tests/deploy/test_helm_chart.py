@@ -156,8 +156,8 @@ def test_termination_grace_covers_the_servers_drain(rendered):
 
 
 def test_config_map_is_the_servers_config_file(rendered, tmp_path):
-    from server.cli import build_parser
-    from server.serve import resolve_serve_args
+    from dspark_serve.server.cli import build_parser
+    from dspark_serve.server.serve import resolve_serve_args
 
     for name, docs in rendered.items():
         c = container(docs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.acceptance_log import AcceptanceLogWriter, read_rounds
+from dspark_serve.engine.acceptance_log import AcceptanceLogWriter, read_rounds
 
 
 def test_rounds_round_trip(tmp_path):

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from engine import AsyncEngine, EngineConfig, QueueFullError, RequestError, SamplingParams
+from dspark_serve.engine import AsyncEngine, EngineConfig, QueueFullError, RequestError, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_the_engine_is_built_and_stepped_in_its_own_thread(tiny_llama_dir, monke
     (docs/benchmarks/README.md: 52 -> 30 ms per token at batch 1)."""
     import threading
 
-    import engine.async_engine as ae
+    import dspark_serve.engine.async_engine as ae
 
     seen = []
     real_init, real_step = ae.LLMEngine.__init__, ae.LLMEngine.step
@@ -154,7 +154,7 @@ def test_an_engine_that_cannot_be_built_raises_in_the_caller(tmp_path):
 def test_a_dead_engine_thread_ends_every_request_and_refuses_new_ones(tiny_llama_dir, monkeypatch):
     """The `kill_engine` fault raises a BaseException inside the step, past every handler: the
     thread ends, and nobody is left waiting on it."""
-    from engine import EngineDeadError
+    from dspark_serve.engine import EngineDeadError
 
     monkeypatch.setenv("DSPARK_FAULT_INJECTION", "1")
     eng = AsyncEngine(EngineConfig(model=tiny_llama_dir, dtype="float32", num_threads=1))

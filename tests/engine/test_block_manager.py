@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.block_manager import BlockAllocator, BlockTable, KVCacheManager, NoFreeBlocks
+from dspark_serve.engine.block_manager import BlockAllocator, BlockTable, KVCacheManager, NoFreeBlocks
 
 
 def test_allocate_and_free_round_trip():

@@ -10,9 +10,9 @@ import shutil
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.compiled_step import SHAPE_CLASSES
-from models.attention import decode_inputs
+from dspark_serve.engine import LLM, SamplingParams
+from dspark_serve.engine.compiled_step import SHAPE_CLASSES
+from dspark_serve.models.attention import decode_inputs
 
 BS = 16
 # inductor builds C++ kernels (g++ by default); without a compiler the engine serves eagerly (tested below)
@@ -130,9 +130,9 @@ def test_server_compiles_in_the_background_and_answers_the_same(tiny_llama_dir, 
 def test_idle_engine_reprofiles_its_cost_table_on_the_compiled_step(tiny_llama_dir, tiny_drafter_dir):
     """Algorithm 1 must weigh the step the engine runs: the table profiled at start-up (eager) is
     replaced, in place, by one profiled on the graphs at the first idle moment after they compile."""
-    from engine import LLMEngine
-    from engine.engine import EngineConfig
-    from models.loader import cache_dir
+    from dspark_serve.engine import LLMEngine
+    from dspark_serve.engine.engine import EngineConfig
+    from dspark_serve.models.loader import cache_dir
 
     eng = LLMEngine(EngineConfig(model=tiny_llama_dir, dtype="bfloat16", quantization="int4", num_threads=2,
                                  speculative_config={"method": "dspark", "model": tiny_drafter_dir},
@@ -151,7 +151,7 @@ def test_idle_engine_reprofiles_its_cost_table_on_the_compiled_step(tiny_llama_d
 def test_a_failed_compile_leaves_the_engine_serving_eagerly(tiny_llama_dir, monkeypatch):
     """No compiler, an inductor bug...: the background thread says why once, and every step runs
     the eager function."""
-    from engine.compiled_step import CompiledStep
+    from dspark_serve.engine.compiled_step import CompiledStep
 
     llm = LLM(tiny_llama_dir, dtype="bfloat16", quantization="int4", num_threads=1, enforce_eager=True,
               speculative_config={"method": "none"})

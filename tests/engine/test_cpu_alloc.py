@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-CODE = "from engine.cpu_alloc import keep_freed_memory as k; print(k(), k())"
+CODE = "from dspark_serve.engine.cpu_alloc import keep_freed_memory as k; print(k(), k())"
 
 
 def _run(env_value: str | None) -> str:

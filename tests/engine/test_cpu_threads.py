@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from engine import cpu_threads
+from dspark_serve.engine import cpu_threads
 
 
 def _topology(root: Path, siblings: dict[int, str]) -> Path:

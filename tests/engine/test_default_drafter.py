@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from dspark_testing import CHAT_PROMPTS, drive
-from engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
-from models.loader import default_drafter_path
-from server.cli import default_speculative_config
+from dspark_serve.engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
+from dspark_serve.models.loader import default_drafter_path
+from dspark_serve.server.cli import default_speculative_config
 
 MAX_TOKENS = 96
 

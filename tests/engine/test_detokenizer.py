@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.detokenizer import IncrementalDetokenizer
+from dspark_serve.engine.detokenizer import IncrementalDetokenizer
 
 TEXTS = [
     "Hello, world! How are you today?",

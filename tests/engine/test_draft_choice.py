@@ -24,16 +24,16 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-import engine.speculative as spec_mod
-from engine.batcher import StepRow
-from engine.engine import EngineStats
-from engine.lookup import LookupStats
-from engine.sampling_params import SamplingParams
-from engine.speculative import (DraftProposer, SpecConfig, SpeculativeDecoder, acceptance_probability,
-                                residual_distribution)
-from models.config import ModelConfig
-from models.dspark import DSparkDrafter, random_drafter_config
-from models.llama import LlamaForCausalLM
+import dspark_serve.engine.speculative as spec_mod
+from dspark_serve.engine.batcher import StepRow
+from dspark_serve.engine.engine import EngineStats
+from dspark_serve.engine.lookup import LookupStats
+from dspark_serve.engine.sampling_params import SamplingParams
+from dspark_serve.engine.speculative import (DraftProposer, SpecConfig, SpeculativeDecoder, acceptance_probability,
+                                             residual_distribution)
+from dspark_serve.models.config import ModelConfig
+from dspark_serve.models.dspark import DSparkDrafter, random_drafter_config
+from dspark_serve.models.llama import LlamaForCausalLM
 
 A, B, C = 0, 1, 2
 P_TARGET = torch.tensor([0.7, 0.3, 0.0], dtype=torch.float64)

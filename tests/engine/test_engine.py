@@ -7,7 +7,7 @@ import random
 import pytest
 
 from dspark_testing import drive, drive_mixed
-from engine import EngineConfig, LLMEngine, RequestError, SamplingParams
+from dspark_serve.engine import EngineConfig, LLMEngine, RequestError, SamplingParams
 
 
 def _engine(path, **kw):

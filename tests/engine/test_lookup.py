@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from dspark_testing import drive
-from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.lookup import LookupStats, TokenArrays, expected_accepted, find_match
-from engine.speculative import SpecConfig
+from dspark_serve.engine import EngineConfig, LLMEngine, SamplingParams
+from dspark_serve.engine.lookup import LookupStats, TokenArrays, expected_accepted, find_match
+from dspark_serve.engine.speculative import SpecConfig
 
 
 def test_the_longest_match_and_its_most_recent_occurrence_win():

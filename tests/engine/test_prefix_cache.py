@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dspark_testing import drive, drive_mixed
-from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.block_manager import BlockAllocator, BlockTable, KVCacheManager
+from dspark_serve.engine import EngineConfig, LLMEngine, SamplingParams
+from dspark_serve.engine.block_manager import BlockAllocator, BlockTable, KVCacheManager
 
 BS = 4
 

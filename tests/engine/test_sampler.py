@@ -6,9 +6,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from engine.faults import FaultInjector
-from engine.sampler import Sampler, apply_penalties, sample_from_probs, sampling_tensors, warp_probs
-from engine.sampling_params import SAMPLING_EPS, SamplingParams
+from dspark_serve.engine.faults import FaultInjector
+from dspark_serve.engine.sampler import Sampler, apply_penalties, sample_from_probs, sampling_tensors, warp_probs
+from dspark_serve.engine.sampling_params import SAMPLING_EPS, SamplingParams
 
 
 class _Seq:
@@ -94,7 +94,7 @@ def test_penalties():
 @pytest.mark.parametrize("temperature", [0.2, 0.7, 1.5])
 def test_top_candidate_truncation_equals_the_full_sort(temperature, monkeypatch):
     """top-k/top-p from the best TOP_CANDIDATES logits is the same distribution as a full sort."""
-    import engine.sampler as S
+    import dspark_serve.engine.sampler as S
 
     torch.manual_seed(1)
     b, v = 12, 5000
@@ -121,7 +121,7 @@ def test_top_candidate_truncation_equals_the_full_sort(temperature, monkeypatch)
 def test_consecutive_request_seeds_sample_the_right_distribution():
     """Clients seed requests 0, 1, 2...: one draw per request must still follow the distribution
     (unmixed consecutive seeds fail this: p = 0.009 at offset 100000)."""
-    from engine.sequence import mix_seed
+    from dspark_serve.engine.sequence import mix_seed
 
     torch.manual_seed(0)
     p = torch.softmax(torch.randn(8) * 2, -1)

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from dspark_testing import drive
-from engine import EngineConfig, LLMEngine, SamplingParams, SamplingParamsError
-from scheduler import CostTable
+from dspark_serve.engine import EngineConfig, LLMEngine, SamplingParams, SamplingParamsError
+from dspark_serve.scheduler import CostTable
 
 
 def _engine(tiny, drafter, tmp_path, spec=None, **kw):

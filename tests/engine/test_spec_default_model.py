@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dspark_testing import CHAT_PROMPTS, drive, make_random_drafter
-from engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
+from dspark_serve.engine import EngineConfig, LLMEngine, SamplingParams, apply_chat_template
 
 MAX_TOKENS = 48  # every round rejects (a random drafter): 48 rounds per request, over three KV blocks
 

@@ -21,13 +21,13 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-import engine.engine as engine_mod
-import engine.speculative as spec_mod
+import dspark_serve.engine.engine as engine_mod
+import dspark_serve.engine.speculative as spec_mod
 from dspark_testing import make_random_drafter, make_tiny_model
-from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.lookup import LookupStats
-from engine.sampler import warp_probs
-from models.attention import AttentionMetadata
+from dspark_serve.engine import EngineConfig, LLMEngine, SamplingParams
+from dspark_serve.engine.lookup import LookupStats
+from dspark_serve.engine.sampler import warp_probs
+from dspark_serve.models.attention import AttentionMetadata
 
 VOCAB = 8
 PROMPT = [3, 5, 2, 7, 4]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dspark_testing import drive, make_random_drafter
-from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.speculative import Drafts
+from dspark_serve.engine import EngineConfig, LLMEngine, SamplingParams
+from dspark_serve.engine.speculative import Drafts
 
 
 def _engine(model, drafter=None, gamma=7, verification="fixed", **kw):
@@ -214,7 +214,7 @@ def test_the_cost_table_holds_the_verify_forward_and_the_plan_adds_the_drafting_
     import json
     import time
 
-    from engine.speculative import DraftProposer
+    from dspark_serve.engine.speculative import DraftProposer
 
     model, drafter = tiny_pair
     slow = 0.05  # a drafting pass far slower than the tiny target's forward (about a millisecond)
@@ -299,7 +299,7 @@ def test_load_aware_drafting_stops_drafting_where_it_does_not_pay(tiny_pair, mon
     where verifying any draft costs more than it brings (SPS falls 100x past the 3 requests' B), it soon
     decodes plainly, probing now and then; where drafting pays (an oracle drafter, a flat SPS), it
     drafts every step. Greedy output is plain decoding's either way."""
-    from scheduler import CostTable, DraftBudget, PrefixScheduler
+    from dspark_serve.scheduler import CostTable, DraftBudget, PrefixScheduler
 
     model, drafter = tiny_pair
     reqs = _reqs(n=3, max_tokens=40)
@@ -332,7 +332,7 @@ def test_a_drafted_step_is_judged_against_measured_plain_steps_not_the_profile(t
     in a few ms, and the budget backs off. Greedy output is plain decoding's either way."""
     import time as _time
 
-    from scheduler import CostTable, DraftBudget, DraftedSteps, PlainSteps, PrefixScheduler
+    from dspark_serve.scheduler import CostTable, DraftBudget, DraftedSteps, PlainSteps, PrefixScheduler
 
     model, drafter = tiny_pair
     reqs = _reqs(n=3, max_tokens=120)
@@ -363,7 +363,7 @@ def test_greedy_and_sampled_rounds_have_calibrators_of_their_own(tiny_pair):
     min(1, p/q): each acceptance rule is calibrated on its own rounds and applied to its own rows."""
     from types import SimpleNamespace
 
-    from scheduler import STSCalibrator
+    from dspark_serve.scheduler import STSCalibrator
 
     model, drafter = tiny_pair
     spec_cfg = {"method": "dspark", "model": drafter, "num_speculative_tokens": 4, "verification": "fixed",

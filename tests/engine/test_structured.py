@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
-from engine.structured import (  # noqa: E402
+from dspark_serve.engine.structured import (  # noqa: E402
     MAX_SOURCE_BYTES,
     MIN_ROLLBACK_TOKENS,
     GrammarCompiler,
@@ -250,7 +250,7 @@ def test_compile_from_threads(tok):
 
 
 def test_import_is_lazy():
-    code = "import sys, engine.structured; assert 'llguidance' not in sys.modules, 'imported eagerly'"
+    code = "import sys, dspark_serve.engine.structured; assert 'llguidance' not in sys.modules, 'imported eagerly'"
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
 
@@ -555,7 +555,7 @@ def test_a_token_the_mask_allows_but_the_matcher_refuses_is_struck_not_raised(to
 
 
 def test_a_grammar_dead_end_fails_the_request_alone_as_its_own_fault(tok):
-    from engine import LLM, SamplingParams
+    from dspark_serve.engine import LLM, SamplingParams
 
     llm = LLM(dtype="float32", num_threads=1, max_model_len=256, speculative_config={"method": "none"})
     dead = SamplingParams(max_tokens=16, structured=GrammarSpec.regex(DEAD_END_REGEX))

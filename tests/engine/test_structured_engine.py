@@ -9,8 +9,8 @@ import json
 import jsonschema
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.structured import GrammarSpec
+from dspark_serve.engine import LLM, SamplingParams
+from dspark_serve.engine.structured import GrammarSpec
 
 SCHEMA = {
     "type": "object",
@@ -32,7 +32,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engines():
-    from models.loader import default_drafter_path
+    from dspark_serve.models.loader import default_drafter_path
 
     plain = LLM(dtype="bfloat16", num_threads=1, speculative_config={"method": "none"})
     # the server's default: DSpark with context lookup
@@ -62,7 +62,7 @@ def test_greedy_json_schema_is_identical_with_and_without_dspark(engines):
 def test_context_copies_that_leave_the_grammar_are_cut(engines):
     """Context lookup made to prefer every copy: copies of the prompt's text that break the
     schema are cut at their first disallowed token, and the output is still plain greedy's."""
-    from engine.lookup import LookupStats
+    from dspark_serve.engine.lookup import LookupStats
 
     plain, spec = engines
     sp = spec.engine.speculative
@@ -99,7 +99,7 @@ def test_a_grammar_that_cannot_finish_ends_at_max_tokens(engines):
 
 
 def test_a_bad_schema_is_a_request_error_naming_the_field(engines):
-    from engine.engine import RequestError
+    from dspark_serve.engine.engine import RequestError
 
     _, spec = engines
     with pytest.raises(RequestError) as e:

@@ -1,11 +1,11 @@
-"""`python -m loadtest.bench_attention`: both paths timed on the same inputs, and they agree."""
+"""`python -m dspark_serve.loadtest.bench_attention`: both paths timed on the same inputs, and they agree."""
 
 from __future__ import annotations
 
 import pytest
 
-from loadtest import bench_attention
-from models import kernels
+from dspark_serve.loadtest import bench_attention
+from dspark_serve.models import kernels
 
 
 @pytest.mark.skipif(not kernels.paged_attention_available(), reason="paged attention kernel unavailable here")

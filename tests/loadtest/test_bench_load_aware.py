@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.bench_load_aware import STATS, markdown, plot, summarise
+from dspark_serve.loadtest.bench_load_aware import STATS, markdown, plot, summarise
 
 
 def _run(tok_s, outputs, **stats):
@@ -27,7 +27,7 @@ def test_a_point_is_the_median_of_per_round_ratios_with_what_drafting_did(tmp_pa
     assert p["budget_plain_steps"] == 3 and p["steps"] == 30 and p["same_output"]
     default[1]["outputs"] = [[1, 3]]
     assert not summarise(4, {"plain": plain, "default": default})["same_output"]
-    res = {"command": "python -m loadtest.bench_load_aware", "threads": 2, "new_tokens": 128, "rounds": 3,
+    res = {"command": "python -m dspark_serve.loadtest.bench_load_aware", "threads": 2, "new_tokens": 128, "rounds": 3,
            "machine": {"cpu": "cpu", "cores": 2, "torch": "2", "commit": "abc"}, "points": [p]}
     md = markdown(res)
     assert "| 4 | 100 / 200 / 100 | 110 / 180 / 95 | 1.10, 0.90, 0.95 | 0.950 | 0.20 | 4 | 2.50 | 3 of 30 | True |" in md

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest import bench_sla
-from loadtest.sweep import combine_rounds
+from dspark_serve.loadtest import bench_sla
+from dspark_serve.loadtest.sweep import combine_rounds
 
 
 def _round(speeds, tokens=100, duration=10.0):

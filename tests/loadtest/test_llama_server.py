@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import llama_server as ls
-from loadtest.peers import availability, peer
+from dspark_serve.loadtest import llama_server as ls
+from dspark_serve.loadtest.peers import availability, peer
 
 
 def fake_binary(path: Path, version: str = "version: 1 (0c1e5709)") -> Path:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from fake_openai_server import MODEL, FakeOpenAI
-from loadtest.cli import measure, run_main
-from loadtest.client import check_base_url, is_loopback_url
-from loadtest.runner import LoadConfig, poisson_arrival_times, run_load
-from loadtest.stats import SLA, describe, percentile, summarize
-from loadtest.workloads import RequestSpec
+from dspark_serve.loadtest.cli import measure, run_main
+from dspark_serve.loadtest.client import check_base_url, is_loopback_url
+from dspark_serve.loadtest.runner import LoadConfig, poisson_arrival_times, run_load
+from dspark_serve.loadtest.stats import SLA, describe, percentile, summarize
+from dspark_serve.loadtest.workloads import RequestSpec
 
 TOL = 0.05  # seconds of scheduling slack on a loaded 2-core machine
 
@@ -122,7 +122,7 @@ def test_goodput_counts_only_requests_within_the_sla(fake):
 
 
 def _result(d: dict):
-    from loadtest.client import RequestResult
+    from dspark_serve.loadtest.client import RequestResult
 
     d = {k: v for k, v in d.items() if k not in ("tpot", "tokens_per_s_per_user")}
     return RequestResult(**d)
@@ -214,7 +214,7 @@ def test_cli_run_writes_one_result_file(fake, tmp_path, capsys):
                    "--markdown", str(md), "--no-progress", "--sla-min-tokens-per-s-per-user", "1"])
     assert rc == 0
     res = json.loads((tmp_path / "r1.json").read_text())
-    assert res["command"].startswith("python -m loadtest --base-url")
+    assert res["command"].startswith("python -m dspark_serve.loadtest --base-url")
     assert "--concurrency 2" in res["command"]
     assert set(res["machine"]) >= {"cpu", "cores", "torch"} and "commit" in res["git"]
     assert res["server"]["version"] == {"version": "fake-1.0", "model": "fake-model"}

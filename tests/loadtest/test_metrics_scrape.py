@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.server_metrics import delta, parse_exposition, spec_decode_stats, summarize_scrapes
+from dspark_serve.loadtest.server_metrics import delta, parse_exposition, spec_decode_stats, summarize_scrapes
 
 
 def exposition(drafts, draft_tokens, accepted, proposed, per_pos: dict, verify_counts: dict, gen_tokens) -> str:
@@ -86,7 +86,7 @@ def test_parse_matches_the_real_exporter():
     """The names parsed here are the ones server/metrics.py exposes (same snapshot -> same numbers)."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from server.metrics import EngineCollector
+    from dspark_serve.server.metrics import EngineCollector
 
     class Engine:
         def __init__(self, drafts, accepted, per_pos, counts):

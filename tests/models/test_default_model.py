@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dspark_testing import CHAT_PROMPTS
-from engine import SamplingParams, apply_chat_template
-from models.attention import AttentionMetadata
-from models.loader import default_model_path
+from dspark_serve.engine import SamplingParams, apply_chat_template
+from dspark_serve.models.attention import AttentionMetadata
+from dspark_serve.models.loader import default_model_path
 
 LOGIT_ATOL = 1e-3  # float32, same weights; observed max difference is ~1e-5 or below
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.dspark import load_drafter, save_drafter
-from models.loader import load_model
+from dspark_serve.models.dspark import load_drafter, save_drafter
+from dspark_serve.models.loader import load_model
 
 D, V, R, INTER, HEADS, KV, HD = 32, None, 16, 64, 2, 1, 16
 

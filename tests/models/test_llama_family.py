@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dspark_testing import make_tiny_model
-from models.attention import AttentionMetadata
-from models.loader import load_model
+from dspark_serve.models.attention import AttentionMetadata
+from dspark_serve.models.loader import load_model
 
 FAMILIES = {
     "llama": dict(),
@@ -114,7 +114,7 @@ def test_unknown_or_missing_tensors_are_clear_errors(family):
 
 def test_rmsnorm_half_types_match_hf_bitwise():
     """RMSNorm in bf16 / fp16 uses the fused float32 kernel; it must give HF's bits exactly."""
-    from models.llama import RMSNorm
+    from dspark_serve.models.llama import RMSNorm
 
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16):

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import models.attention as A
-from models import kernels
-from models.attention import AttentionMetadata, TorchAttentionBackend, decode_inputs, overlay_attention
+import dspark_serve.models.attention as A
+from dspark_serve.models import kernels
+from dspark_serve.models.attention import AttentionMetadata, TorchAttentionBackend, decode_inputs, overlay_attention
 
 pytestmark = pytest.mark.skipif(not kernels.paged_attention_available(),
                                 reason=f"paged attention kernel unavailable (AVX-512 build only; kernels: "

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import LLM, SamplingParams
-from models import kernels, quant
-from models.loader import load_model, quantization_kinds
+from dspark_serve.engine import LLM, SamplingParams
+from dspark_serve.models import kernels, quant
+from dspark_serve.models.loader import load_model, quantization_kinds
 
 needs_vnni = pytest.mark.skipif(not kernels.load(), reason=f"no VNNI kernel here: {kernels.unavailable_reason()}")
 LAYOUTS = ["torch", pytest.param("vnni", marks=needs_vnni)]
@@ -81,8 +81,9 @@ def test_the_avx2_build_computes_the_same_product(tmp_path):
     import sys
 
     env = {**os.environ, "DSPARK_CACHE_DIR": str(tmp_path), "DSPARK_KERNEL_ISA": "avx2"}
-    isa = subprocess.run([sys.executable, "-c", "from models import kernels; print(kernels.load(), kernels.isa(), "
-                          "kernels.paged_attention_available())"], capture_output=True, text=True, timeout=300, env=env)
+    isa = subprocess.run([sys.executable, "-c", "from dspark_serve.models import kernels; "
+                          "print(kernels.load(), kernels.isa(), kernels.paged_attention_available())"],
+                         capture_output=True, text=True, timeout=300, env=env)
     assert isa.stdout.split() == ["True", "avx2", "False"], isa.stderr[-2000:]  # no paged attention in it
     tests = [f"{__file__}::test_vnni_kernel_computes_the_q8_activation_product", f"{__file__}::test_packed_matmul_is_batch_invariant"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "vnni", *tests],
@@ -96,7 +97,7 @@ def test_kernel_falls_back_to_torch_when_it_cannot_build(tmp_path):
     import subprocess
     import sys
 
-    code = ("from models import kernels, quant; import torch; ok = kernels.load(); "
+    code = ("from dspark_serve.models import kernels, quant; import torch; ok = kernels.load(); "
             "print(ok, kernels.unavailable_reason()); "
             "print(quant.PackedWeight.quantize(torch.randn(32, 64), 'int4', torch.bfloat16).layout)")
     # a CPU without AVX-512 VNNI builds nothing unless the AVX2 build is opted in: opt in, so the

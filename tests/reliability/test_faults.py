@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from dspark_testing import REPO, ServerProcess, drive, serving, wait_until
-from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.faults import FaultInjector
+from dspark_serve.engine import EngineConfig, LLMEngine, SamplingParams
+from dspark_serve.engine.faults import FaultInjector
 
 CHAT = "/v1/chat/completions"
 
@@ -64,7 +64,7 @@ def test_a_fault_in_one_request_fails_it_alone(tiny_llama_dir, tiny_drafter_dir,
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(tiny_llama_dir, monkeypatch):
     import asyncio
 
-    from engine import AsyncEngine
+    from dspark_serve.engine import AsyncEngine
 
     eng = AsyncEngine(EngineConfig(model=tiny_llama_dir, dtype="float32", num_threads=1))
     try:
@@ -176,7 +176,7 @@ def test_fault_field_is_ignored_without_the_hook():
     from starlette.testclient import TestClient
 
     from fake_engine import FakeEngine
-    from server.app import create_app
+    from dspark_serve.server.app import create_app
 
     client = TestClient(create_app(FakeEngine()))
     r = client.post(CHAT, json={**_chat("hi"), "dspark_fault": "nan_logits"})
@@ -186,8 +186,8 @@ def test_fault_field_is_ignored_without_the_hook():
 def test_a_dead_engine_makes_health_and_new_requests_503(tiny_llama_dir, monkeypatch):
     from starlette.testclient import TestClient
 
-    from engine import AsyncEngine
-    from server.app import create_app
+    from dspark_serve.engine import AsyncEngine
+    from dspark_serve.server.app import create_app
 
     monkeypatch.setenv("DSPARK_FAULT_INJECTION", "1")
     eng = AsyncEngine(EngineConfig(model=tiny_llama_dir, dtype="float32", num_threads=1))
@@ -282,7 +282,8 @@ def test_bad_model_or_drafter_path_exits_with_one_line(tmp_path, case):
         args += ["--speculative-config", json.dumps({"method": "dspark", "model": str(tmp_path)})]
         expect = "is not valid JSON"
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    p = subprocess.run([sys.executable, "-m", "server.cli", "--log-level", "error", "serve", "--port", "0", *args],
+    p = subprocess.run([sys.executable, "-m", "dspark_serve.server.cli", "--log-level", "error", "serve",
+                        "--port", "0", *args],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 1, p.stderr
     lines = [line for line in p.stderr.splitlines() if line.strip()]

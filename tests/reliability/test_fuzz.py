@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from schemathesis.checks import not_a_server_error
 
 from dspark_testing import serving
-from server import protocol as P
-from server.errors import from_validation_errors
+from dspark_serve.server import protocol as P
+from dspark_serve.server.errors import from_validation_errors
 
 EXAMPLES = 60  # per generation route and mode
 

@@ -10,7 +10,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from fake_engine import FakeEngine
-from server.app import ServerSettings, create_app
+from dspark_serve.server.app import ServerSettings, create_app
 
 CHAT = "/v1/chat/completions"
 
@@ -125,8 +125,8 @@ def test_wrong_api_key_is_401_whatever_its_length():
 
 def test_serve_defaults_are_safe():
     """Loopback bind, no CORS, no request limit below the context, body limit on (flags -> settings)."""
-    from server.cli import build_parser
-    from server.serve import resolve_serve_args, server_settings_from_args
+    from dspark_serve.server.cli import build_parser
+    from dspark_serve.server.serve import resolve_serve_args, server_settings_from_args
 
     args = resolve_serve_args(build_parser().parse_args(["serve"]), environ={})
     assert args.host == "127.0.0.1"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scheduler.prefix import PlanResult, PrefixScheduler, as_rows, candidates
+from dspark_serve.scheduler.prefix import PlanResult, PrefixScheduler, as_rows, candidates
 
 
 class RetrospectiveScheduler(PrefixScheduler):

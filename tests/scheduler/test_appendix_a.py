@@ -22,7 +22,7 @@ import pytest
 from scipy.stats import chisquare
 
 from retrospective import RetrospectiveScheduler
-from scheduler import AsyncPrefixScheduler, CostTable, PrefixScheduler
+from dspark_serve.scheduler import AsyncPrefixScheduler, CostTable, PrefixScheduler
 
 A, B = 0, 1
 P_T = (0.7, 0.3)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from scheduler import OnlineCalibrator, STSCalibrator, ece, reliability
-from scheduler.calibration import positions_from_rounds
+from dspark_serve.scheduler import OnlineCalibrator, STSCalibrator, ece, reliability
+from dspark_serve.scheduler.calibration import positions_from_rounds
 
 
 def sigmoid(x):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler import CostTable, default_grid, profile_cost_table
+from dspark_serve.scheduler import CostTable, default_grid, profile_cost_table
 
 points_st = st.dictionaries(
     st.integers(min_value=1, max_value=512),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler import DraftBudget
+from dspark_serve.scheduler import DraftBudget
 
 
 def test_a_fresh_budget_drafts_gamma_then_follows_the_longest_recent_plan_plus_one():
@@ -44,7 +44,7 @@ def test_bad_arguments_are_errors():
 
 
 def test_plain_steps_price_from_the_nearest_recent_measurement_along_the_profiled_shape():
-    from scheduler import PlainSteps
+    from dspark_serve.scheduler import PlainSteps
 
     p = PlainSteps(horizon=10, alpha=0.5, tolerance=1.25)
     shape = lambda a, b: b / a  # a profile where seconds grow with tokens
@@ -65,7 +65,7 @@ def test_plain_steps_price_from_the_nearest_recent_measurement_along_the_profile
 
 
 def test_drafted_steps_judge_the_realised_rate_of_a_window_against_plain():
-    from scheduler import DraftedSteps
+    from dspark_serve.scheduler import DraftedSteps
 
     d = DraftedSteps(window=3)
     # 10 tokens in 20 ms against 8 plain tokens in 10 ms: 0.5 vs 0.8 tokens per ms, it lost

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler import (
+from dspark_serve.scheduler import (
     AsyncPrefixScheduler,
     CostTable,
     FixedPolicy,
@@ -33,7 +33,7 @@ TABLE = CostTable.from_points({2: 10.0, 3: 9.0, 4: 7.0, 5: 6.0, 6: 5.0})
 
 
 def test_public_api():
-    from scheduler import CostTable as CT, PrefixScheduler as PS
+    from dspark_serve.scheduler import CostTable as CT, PrefixScheduler as PS
 
     lengths = PS(CT.from_points({1: 10.0, 64: 10.0})).plan([[0.9, 0.8]])
     assert lengths == [2] and isinstance(lengths, list) and all(type(x) is int for x in lengths)
@@ -332,7 +332,7 @@ def test_uniformly_more_confident_request_never_gets_a_shorter_length(batch, dat
 @given(batches(), tables)
 def test_admitted_set_is_a_prefix_of_the_ranking(batch, table):
     # Algorithm 1's plan is exactly the longest improving prefix of the ranked candidates.
-    from scheduler.prefix import candidates
+    from dspark_serve.scheduler.prefix import candidates
 
     conf, caps, base = batch
     res = PrefixScheduler(table).plan_with_stats(conf, caps, base_tokens=base)

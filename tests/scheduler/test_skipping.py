@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from scheduler import CostTable, DraftSkipper
+from dspark_serve.scheduler import CostTable, DraftSkipper
 
 
 def run(skipper, rid, accepted_fn, steps):

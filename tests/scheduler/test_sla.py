@@ -8,8 +8,8 @@ import random
 import pytest
 from scipy.stats import chisquare
 
-from scheduler import CostTable, PrefixScheduler
-from scheduler.sla import FloorView, SpeedFloors
+from dspark_serve.scheduler import CostTable, PrefixScheduler
+from dspark_serve.scheduler.sla import FloorView, SpeedFloors
 from test_appendix_a import P_T, P_T2, ROUNDS, TABLE, TABLE2, first_tokens, first_two_tokens
 
 A = 0

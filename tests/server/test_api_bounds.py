@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 from starlette.testclient import TestClient
 
-from server import protocol as P
-from server.app import ServerSettings, create_app
+from dspark_serve.server import protocol as P
+from dspark_serve.server.app import ServerSettings, create_app
 from fake_engine import FakeEngine, FakeTokenizer
 
 CHAT = "/v1/chat/completions"
@@ -256,7 +256,7 @@ def test_a_chat_template_failure_is_a_fixed_message(engine, caplog):
 
 
 def test_a_dead_engine_is_a_503_without_its_reason(engine):
-    from engine import EngineDeadError
+    from dspark_serve.engine import EngineDeadError
 
     engine.fail_with = EngineDeadError('CUDA error: an illegal memory access in File "/src/engine/x.py"')
     with TestClient(create_app(engine, ServerSettings())) as client:
@@ -278,7 +278,7 @@ def test_a_dead_engine_is_a_503_without_its_reason(engine):
     (dict(repetition_penalty=float("nan")), "repetition_penalty"),
 ])
 def test_sampling_params_refuse_integers_a_step_cannot_hold(kw, param):
-    from engine import SamplingParams, SamplingParamsError
+    from dspark_serve.engine import SamplingParams, SamplingParamsError
 
     with pytest.raises(SamplingParamsError) as e:
         SamplingParams(**kw)
@@ -288,8 +288,8 @@ def test_sampling_params_refuse_integers_a_step_cannot_hold(kw, param):
 def test_sampling_params_accept_the_bounds_and_numpy_integers():
     import numpy as np
 
-    from engine import SamplingParams
-    from engine.sampling_params import MAX_INT_PARAM
+    from dspark_serve.engine import SamplingParams
+    from dspark_serve.engine.sampling_params import MAX_INT_PARAM
 
     p = SamplingParams(top_k=MAX_INT_PARAM, max_tokens=MAX_INT_PARAM, min_tokens=MAX_INT_PARAM,
                        stop_token_ids=[0, MAX_INT_PARAM], seed=np.int64(-(2**63)))

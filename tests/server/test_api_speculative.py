@@ -16,7 +16,7 @@ def rounds_log(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spec_server(tmp_path_factory, rounds_log):
-    from models.loader import load_model
+    from dspark_serve.models.loader import load_model
 
     drafter = make_random_drafter(load_model(None, dtype="float32").model, tmp_path_factory.mktemp("drafter"), block_size=4)
     log = tmp_path_factory.mktemp("spec-server") / "server.log"
@@ -106,7 +106,7 @@ def test_calibration_report_and_offline_fit(spec_server, rounds_log, tmp_path):
     log = tmp_path / "rounds.jsonl"  # the fit skips lookup rounds (one is added in case the server logged none)
     log.write_text(rounds_log.read_text() + json.dumps({"lookup": 3, "verified": 4, "accepted": 4}) + "\n")
     out = tmp_path / "calibration.json"
-    res = subprocess.run([sys.executable, "-m", "server.cli", "calibrate", str(log), "--output", str(out)],
+    res = subprocess.run([sys.executable, "-m", "dspark_serve.server.cli", "calibrate", str(log), "--output", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert len(json.loads(out.read_text())["temperatures"]) == 4

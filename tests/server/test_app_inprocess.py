@@ -9,8 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from engine import EngineDeadError, QueueFullError, RequestError
-from server.app import ServerSettings, create_app
+from dspark_serve.engine import EngineDeadError, QueueFullError, RequestError
+from dspark_serve.server.app import ServerSettings, create_app
 from fake_engine import FakeEngine, FakeTokenizer
 from server_helpers import sse_events
 

@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fake_engine import FakeEngine
-from server import reasoning as R
-from server.app import ServerSettings, create_app
+from dspark_serve.server import reasoning as R
+from dspark_serve.server.app import ServerSettings, create_app
 
 CHAT = "/v1/chat/completions"
 

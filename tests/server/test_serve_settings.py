@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from server.cli import build_parser, engine_config_from_args
-from server.serve import resolve_serve_args
+from dspark_serve.server.cli import build_parser, engine_config_from_args
+from dspark_serve.server.serve import resolve_serve_args
 
 
 def resolve(argv: list[str], env: dict[str, str] | None = None, top: list[str] | None = None):
@@ -114,7 +114,7 @@ def test_missing_config_file_exits(tmp_path):
 def test_profile_writes_the_cost_table_the_engine_plans_with(tmp_path, tiny_llama_dir, tiny_drafter_dir, capsys):
     """`dspark profile` builds SPS(B) offline through the engine's public interface and saves it
     where `--cost-table` says; a second run loads it instead of profiling again."""
-    from server.cli import main
+    from dspark_serve.server.cli import main
 
     out = tmp_path / "table.json"
     args = ["profile", "--model", tiny_llama_dir, "--dtype", "float32", "--enforce-eager", "--num-threads", "1",

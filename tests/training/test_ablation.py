@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from server.cli import main
-from training.ablation import ablation_table, load_arm, markdown_table
+from dspark_serve.server.cli import main
+from dspark_serve.training.ablation import ablation_table, load_arm, markdown_table
 
 
 def fake_run(root, name, steps, val_tau, served: dict[str, float]):

@@ -7,9 +7,9 @@ import json
 import re
 from fractions import Fraction
 
-from server.cli import main
-from training.data import iter_examples
-from training.prompts import MATH_SUFFIX, synth_prompts
+from dspark_serve.server.cli import main
+from dspark_serve.training.data import iter_examples
+from dspark_serve.training.prompts import MATH_SUFFIX, synth_prompts
 
 
 def test_prompts_are_distinct_and_a_seed_fixes_them():

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from engine.llm import apply_chat_template
-from models.dspark import load_drafter, shared_context_attention
-from models.loader import load_model
-from training.data import (
+from dspark_serve.engine.llm import apply_chat_template
+from dspark_serve.models.dspark import load_drafter, shared_context_attention
+from dspark_serve.models.loader import load_model
+from dspark_serve.training.data import (
     MANIFEST, GenDataConfig, gen_data, read_manifest, teacher_pass, write_json_atomic, write_shard,
 )
-from training.trainer import (
+from dspark_serve.training.trainer import (
     CachedDataset, TrainableDrafter, TrainConfig, build_drafter, context_mask, drafter_loss, evaluate,
     expected_tau_from_tv, make_blocks, position_weights, sparse_tv, train_drafter,
 )
@@ -224,7 +224,7 @@ def test_training_forward_is_the_serving_backbone(tmp_path, tiny_llama_dir, wind
             ref = d.backbone(ids[a:a + 1], torch.tensor([a]), ctx, torch.ones(1, a - lo, dtype=torch.bool), 4)
             assert torch.allclose(got[i], ref[0], atol=1e-4), (got[i] - ref[0]).abs().max()
     if window:  # a warm start keeps the saved drafter's window, or is told another (0: none)
-        from models.dspark import save_drafter
+        from dspark_serve.models.dspark import save_drafter
 
         save_drafter(d, tmp_path / "saved")
         for override, want in ((None, window), (3, 3), (0, None)):
@@ -235,7 +235,7 @@ def test_training_forward_is_the_serving_backbone(tmp_path, tiny_llama_dir, wind
 
 
 def test_gen_data_resumes_and_a_trained_drafter_serves_losslessly(tmp_path, tiny_llama_dir):
-    from engine import LLM, SamplingParams
+    from dspark_serve.engine import LLM, SamplingParams
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"turns": [f"Say something about {w}."]}) + "\n"
@@ -281,8 +281,8 @@ def test_gen_data_resumes_and_a_trained_drafter_serves_losslessly(tmp_path, tiny
     assert all(len(o.outputs[0].token_ids) == 16 or o.outputs[0].finish_reason == "stop" for o in out)
 
     # STS on the held-out split, written beside the drafter and picked up by the engine
-    from scheduler.calibration import STSCalibrator
-    from training.evaluate import calibrate_drafter
+    from dspark_serve.scheduler.calibration import STSCalibrator
+    from dspark_serve.training.evaluate import calibrate_drafter
 
     res = calibrate_drafter(str(drafter_dir), cfg.out, num_prompts=3, max_tokens=8, model=tiny_llama_dir, num_threads=1)
     assert res["rounds"] > 0 and res["prompts"] >= 1
@@ -293,7 +293,7 @@ def test_gen_data_resumes_and_a_trained_drafter_serves_losslessly(tmp_path, tiny
 def test_teacher_pass_packs_by_length_and_returns_the_callers_order(tiny_llama_dir):
     """Several passes (a small token cap) over sequences of mixed lengths give, per sequence, the
     features and top-k of that sequence run alone with a full softmax."""
-    from models.attention import AttentionMetadata
+    from dspark_serve.models.attention import AttentionMetadata
 
     model = load_model(tiny_llama_dir, dtype="float32").model
     g = torch.Generator().manual_seed(0)
@@ -513,7 +513,7 @@ def test_a_warm_start_grows_layers_and_vocabulary_from_the_saved_function(tmp_pa
 def test_a_warm_start_gates_the_markov_head_without_changing_its_function(tmp_path, tiny_llama_dir):
     """--gate-head: a vanilla Markov head becomes the gated one with the same bias at step 0 (gate
     constant, W2 divided by it); the gate then trains, resume rebuilds it, and the export is gated."""
-    from training.trainer import gate_markov_head
+    from dspark_serve.training.trainer import gate_markov_head
 
     _chain_dataset(tmp_path / "data", list(range(300, 340)))
     cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), model=tiny_llama_dir, block_size=4,
@@ -554,7 +554,7 @@ def test_map_tensor_reads_what_safetensors_wrote(tmp_path):
     empty tensor, come back equal to safetensors' own reader."""
     from safetensors.torch import load_file, save_file
 
-    from training.trainer import map_tensor
+    from dspark_serve.training.trainer import map_tensor
 
     g = torch.Generator().manual_seed(0)
     tensors = {"hidden": torch.randn(7, 5, generator=g).to(torch.bfloat16), "probs": torch.rand(3, 4).half(),
@@ -592,7 +592,7 @@ def test_cached_dataset_maps_features_across_shards(tmp_path):
 def test_training_device_resolution():
     """--device auto trains on CUDA when torch sees a GPU, else on the CPU; an explicit cuda
     device without one is a clear error, not a crash deep inside the first step."""
-    from training.trainer import resolve_device
+    from dspark_serve.training.trainer import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
