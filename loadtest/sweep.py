@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-requests", type=int, default=None,
                    help="requests per point (default: 4 x concurrency, at least 16)")
     g.add_argument("--max-duration", type=float, default=300.0, help="seconds per point at most (default 300)")
+    g.add_argument("--request-rate", type=float, default=None,
+                   help="open loop: requests arrive as a Poisson process at this rate (req/s) and each point's "
+                        "concurrency is the cap on requests in flight (default: closed loop, c requests in flight)")
     g.add_argument("--warmup-requests", type=int, default=1, help="per configuration, before its first point")
     g.add_argument("--rounds", type=int, default=1,
                    help="measure the grid N times with the configurations interleaved point by point and all "
@@ -162,7 +165,10 @@ def wait_compiled(base_url: str, timeout: float) -> float:
 
 
 def measure_point(name: str, args, model: str, specs_all, c: int, per_point, round_index: int = 0) -> dict:
-    cfg = load_config(args, model, concurrency=c)
+    rate = getattr(args, "request_rate", None)
+    cfg = load_config(args, model, concurrency=None if rate else c, request_rate=rate)
+    if rate:
+        cfg.max_concurrency = c
     point = asyncio.run(measure(point_specs(args, specs_all, c, per_point, round_index), cfg, sla_from_args(args),
                                 args.save_itl))
     print(point_line(name, c, point), file=sys.stderr)
@@ -389,7 +395,10 @@ def sweep_main(argv: list[str]) -> int:
         "grid": grid,
         "per_point": (f"{args.num_requests} requests per point" if args.num_requests
                       else "max(16, 4 x concurrency) requests per point") + f", at most {args.max_duration:g} s"
-                     + (", fresh requests at every point" if args.fresh_prompts else ""),
+                     + (", fresh requests at every point" if args.fresh_prompts else "")
+                     + (f", Poisson arrivals at {args.request_rate:g} req/s (concurrency: the cap on requests in "
+                        "flight)" if args.request_rate else ""),
+        "request_rate": args.request_rate,
         "sla": sla_from_args(args).to_dict(),
         "log_dir": str(log_dir),
         "rounds": args.rounds,

@@ -45,6 +45,30 @@ def test_analyse_and_report():
            "workload": "w", "points": rows}
     md = bench_sla.markdown(res)
     assert "| sla-50 (30) | 8 | sla-50 |" in md and "1.46x" in md
+    # scheduled missed the floor for half its requests, sla-50 gained goodput but lost 17% throughput
+    assert row["bar"] == "not met" and "| not met |" in md
+    # an open-loop sweep's rows say their Poisson rate and cap
+    rate_rows = bench_sla.analyse({**_sweep(), "request_rate": 2.5}, {"sla-50": 30.0})
+    assert rate_rows[0]["request_rate"] == 2.5
+    assert "| sla-50 (30) | 2.50 req/s (<= 8) | sla-50 |" in bench_sla.markdown({**res, "points": rate_rows})
+
+
+def test_the_bar():
+    assert bench_sla.bar(0.05, {"goodput_requests_median": 1.0, "throughput_median": 1.0}) == "n/a"
+    assert bench_sla.bar(0.3, {"goodput_requests_median": 1.25, "throughput_median": 0.96}) == "met"
+    assert bench_sla.bar(0.3, {"goodput_requests_median": 1.15, "throughput_median": 0.99}) == "not met"
+    assert bench_sla.bar(0.3, {"goodput_requests_median": 1.5, "throughput_median": 0.90}) == "not met"
+    assert bench_sla.bar(1.0, {"goodput_requests_median": None, "throughput_median": 1.0}, 0.2) == "met"
+    assert bench_sla.bar(1.0, {"goodput_requests_median": None, "throughput_median": 1.0}, 0.0) == "not met"
+
+
+def test_request_rates():
+    sweep = {"configs": [{"name": "off", "points": []}, {"name": "scheduled", "points": [
+        {"concurrency": 8, "summary": {"request_throughput": 1.0}},
+        {"concurrency": 32, "summary": {"request_throughput": 3.0}}]}]}
+    assert bench_sla.request_rates("auto", sweep, 32) == pytest.approx([1.8, 2.7])
+    assert bench_sla.request_rates("0.5,2", sweep, 32) == [0.5, 2.0]
+    assert bench_sla.request_rates("none", sweep, 32) == []
 
 
 def test_a_one_round_sweep_is_its_own_round():

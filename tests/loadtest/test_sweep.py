@@ -60,6 +60,16 @@ def test_sweep_against_a_running_endpoint(tmp_path):
         assert rc == 0 and srv.max_in_flight == 3 and len(srv.arrivals) == 6
     (c,) = json.loads((tmp_path / "e.json").read_text())["configs"]
     assert c["name"] == "peer-x" and c["base_url"] == srv.url and c["points"][0]["summary"]["requests_completed"] == 6
+    # --request-rate: open loop, Poisson arrivals, the grid's concurrency caps requests in flight
+    with FakeOpenAI(ttft=0.1) as srv:
+        rc = sweep_main(["--base-url", srv.url, "--config-name", "peer-x", "--concurrency-grid", "2",
+                         "--num-requests", "12", "--request-rate", "40", "--result-dir", str(tmp_path), "--name", "r",
+                         "--no-plots", "--no-progress", "--warmup-requests", "0"])
+        assert rc == 0 and len(srv.arrivals) == 12 and srv.max_in_flight == 2
+    sweep = json.loads((tmp_path / "r.json").read_text())
+    load = sweep["configs"][0]["points"][0]["load"]
+    assert sweep["request_rate"] == 40 and "Poisson arrivals at 40 req/s" in sweep["per_point"]
+    assert (load["mode"], load["request_rate"], load["max_concurrency"], load["max_in_flight"]) == ("open", 40, 2, 2)
     with pytest.raises(SystemExit, match="allow-remote"):
         sweep_main(["--base-url", "http://10.1.2.3:8000"])
     with pytest.raises(SystemExit, match="nothing to measure"):
