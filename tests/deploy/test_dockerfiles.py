@@ -145,11 +145,13 @@ def test_build_context_holds_what_the_dockerfiles_copy(tmp_path):
     for source in sources:
         assert (REPO / source).exists(), f"COPY {source}: not in the repository"
         assert not dockerignored(source, patterns), f"COPY {source}: excluded by .dockerignore"
-    # Every package pyproject.toml installs is copied.
-    includes = re.search(r"include = \[([^\]]*)\]", pyproject_text()).group(1)
-    for package in re.findall(r'"(\w+)\*"', includes):
-        if (REPO / package).is_dir():
-            assert package in sources, f"{package}/ is installed by pyproject.toml but not copied"
+    # Every package folder pyproject.toml installs (its package-dir mapping) is copied.
+    import tomllib
+
+    folders = tomllib.loads(pyproject_text())["tool"]["setuptools"]["package-dir"].values()
+    assert {"engine", "models", "server"} <= set(folders)
+    for package in folders:
+        assert package in sources, f"{package}/ is installed by pyproject.toml but not copied"
     for secret_like in (".venv", ".git", "tests", "deploy", "x/__pycache__", "model.gguf"):
         assert dockerignored(secret_like, patterns), secret_like
 
