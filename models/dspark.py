@@ -365,7 +365,7 @@ class DSparkDrafter(nn.Module):
         layers, the Markov head's W2) get an int8 copy (Q8_0 blocks) read by our VNNI kernel for
         few rows (models/quant.py; drafts only steer speed, verification keeps the output exact).
         Returns how many were packed (0 where the kernel is not available)."""
-        if not quant.vnni_kernel():
+        if not quant.kernel_serves(dtype):
             return 0
         linears = [self.fc] + [m for layer in self.layers for m in layer.modules() if isinstance(m, nn.Linear)]
         if self.markov_head is not None:

@@ -90,6 +90,15 @@ def probe_cpu_bf16(repeats: int = 5) -> dict:
     return result
 
 
+def cpu_has_bf16() -> bool:
+    """Whether the CPU computes in bf16 natively (AVX512_BF16 or AMX-BF16); elsewhere torch emulates it.
+    Unknown (no /proc/cpuinfo, another architecture): True, and the probe decides."""
+    from dspark_serve.models import kernels
+
+    flags = kernels.cpu_flags()
+    return not flags or "avx2" not in flags or bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
 def auto_cpu_dtype() -> torch.dtype:
     """The dtype `--dtype auto` serves in on a CPU: bfloat16 where it measures at least
     BF16_MIN_SPEEDUP x faster than float32 in matrix products, else float32.
@@ -97,12 +106,17 @@ def auto_cpu_dtype() -> torch.dtype:
     A CPU flag does not decide this: on one 2-core Intel Xeon with avx512_bf16 (no AMX) a
     [4096 x 576] x [576 x 1536] product ran at 178 GFLOPS in bf16 against 365 in fp32, and on a
     2-core AMD EPYC with the same flags at 771 against 142-173 (docs/benchmarks/README.md).
-    `DSPARK_CPU_DTYPE=float32|bfloat16` skips the measurement."""
+    A CPU without bf16 arithmetic (no avx512_bf16, no amx_bf16 in /proc/cpuinfo: AVX2-only and
+    older AVX-512 parts) emulates it, tens of times slower: float32 without the measurement (which
+    takes about 30 s there). `DSPARK_CPU_DTYPE=float32|bfloat16` skips the measurement."""
     forced = os.environ.get("DSPARK_CPU_DTYPE")
     if forced:
         if forced not in ("float32", "bfloat16"):
             raise ValueError(f"DSPARK_CPU_DTYPE={forced!r}: use float32 or bfloat16")
         return torch.float32 if forced == "float32" else torch.bfloat16
+    if not cpu_has_bf16():
+        log.info("dtype auto: this CPU has no bf16 arithmetic (avx512_bf16 / amx_bf16) -> float32")
+        return torch.float32
     probe = probe_cpu_bf16()
     choice = torch.bfloat16 if probe["speedup"] >= BF16_MIN_SPEEDUP else torch.float32
     log.info("dtype auto: bf16/fp32 matmul speedup %.2f (%s rows, %d threads) -> %s", probe["speedup"],
@@ -341,10 +355,12 @@ def quantization_kinds(mode: str, net: LlamaForCausalLM, stored_types: dict[str,
     return kinds
 
 
-def _avx2_packs() -> bool:
-    from dspark_serve.models import kernels
-
-    return quant.vnni_kernel() and kernels.isa() == "avx2"
+def _auto_float32_packs(dtype, torch_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `--quantization auto` packs a float32 model: where `--dtype auto` CHOSE float32 on a
+    CPU (not where float32 was asked for, by --dtype or DSPARK_CPU_DTYPE: the dense reference) and
+    our kernel runs (it takes float32 activations; torch's packed kernels are slow in float32)."""
+    return (dtype == "auto" and torch_dtype == torch.float32 and device.type == "cpu"
+            and not os.environ.get("DSPARK_CPU_DTYPE") and quant.kernel_serves(torch.float32))
 
 
 def load_model(
@@ -358,8 +374,9 @@ def load_model(
 
     `quantization` (models/quant.py): none keeps dense weights only (the reference arithmetic);
     auto packs what the checkpoint stores quantized when serving in bfloat16 on a CPU, or in the
-    float32 that dtype auto chose where our kernel runs (none elsewhere: the packed kernels are CPU
-    kernels, torch's fast for bf16 activations only); int4 / int8 pack every projection and the head."""
+    float32 that dtype auto chose where our kernel runs (an AVX2-only CPU, say; none elsewhere: the
+    packed kernels are CPU kernels, torch's fast for bf16 activations only); int4 / int8 pack every
+    projection and the head."""
     from transformers import AutoConfig, AutoTokenizer
 
     device = torch.device(device)
@@ -372,14 +389,15 @@ def load_model(
         if quantization != "auto":
             raise ValueError(f"--quantization {quantization} runs on the CPU only (packed CPU kernels); use none or auto")
         quantization = "none"
-    if quantization == "auto" and torch_dtype != torch.bfloat16 and not (dtype == "auto" and _avx2_packs()):
+    if (quantization == "auto" and torch_dtype != torch.bfloat16
+            and not _auto_float32_packs(dtype, torch_dtype, device)):
         # torch's packed CPU kernels are fast for bf16 activations only (float32: slower than a
         # dense GEMM, docs/benchmarks/quantization.md), so auto keeps float32 dense: the reference
-        # arithmetic when float32 is asked for. Where dtype auto chose float32 on an AVX2-only CPU
-        # and the AVX2 build of our kernel is opted in (DSPARK_KERNEL_ISA=avx2), it packs: our
-        # kernel takes float32 activations too.
+        # arithmetic when float32 is asked for. Where dtype auto chose float32 (a CPU without bf16
+        # arithmetic) and our kernel builds (AVX-512 VNNI or AVX2), it packs: our kernel takes
+        # float32 activations too.
         quantization = "none"
-    elif quantization != "none" and torch_dtype != torch.bfloat16 and not quant.vnni_kernel():
+    elif quantization != "none" and torch_dtype != torch.bfloat16 and not quant.kernel_serves(torch_dtype):
         log.warning("--quantization %s with %s activations: torch's packed CPU kernels are slow "
                     "outside bfloat16 (use --dtype bfloat16)", quantization, torch_dtype)
     stored_types: dict[str, str] = {}

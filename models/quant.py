@@ -4,9 +4,9 @@ A decode step on a CPU is bound by the bytes of weights it reads. Dequantizing a
 about 3.2x the bytes of its Q4_1 blocks; these linears keep the checkpoint's precision instead.
 Two kernels, chosen at load (`PackedWeight.quantize`):
 
-- **Ours** (``models/kernels``, the ``vnni`` layout; where the CPU has AVX-512 VNNI, or, opted in
-  with DSPARK_KERNEL_ISA=avx2, AVX2 with FMA and F16C (an AVX2 build of the same arithmetic), and a
-  C++ compiler is present, else torch's).
+- **Ours** (``models/kernels``, the ``vnni`` layout; where the CPU has AVX-512 VNNI, or AVX2 with
+  FMA and F16C (an AVX2 build of the same arithmetic, float32 activations only: `kernel_serves`),
+  and a C++ compiler is present, else torch's).
   It takes float32 activations as well as bf16, so on AVX2 CPUs, where `--dtype auto` serves
   float32, `--quantization auto` packs too (models/loader.py). Weights in GGUF's own blocks of 32 with fp16 constants:
   ``int4`` is Q4_1 (w = d * q + m, q in 0..15), ``int8`` is Q8_0 (w = d * c); the GGUF's blocks map
@@ -71,10 +71,21 @@ def gguf_kind(tensor_type: str) -> str:
 
 
 def vnni_kernel() -> bool:
-    """Whether our VNNI kernel (models/kernels) serves packed weights here; else torch's kernels do."""
+    """Whether our kernel (models/kernels: AVX-512 VNNI or AVX2 build) is available here."""
     from dspark_serve.models import kernels
 
     return kernels.load()
+
+
+def kernel_serves(dtype: torch.dtype) -> bool:
+    """Whether our kernel serves packed weights for activations of `dtype`; else torch's kernels do.
+    The AVX-512 build serves every dtype. The AVX2 build serves float32 only: bf16 activations keep
+    torch's packed kernels there, as before it existed (an AVX2 CPU has no paged-attention kernel,
+    and int8-quantized activations would magnify the torch attention path's batch-shape rounding
+    into different greedy answers for the same request alone and in a batch)."""
+    from dspark_serve.models import kernels
+
+    return kernels.load() and (kernels.isa() == "avx512" or dtype == torch.float32)
 
 
 class PackedWeight:
@@ -105,7 +116,7 @@ class PackedWeight:
         if kind not in ("int4", "int8"):
             raise ValueError(f"unknown packed format {kind!r}")
         if layout is None:
-            layout = "vnni" if n % VNNI_BLOCK == 0 and k % INT4_GROUP == 0 and vnni_kernel() else "torch"
+            layout = "vnni" if n % VNNI_BLOCK == 0 and k % INT4_GROUP == 0 and kernel_serves(dtype) else "torch"
         if layout == "vnni":
             if not vnni_kernel():
                 from dspark_serve.models import kernels

@@ -3,9 +3,10 @@
 paged KV pool; models/attention.py).
 
 They need a C++ compiler (the one torch.compile uses: g++ or $CXX) and a CPU with AVX-512 VNNI (Intel
-Cascade Lake and later, AMD Zen 4 and later: both kernels), or, opted in with DSPARK_KERNEL_ISA=avx2,
-AVX2 with FMA and F16C (Intel Haswell and later, AMD Zen 1-3: the quantized matmul only, with AVX2's
-integer dot products; attention keeps the torch path there). `isa()` says which build this CPU takes. It is built once per source, ISA,
+Cascade Lake and later, AMD Zen 4 and later: both kernels) or AVX2 with FMA and F16C (Intel Haswell
+and later, AMD Zen 1-3: the quantized matmul only, with AVX2's integer dot products, for float32
+activations; attention keeps the torch path there). `isa()` says which build this CPU takes
+(DSPARK_KERNEL_ISA=avx2 forces the AVX2 build, =none none). It is built once per source, ISA,
 torch version and compiler into ``$DSPARK_CACHE_DIR/kernels`` (about 10 s), under a file lock so that concurrent
 processes build it once, and loaded with ``torch.ops.load_library``. Where it cannot be built or
 loaded, `load()` returns False, `unavailable_reason()` says why, and the caller keeps torch's own
@@ -41,7 +42,7 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -64,16 +65,13 @@ def _cache_dir() -> Path:
 
 
 def isa() -> str | None:
-    """The kernel build this CPU runs: "avx512" where it has AVX-512 VNNI, else None. The AVX2 build
-    is opt-in for now: DSPARK_KERNEL_ISA=avx2 selects it on any CPU with AVX2 + FMA + F16C (an
-    AVX-512 one too, to test it there). On an AVX2-only machine it makes the default server several
-    times faster (packed float32 serving), but three integration tests (greedy answers of bf16 and
-    concurrent requests compared with solo ones) did not pass with it on such a machine yet."""
-    flags = _cpu_flags()
+    """The kernel build this CPU runs: "avx512" where it has AVX-512 VNNI, else "avx2" where it has
+    AVX2 + FMA + F16C, else None. DSPARK_KERNEL_ISA=avx2 selects the AVX2 build on an AVX-512 CPU
+    too (to test it there), =none builds nothing."""
+    flags = cpu_flags()
     forced = os.environ.get("DSPARK_KERNEL_ISA")
     for name, (_, needs) in _ISAS.items():
-        wanted = forced == name if forced else name == "avx512"
-        if wanted and all(f in flags for f in needs):
+        if (forced is None or forced == name) and all(f in flags for f in needs):
             return name
     return None
 
@@ -112,8 +110,8 @@ def _why_not() -> str | None:
     if sys.platform != "linux":
         return f"built for Linux only (this is {sys.platform})"
     if isa() is None:
-        return ("the CPU lacks AVX-512 VNNI (DSPARK_KERNEL_ISA=avx2 opts in to the AVX2 build where the CPU "
-                "has AVX2, FMA and F16C)")
+        return ("DSPARK_KERNEL_ISA=" + os.environ["DSPARK_KERNEL_ISA"] if os.environ.get("DSPARK_KERNEL_ISA")
+                else "the CPU lacks both AVX-512 VNNI and AVX2 with FMA and F16C")
     if _compiler() is None:
         return "no C++ compiler (g++ or $CXX) on PATH"
     return None

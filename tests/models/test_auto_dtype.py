@@ -19,6 +19,7 @@ def test_probe_measures_every_shape_and_is_cached(monkeypatch):
                                               (1.1, torch.float32), (0.5, torch.float32)])
 def test_auto_follows_the_measured_speedup(monkeypatch, speedup, expected):
     monkeypatch.delenv("DSPARK_CPU_DTYPE", raising=False)
+    monkeypatch.setattr(loader, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(loader, "probe_cpu_bf16",
                         lambda: {"speedup": speedup, "per_rows": {1: speedup}, "threads": 2})
     assert loader.auto_cpu_dtype() == expected
@@ -38,3 +39,38 @@ def test_env_overrides_the_measurement(monkeypatch):
     monkeypatch.setenv("DSPARK_CPU_DTYPE", "fp8")
     with pytest.raises(ValueError, match="DSPARK_CPU_DTYPE"):
         loader.auto_cpu_dtype()
+
+
+def test_no_probe_without_bf16_arithmetic(monkeypatch):
+    """An AVX2-only CPU emulates bf16 (0.02x fp32 measured on one): float32 at once, no 30 s probe."""
+    from dspark_serve.models import kernels
+
+    def no_probe():
+        raise AssertionError("the probe must not run on a CPU without bf16 arithmetic")
+
+    monkeypatch.delenv("DSPARK_CPU_DTYPE", raising=False)
+    monkeypatch.setattr(loader, "probe_cpu_bf16", no_probe)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    assert not loader.cpu_has_bf16() and loader.auto_cpu_dtype() == torch.float32
+    for flags in ({"avx2", "avx512_bf16"}, {"avx2", "amx_bf16"}, set(), {"neon", "bf16"}):
+        monkeypatch.setattr(kernels, "cpu_flags", lambda flags=flags: flags)
+        assert loader.cpu_has_bf16(), flags  # the probe decides
+
+
+def test_auto_float32_packs_only_a_chosen_float32(monkeypatch):
+    """`--quantization auto` packs float32 where --dtype auto chose it and our kernel serves it; where
+    float32 was asked for (--dtype float32, DSPARK_CPU_DTYPE) it stays dense: the reference."""
+    from dspark_serve.models import quant
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(quant, "kernel_serves", lambda dtype: dtype == torch.float32)
+    monkeypatch.delenv("DSPARK_CPU_DTYPE", raising=False)
+    assert loader._auto_float32_packs("auto", torch.float32, cpu)
+    assert not loader._auto_float32_packs("float32", torch.float32, cpu)
+    assert not loader._auto_float32_packs("auto", torch.bfloat16, cpu)
+    assert not loader._auto_float32_packs("auto", torch.float32, torch.device("cuda"))
+    monkeypatch.setenv("DSPARK_CPU_DTYPE", "float32")
+    assert not loader._auto_float32_packs("auto", torch.float32, cpu)
+    monkeypatch.delenv("DSPARK_CPU_DTYPE")
+    monkeypatch.setattr(quant, "kernel_serves", lambda dtype: False)
+    assert not loader._auto_float32_packs("auto", torch.float32, cpu)

@@ -71,7 +71,7 @@ def test_vnni_kernel_computes_the_q8_activation_product(kind):
     torch.testing.assert_close(got, x.double() @ packed.dequantize().double().t(), rtol=0.05, atol=0.05)
 
 
-@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= kernels._cpu_flags(), reason="no AVX2 + FMA + F16C here")
+@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= kernels.cpu_flags(), reason="no AVX2 + FMA + F16C here")
 def test_the_avx2_build_computes_the_same_product(tmp_path):
     """The AVX2 build of quant_mm (CPUs without AVX-512 VNNI; forced with DSPARK_KERNEL_ISA so an
     AVX-512 machine tests it too) passes this file's kernel tests: the float64 reference of the
@@ -81,10 +81,13 @@ def test_the_avx2_build_computes_the_same_product(tmp_path):
     import sys
 
     env = {**os.environ, "DSPARK_CACHE_DIR": str(tmp_path), "DSPARK_KERNEL_ISA": "avx2"}
-    isa = subprocess.run([sys.executable, "-c", "from dspark_serve.models import kernels; "
-                          "print(kernels.load(), kernels.isa(), kernels.paged_attention_available())"],
+    isa = subprocess.run([sys.executable, "-c", "from dspark_serve.models import kernels, quant; import torch; "
+                          "print(kernels.load(), kernels.isa(), kernels.paged_attention_available(), "
+                          "*(quant.PackedWeight.quantize(torch.randn(32, 64), 'int4', dt).layout "
+                          "for dt in (torch.float32, torch.bfloat16)))"],
                          capture_output=True, text=True, timeout=300, env=env)
-    assert isa.stdout.split() == ["True", "avx2", "False"], isa.stderr[-2000:]  # no paged attention in it
+    # no paged attention in it; it serves float32 activations, bf16 ones keep torch's kernels
+    assert isa.stdout.split() == ["True", "avx2", "False", "vnni", "torch"], isa.stderr[-2000:]
     tests = [f"{__file__}::test_vnni_kernel_computes_the_q8_activation_product", f"{__file__}::test_packed_matmul_is_batch_invariant"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "vnni", *tests],
                           capture_output=True, text=True, timeout=600, env=env)
@@ -100,12 +103,10 @@ def test_kernel_falls_back_to_torch_when_it_cannot_build(tmp_path):
     code = ("from dspark_serve.models import kernels, quant; import torch; ok = kernels.load(); "
             "print(ok, kernels.unavailable_reason()); "
             "print(quant.PackedWeight.quantize(torch.randn(32, 64), 'int4', torch.bfloat16).layout)")
-    # a CPU without AVX-512 VNNI builds nothing unless the AVX2 build is opted in: opt in, so the
-    # broken compiler is what stops it
-    build = {"DSPARK_KERNEL_ISA": "avx2"} if kernels.isa() is None else {}
-    if kernels.isa() is None and not {"avx2", "fma", "f16c"} <= kernels._cpu_flags():
+    if kernels.isa() is None:
         pytest.skip("no kernel build for this CPU at all")
-    for env, why in (({"CXX": "/bin/false", **build}, "failed"), ({"DSPARK_QUANT_KERNEL": "torch"}, "DSPARK_QUANT_KERNEL")):
+    for env, why in (({"CXX": "/bin/false"}, "failed"), ({"DSPARK_QUANT_KERNEL": "torch"}, "DSPARK_QUANT_KERNEL"),
+                     ({"DSPARK_KERNEL_ISA": "none"}, "DSPARK_KERNEL_ISA=none")):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                               env={**__import__("os").environ, "DSPARK_CACHE_DIR": str(tmp_path), **env})
         out = proc.stdout.splitlines()
@@ -216,7 +217,9 @@ def test_greedy_speculation_equals_plain_with_packed_weights(tiny_llama_dir, tin
     checks the row layout and the split; the kernels' batch invariance is tested above."""
     monkeypatch.setattr(quant, "PACKED_MAX_ROWS", 1 << 62)
     if layout == "torch":
-        monkeypatch.setattr(quant, "vnni_kernel", lambda: False)
+        monkeypatch.setattr(quant, "kernel_serves", lambda dtype: False)
+    elif not quant.kernel_serves(getattr(torch, dtype)):
+        pytest.skip(f"our kernel does not serve {dtype} activations in the {kernels.isa()} build")
     prompts = [[(7 * i + j) % 200 + 3 for j in range(5 + 9 * i)] for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
