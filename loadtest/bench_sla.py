@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from dspark_serve.loadtest import report
@@ -254,7 +255,8 @@ def main(argv=None) -> int:
                     "--request-rate", f"{rate:.4f}", "--rounds", str(args.rounds), "--num-requests",
                     str(args.num_requests), "--baseline", "scheduled", *configs])
         points += analyse(json.loads((out_dir / f"{name}.json").read_text()), floors)
-    res = {"command": "python -m dspark_serve.loadtest.bench_sla " + " ".join(argv or []), "machine": sweep["machine"],
+    args_given = sys.argv[1:] if argv is None else argv
+    res = {"command": " ".join(["python -m dspark_serve.loadtest.bench_sla", *args_given]), "machine": sweep["machine"],
            "git": sweep["git"], "single_stream": s, "single_stream_source": source, "floors": floors,
            "rounds": args.rounds,
            "workload": f"{args.dataset}, {args.num_requests} requests per point, {args.max_tokens} output tokens "
