@@ -56,16 +56,17 @@ BF16_MIN_SPEEDUP = 1.25
 _cpu_dtype_probe: dict[int, dict] = {}
 
 
-def probe_cpu_bf16(repeats: int = 5) -> dict:
+def probe_cpu_bf16(repeats: int = 5, fresh: bool = False) -> dict:
     """Time fp32 and bf16 matrix products on this CPU with the current torch thread count.
 
     Returns {"speedup": geometric mean over the probe shapes of fp32 time / bf16 time, "per_rows":
     {rows: speedup}, "threads": n}. The two dtypes are timed interleaved (best of `repeats`), so a
-    busy machine slows both alike. Cached per thread count for the life of the process."""
+    busy machine slows both alike. Cached per thread count for the life of the process (`fresh`:
+    measure again)."""
     import time
 
     threads = torch.get_num_threads()
-    if threads in _cpu_dtype_probe:
+    if threads in _cpu_dtype_probe and not fresh:
         return _cpu_dtype_probe[threads]
     gen = torch.Generator().manual_seed(0)
     per_rows = {}
@@ -99,6 +100,50 @@ def cpu_has_bf16() -> bool:
     return not flags or "avx2" not in flags or bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
+def _probe_cache_path() -> Path | None:
+    """Where this machine's measured bf16 speedup is kept: one file per CPU model, CPU flags, torch
+    version and thread count under the cache directory (None: not kept)."""
+    from dspark_serve.models import kernels
+
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    key = "|".join((model, " ".join(sorted(kernels.cpu_flags())), torch.__version__, str(torch.get_num_threads())))
+    return cache_dir() / "dtype_probe" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def measured_bf16_speedup() -> dict:
+    """The bf16 / fp32 speedup `--dtype auto` decides by, measured once per machine and kept
+    (`_probe_cache_path`; delete the file to measure again), so that every server on a machine, and
+    every restart, serves in the same dtype. A measurement within a factor of 1.5 of the bar is
+    taken three times and the median decides: one busy moment moved one server's choice on a 2-core
+    Xeon (1.17 where 14 other starts measured 1.47-1.82), and that server ran half as fast."""
+    path = _probe_cache_path()
+    if path is not None and path.exists():
+        try:
+            return {**json.loads(path.read_text()), "cached": str(path)}
+        except (OSError, ValueError):
+            pass  # unreadable: measure again
+    probes = [probe_cpu_bf16()]
+    if BF16_MIN_SPEEDUP / 1.5 <= probes[0]["speedup"] <= BF16_MIN_SPEEDUP * 1.5:
+        probes += [probe_cpu_bf16(fresh=True) for _ in range(2)]
+    result = sorted(probes, key=lambda p: p["speedup"])[len(probes) // 2]
+    result = {**result, "per_rows": {str(k): v for k, v in result["per_rows"].items()},
+              "measurements": [p["speedup"] for p in probes]}
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(result))
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("dtype auto: cannot keep the measurement in %s: %s", path, e)
+    return result
+
+
 def auto_cpu_dtype() -> torch.dtype:
     """The dtype `--dtype auto` serves in on a CPU: bfloat16 where it measures at least
     BF16_MIN_SPEEDUP x faster than float32 in matrix products, else float32.
@@ -108,7 +153,8 @@ def auto_cpu_dtype() -> torch.dtype:
     2-core AMD EPYC with the same flags at 771 against 142-173 (docs/benchmarks/README.md).
     A CPU without bf16 arithmetic (no avx512_bf16, no amx_bf16 in /proc/cpuinfo: AVX2-only and
     older AVX-512 parts) emulates it, tens of times slower: float32 without the measurement (which
-    takes about 30 s there). `DSPARK_CPU_DTYPE=float32|bfloat16` skips the measurement."""
+    takes about 30 s there). The measurement is kept per machine (`measured_bf16_speedup`).
+    `DSPARK_CPU_DTYPE=float32|bfloat16` skips the measurement."""
     forced = os.environ.get("DSPARK_CPU_DTYPE")
     if forced:
         if forced not in ("float32", "bfloat16"):
@@ -117,11 +163,11 @@ def auto_cpu_dtype() -> torch.dtype:
     if not cpu_has_bf16():
         log.info("dtype auto: this CPU has no bf16 arithmetic (avx512_bf16 / amx_bf16) -> float32")
         return torch.float32
-    probe = probe_cpu_bf16()
+    probe = measured_bf16_speedup()
     choice = torch.bfloat16 if probe["speedup"] >= BF16_MIN_SPEEDUP else torch.float32
-    log.info("dtype auto: bf16/fp32 matmul speedup %.2f (%s rows, %d threads) -> %s", probe["speedup"],
+    log.info("dtype auto: bf16/fp32 matmul speedup %.2f (%s rows, %d threads%s) -> %s", probe["speedup"],
              ", ".join(f"{r}: {v:.2f}" for r, v in probe["per_rows"].items()), probe["threads"],
-             str(choice).removeprefix("torch."))
+             f", kept in {probe['cached']}" if probe.get("cached") else "", str(choice).removeprefix("torch."))
     return choice
 
 

@@ -42,7 +42,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None, help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on GPUs; on a CPU bfloat16 where a start-up matmul probe measures it >= 1.25x faster than float32, else float32 (DSPARK_CPU_DTYPE overrides)")
+                   help="auto: bfloat16 on GPUs; on a CPU bfloat16 where a matmul probe measures it >= 1.25x faster than "
+                        "float32, else float32 (measured once per machine and kept in the cache directory; "
+                        "DSPARK_CPU_DTYPE overrides)")
     g.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8"],
                    help="weight-only packed linears on a CPU: auto keeps the checkpoint's quantization (a GGUF's 4-bit "
                         "tensors -> int4, 8-bit -> int8; float checkpoints stay dense), int4/int8 pack every projection "

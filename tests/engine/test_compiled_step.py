@@ -19,15 +19,20 @@ BS = 16
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None, reason="inductor needs a C++ compiler")
 
 
-@pytest.fixture(scope="module")
-def compiled_llm(tiny_llama_dir, tiny_drafter_dir):
-    llm = LLM(tiny_llama_dir, dtype="bfloat16", quantization="int4", num_threads=2, block_size=BS,
+# bf16, and float32: what --dtype auto serves, packed, on a CPU where bf16 is not faster (models/loader.py)
+@pytest.fixture(scope="module", params=["bfloat16", "float32"])
+def compiled_llm(request, tiny_llama_dir, tiny_drafter_dir):
+    llm = LLM(tiny_llama_dir, dtype=request.param, quantization="int4", num_threads=2, block_size=BS,
               speculative_config={"method": "dspark", "model": tiny_drafter_dir, "verification": "fixed"},
               enforce_eager=False, enable_prefix_caching=False)
     step = llm.engine.runner.decode_step
     assert step is not None and not step.enforce_eager
     assert step.wait(timeout=900), step.describe()
     return llm
+
+
+def model_dtype(step) -> torch.dtype:
+    return next(step.model.parameters()).dtype
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -63,14 +68,18 @@ def test_every_class_compiles_once_and_computes_the_eager_function(compiled_llm)
             # a mutation check of `_close`: another step's logits are not "close"
             assert not _close(got[0], want[0].roll(1, -1))
     assert seen == set(SHAPE_CLASSES)
-    assert exact >= 4  # most steps give eager's bits exactly (all 8 here, with torch 2.13)
+    if model_dtype(step) == torch.bfloat16:
+        # most steps give eager's bits exactly (all 8 here, with torch 2.13); float32 sums in the fused
+        # order and is only close (0 of 8 exact here): decode and verification steps both run the graph
+        assert exact >= 4
 
 
 @needs_compiler
 def test_engine_output_equals_enforce_eager(compiled_llm, tiny_llama_dir, tiny_drafter_dir):
     """Greedy outputs with the compiled graphs, speculation on, equal --enforce-eager's here (no
     near-tie in these prompts of the tiny model: a regression check, not a promise for every prompt)."""
-    eager = LLM(tiny_llama_dir, dtype="bfloat16", quantization="int4", num_threads=2, block_size=BS,
+    eager = LLM(tiny_llama_dir, dtype=str(compiled_llm.engine.runner.dtype).removeprefix("torch."),
+                quantization="int4", num_threads=2, block_size=BS,
                 speculative_config={"method": "dspark", "model": tiny_drafter_dir, "verification": "fixed"},
                 enforce_eager=True, enable_prefix_caching=False)
     assert eager.engine.runner.decode_step.ready == set()

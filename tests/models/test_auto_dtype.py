@@ -6,6 +6,12 @@ import torch
 from dspark_serve.models import loader
 
 
+@pytest.fixture(autouse=True)
+def no_kept_measurement(monkeypatch):
+    """Each test measures (or fakes) its own speedup: nothing is kept between them."""
+    monkeypatch.setattr(loader, "_probe_cache_path", lambda: None)
+
+
 def test_probe_measures_every_shape_and_is_cached(monkeypatch):
     monkeypatch.setattr(loader, "_cpu_dtype_probe", {})
     probe = loader.probe_cpu_bf16(repeats=1)
@@ -21,7 +27,7 @@ def test_auto_follows_the_measured_speedup(monkeypatch, speedup, expected):
     monkeypatch.delenv("DSPARK_CPU_DTYPE", raising=False)
     monkeypatch.setattr(loader, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(loader, "probe_cpu_bf16",
-                        lambda: {"speedup": speedup, "per_rows": {1: speedup}, "threads": 2})
+                        lambda fresh=False: {"speedup": speedup, "per_rows": {1: speedup}, "threads": 2})
     assert loader.auto_cpu_dtype() == expected
     assert loader.resolve_dtype("auto", torch.device("cpu")) == expected
 
@@ -74,3 +80,33 @@ def test_auto_float32_packs_only_a_chosen_float32(monkeypatch):
     monkeypatch.delenv("DSPARK_CPU_DTYPE")
     monkeypatch.setattr(quant, "kernel_serves", lambda dtype: False)
     assert not loader._auto_float32_packs("auto", torch.float32, cpu)
+
+
+def test_the_measurement_is_kept_per_machine_and_retaken_near_the_bar(monkeypatch, tmp_path):
+    """Every server on a machine serves in the same dtype: the first start measures and keeps the
+    result, later starts read it. A speedup near the bar is measured three times, the median decides."""
+    monkeypatch.delenv("DSPARK_CPU_DTYPE", raising=False)
+    monkeypatch.setattr(loader, "cpu_has_bf16", lambda: True)
+    kept = tmp_path / "probe.json"
+    monkeypatch.setattr(loader, "_probe_cache_path", lambda: kept)
+    calls = []
+
+    def probe(fresh=False, seq=(1.17, 1.6, 1.5)):
+        calls.append(fresh)
+        s = seq[len(calls) - 1]
+        return {"speedup": s, "per_rows": {1: s}, "threads": 2}
+
+    monkeypatch.setattr(loader, "probe_cpu_bf16", probe)
+    assert loader.auto_cpu_dtype() == torch.bfloat16  # median of 1.17, 1.6, 1.5
+    assert calls == [False, True, True] and kept.exists()
+    assert loader.measured_bf16_speedup()["measurements"] == [1.17, 1.6, 1.5]
+    assert loader.auto_cpu_dtype() == torch.bfloat16 and len(calls) == 3  # read, not measured
+    # far from the bar: one measurement
+    kept.unlink()
+    calls.clear()
+    monkeypatch.setattr(loader, "probe_cpu_bf16", lambda fresh=False, seq=(4.0,): probe(fresh, seq))
+    assert loader.auto_cpu_dtype() == torch.bfloat16 and calls == [False]
+    # an unreadable file is measured again
+    kept.write_text("{not json")
+    calls.clear()
+    assert loader.auto_cpu_dtype() == torch.bfloat16 and calls == [False]
