@@ -105,13 +105,8 @@ def _probe_cache_path() -> Path | None:
     version and thread count under the cache directory (None: not kept)."""
     from dspark_serve.models import kernels
 
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    key = "|".join((model, " ".join(sorted(kernels.cpu_flags())), torch.__version__, str(torch.get_num_threads())))
+    key = "|".join((kernels.cpu_model(), " ".join(sorted(kernels.cpu_flags())), torch.__version__,
+                    str(torch.get_num_threads())))
     return cache_dir() / "dtype_probe" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -120,7 +115,7 @@ def measured_bf16_speedup() -> dict:
     (`_probe_cache_path`; delete the file to measure again), so that every server on a machine, and
     every restart, serves in the same dtype. A measurement within a factor of 1.5 of the bar is
     taken three times and the median decides: one busy moment moved one server's choice on a 2-core
-    Xeon (1.17 where 14 other starts measured 1.47-1.82), and that server ran half as fast."""
+    Xeon (1.17 where 15 other starts measured 1.47-1.82), and that server ran about 40% slower."""
     path = _probe_cache_path()
     if path is not None and path.exists():
         try:
