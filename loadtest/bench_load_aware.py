@@ -17,12 +17,16 @@ and the steps the draft budget kept plain.
 Writes docs/benchmarks/load-aware-engine.json, .md and .png.
 
     python -m dspark_serve.loadtest.bench_load_aware [--concurrency-grid 1,2,4,8,16,32] [--rounds 4] [--threads 2]
+
+Both engines are built as the server builds them by default (`--dtype auto`: bf16 where this CPU
+computes it faster, else float32 packed by the AVX2 / AVX-512 kernel); the results record which.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -74,6 +78,13 @@ def _run(llm, texts: list[str], new_tokens: int) -> dict:
             "outputs": [o.outputs[0].token_ids for o in outs]}
 
 
+def _kernel(llm) -> str:
+    from dspark_serve.models import kernels, quant
+
+    k = quant.kernel_of(llm.engine.loaded.model)
+    return f"{k} ({kernels.isa()})" if "vnni" in k else k
+
+
 def summarise(concurrency: int, runs: dict[str, list[dict]]) -> dict:
     """One point from the rounds of both engines (`_run` results, round i of each paired)."""
     ratios = [a["tok_s"] / b["tok_s"] for a, b in zip(runs["default"], runs["plain"])]
@@ -97,7 +108,8 @@ def markdown(res: dict) -> str:
         f"`{res['command']}`",
         "",
         f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, torch {res['machine']['torch']}, "
-        f"commit {res['machine']['commit']}; {res['threads']} torch threads. Prompts: {res.get('dataset', 'chat')} "
+        f"commit {res['machine']['commit']}; {res['threads']} torch threads, "
+        f"dtype {res.get('dtype', 'bfloat16')}, packed kernels {res.get('kernel', '?')}. Prompts: {res.get('dataset', 'chat')} "
         f"(the first `concurrency` of a seeded draw, the same in every round), {res['new_tokens']} "
         f"tokens each (EOS ignored, greedy), all requests of a point at once; {res['rounds']} interleaved rounds.",
         "",
@@ -149,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of both engines (default 2)")
     ap.add_argument("--dataset", default="chat",
                     help="chat (fixed prompts), sharegpt, or an eval set (gsm8k, humaneval, ... or a .jsonl path)")
+    ap.add_argument("--dtype", default="auto", help="both engines' dtype (default auto, the server's default)")
     ap.add_argument("--out", default=None, help="default: docs/benchmarks/load-aware-engine[-DATASET].json")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -156,10 +169,11 @@ def main(argv=None) -> int:
 
     grid = [int(x) for x in args.concurrency_grid.split(",")]
     texts = prompts(args.dataset, max(grid))
-    engines = {"plain": _engine({"method": "none"}, args.threads),
-               "default": _engine({"method": "dspark", "model": default_drafter_path()}, args.threads)}
-    res = {"command": "python -m dspark_serve.loadtest.bench_load_aware " + " ".join(argv or []), "machine": _machine(),
-           "threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds, "dataset": args.dataset,
+    engines = {"plain": _engine({"method": "none"}, args.threads, dtype=args.dtype),
+               "default": _engine({"method": "dspark", "model": default_drafter_path()}, args.threads, dtype=args.dtype)}
+    res = {"command": "python -m dspark_serve.loadtest.bench_load_aware " + " ".join(sys.argv[1:] if argv is None else argv), "machine": _machine(),
+           "threads": args.threads, "dtype": str(engines["default"].engine.runner.dtype).replace("torch.", ""),
+           "kernel": _kernel(engines["default"]), "new_tokens": args.new_tokens, "rounds": args.rounds, "dataset": args.dataset,
            "points": []}
     for c in grid:
         runs: dict[str, list[dict]] = {"plain": [], "default": []}

@@ -51,10 +51,12 @@ PROMPTS = [
 ]
 
 
-def _engine(spec: dict, threads: int, eager: bool = False):
+def _engine(spec: dict, threads: int, eager: bool = False, dtype: str = "auto"):
+    """An engine as the server builds it by default (`--dtype auto`: bf16 where the CPU computes
+    it faster, else float32 packed), its compiled step and cost table ready."""
     from dspark_serve.engine import LLM
 
-    llm = LLM(dtype="bfloat16", num_threads=threads, enforce_eager=eager, speculative_config=spec)
+    llm = LLM(dtype=dtype, num_threads=threads, enforce_eager=eager, speculative_config=spec)
     step = llm.engine.runner.decode_step
     if step is not None and not eager:
         assert step.wait(3600), step.describe()
