@@ -2,7 +2,8 @@
 
     python -m dspark_serve.loadtest.bench_structured [--threads 2] [--rounds 2] [--out docs/benchmarks/structured.json]
 
-The default model in bfloat16 (compiled decode step, waited for), plain decoding and DSpark (the
+The default model as `--dtype auto` serves it (bfloat16 on the CPU of the committed results;
+the results record it), compiled decode step waited for; plain decoding and DSpark (the
 default drafter, context lookup on), each with and without a JSON schema, on 8 chat prompts that
 ask for a JSON record, greedy, up to 160 tokens. Concurrency 1 (one request at a time: tokens/s
 per user) and 8 (all together: output tokens/s). Reports tokens/s, tau (tokens per verification
@@ -131,7 +132,7 @@ def _valid(text: str) -> bool:
 def markdown(res: dict) -> str:
     m = res["machine"]
     machine = f"{m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}, commit {m.get('commit')}"
-    lines = [f"`{res['command']}`; {machine}, {res['threads']} torch threads, bfloat16, the compiled step; "
+    lines = [f"`{res['command']}`; {machine}, {res['threads']} torch threads, {res.get('dtype', 'bfloat16')}, the compiled step; "
              f"{len(PROMPTS)} prompts asking for a JSON record, greedy, up to {res['max_tokens']} tokens; "
              f"{res['rounds']} interleaved rounds (medians).", "",
              "| decoding | output | concurrency | tok/s (each round) | tau | drafted tokens accepted | "
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     engines = {"plain": _engine({"method": "none"}, args.threads),
                "dspark": _engine({"method": "dspark", "model": default_drafter_path()}, args.threads)}
     res = {"command": "python -m dspark_serve.loadtest.bench_structured", "machine": _machine(), "threads": args.threads,
-           "max_tokens": args.max_tokens, "rounds": args.rounds, "schema": SCHEMA, "points": []}
+           "dtype": str(engines["plain"].engine.runner.dtype).replace("torch.", ""), "max_tokens": args.max_tokens, "rounds": args.rounds, "schema": SCHEMA, "points": []}
     for constrained in (False, True):
         for c in (1, 8):
             runs: dict[str, list[dict]] = {"plain": [], "dspark": []}
