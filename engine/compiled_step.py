@@ -11,12 +11,15 @@ per layer; inductor fuses them into one graph per shape class (docs/benchmarks/c
 - Shape classes. Sizes are dynamic, except that a compiler treats a dimension of 1 as a constant:
   one graph for (one sequence / several) x (one query per sequence / several), four in all.
 - Arithmetic. `emulate_precision_casts` makes fused elementwise chains round as eager does; what
-  still differs is the order of the float32 sums inside softmax and RMSNorm (inductor's own
-  vectorised reductions, not ATen's). Those sums are rounded to bfloat16 right after, so most
-  steps give eager's bits exactly, and the others differ by an ulp that can flip a near-tie (as
-  the batch composition already can in bf16; docs/benchmarks/compile.md measures how often greedy
-  outputs diverge). Compiled and eager steps mix freely (prefill chunks run eager). Only bf16
-  models with packed weights compile: float32, the parity reference, never does.
+  still differs from eager is the order of the float32 sums inside RMSNorm (inductor's own
+  vectorised reductions, not ATen's; attention is the paged-attention kernel, an extern call, where
+  it builds). In bf16 those sums are rounded right after, so most steps give eager's bits exactly;
+  in float32 (what `--dtype auto` serves packed on CPUs without fast bf16) compiled and eager
+  differ in the last bits. What exactness needs holds within the graphs: a token has the same
+  bits in all four (tests/engine/test_compiled_step.py), so speculation on and off give the same
+  greedy output (`quant_divergence --compiled`). Compiled and eager steps mix freely (prefill
+  chunks run eager). Only models with packed weights compile: dense float32, the parity
+  reference, never does.
 - Start-up. Compiling takes 20-30 s per graph with a warm cache and 80-130 s cold on two cores.
   The engine does not wait: a background thread compiles the classes one by one (it runs each once
   on dummy inputs that read the pool and write nothing) while the engine serves eagerly, and a step

@@ -1,16 +1,16 @@
 """The paged-attention kernel against the gather-then-matmul path, per layer, in ONE run.
 
-    python -m dspark_serve.loadtest.bench_attention [--threads 2] [--reps 20]
+    python -m dspark_serve.loadtest.bench_attention [--threads 2] [--reps 20] [--dtype bfloat16|float32]
 
 For each (sequences, context length, queries per sequence) of the grid: one layer's attention
-of the default model's shape (9 query heads, 3 KV heads, head_dim 64, bf16 pool, 16-token
-blocks handed out of order) as the compiled decode step calls it (`overlay_attention`: the new
+of the default model's shape (9 query heads, 3 KV heads, head_dim 64, a bf16 or float32 pool,
+16-token blocks handed out of order) as the compiled decode step calls it (`overlay_attention`: the new
 tokens' K/V beside the pool), with ``torch.ops.dspark.paged_attention`` and with the torch path
 (gather each context into a padded batch, two matmuls). Contexts within a point vary (the
 longest is the given length, the others down to half of it), as a serving batch's do. Reports
 milliseconds per layer, their ratio, and the largest difference of the two outputs.
 
-Writes docs/benchmarks/attention.json, .md and .png.
+Writes docs/benchmarks/attention.json, .md and .png (--out to name another).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ GRID = [(1, 512, 1), (1, 512, 8), (1, 4096, 1), (8, 512, 1), (8, 512, 4), (32, 2
 BS = 16
 
 
-def _case(nseq: int, ctx: int, nq: int, seed: int = 0):
+def _case(nseq: int, ctx: int, nq: int, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
     from dspark_serve.models.attention import decode_inputs
 
     g = torch.Generator().manual_seed(seed)
@@ -39,12 +39,12 @@ def _case(nseq: int, ctx: int, nq: int, seed: int = 0):
     for n in nblk:
         tables.append(perm[used:used + n])
         used += n
-    kc = torch.randn(sum(nblk) * BS, 3, 64, generator=g).to(torch.bfloat16)
-    vc = torch.randn(sum(nblk) * BS, 3, 64, generator=g).to(torch.bfloat16)
+    kc = torch.randn(sum(nblk) * BS, 3, 64, generator=g).to(dtype)
+    vc = torch.randn(sum(nblk) * BS, 3, 64, generator=g).to(dtype)
     n = nseq * nq
-    q = torch.randn(n, 9, 64, generator=g).to(torch.bfloat16)
-    k = torch.randn(n, 3, 64, generator=g).to(torch.bfloat16)
-    v = torch.randn(n, 3, 64, generator=g).to(torch.bfloat16)
+    q = torch.randn(n, 9, 64, generator=g).to(dtype)
+    k = torch.randn(n, 3, 64, generator=g).to(dtype)
+    v = torch.randn(n, 3, 64, generator=g).to(dtype)
     return q, k, v, kc, vc, decode_inputs([nq] * nseq, clens, tables, BS, torch.device("cpu"))
 
 
@@ -57,12 +57,12 @@ def _time(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps * 1e3
 
 
-def measure(grid, reps: int) -> list[dict]:
+def measure(grid, reps: int, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     import dspark_serve.models.attention as A
 
     points = []
     for nseq, ctx, nq in grid:
-        q, k, v, kc, vc, inp = _case(nseq, ctx, nq)
+        q, k, v, kc, vc, inp = _case(nseq, ctx, nq, dtype=dtype)
         out, ms = {}, {}
         for name, flag in (("kernel", True), ("torch", False), ("kernel ", True)):  # kernel timed twice, around
             A._PAGED[:] = [flag]
@@ -86,7 +86,8 @@ def markdown(res: dict) -> str:
         f"`{res['command']}`",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, commit {m['commit']}; {res['threads']} torch "
-        f"threads. One layer of the default model's shape (9 query heads, 3 KV heads, head_dim 64, bf16 pool, "
+        f"threads; kernel build {res.get('isa', 'avx512')}. One layer of the default model's shape (9 query heads, "
+        f"3 KV heads, head_dim 64, {res.get('dtype', 'bfloat16')} pool, "
         f"16-token blocks), as the compiled decode step calls it; contexts of a point run from the given length "
         f"down to half of it. Best of two timings of the kernel (one before and one after the torch path).",
         "",
@@ -97,8 +98,9 @@ def markdown(res: dict) -> str:
         lines.append(f"| {p['sequences']} | {p['context']} | {p['queries']} | {p['kernel_ms']:.3f} | {p['torch_ms']:.3f} | "
                      f"{p['speedup']:.1f}x | {p['max_abs_diff']:.4f} |")
     lines += ["", "The default model has 30 layers: multiply by 30 for a step's attention. Differences: the kernel "
-              "keeps scores and the softmax in float32 and rounds once; the torch path rounds the scores and the "
-              "probabilities to bf16.", ""]
+              "keeps scores and the softmax in float32 and rounds once; the torch path computes the scores and "
+              "the probabilities in the pool's dtype (in bf16 it rounds them; in float32 the two differ only by "
+              "their order of summation).", ""]
     return "\n".join(lines)
 
 
@@ -127,6 +129,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="the pool's dtype")
     ap.add_argument("--out", default=str(OUT_DIR / "attention.json"))
     args = ap.parse_args(argv)
     from dspark_serve.models import kernels
@@ -135,8 +138,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"the kernels are not available here: {kernels.unavailable_reason()}")
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    res = {"command": "python -m dspark_serve.loadtest.bench_attention " + " ".join(argv or []), "machine": _machine(),
-           "threads": args.threads, "points": measure(GRID, args.reps)}
+    import sys
+
+    res = {"command": "python -m dspark_serve.loadtest.bench_attention " + " ".join(sys.argv[1:] if argv is None else argv),
+           "machine": _machine(), "threads": args.threads, "dtype": args.dtype, "isa": kernels.isa(),
+           "points": measure(GRID, args.reps, getattr(torch, args.dtype))}
     write_results(Path(args.out), res, markdown, plot)
     return 0
 

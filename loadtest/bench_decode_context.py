@@ -1,10 +1,10 @@
 """How the decode step's time grows with the context: the weights vs the attention.
 
 A decode step reads every weight once whatever the context, and every sequence's K/V once per
-layer. Where the attention reads K/V straight from the paged pool (our paged-attention kernel,
-AVX-512 builds, bf16) the second term is small at these contexts; where it gathers each
-sequence's context into a padded copy per layer and calls SDPA (the portable torch path: AVX2
-CPUs, float32), it can dominate the step. This benchmark times the engine's decode forward as the
+layer. Where the attention reads K/V straight from the paged pool (our paged-attention kernel:
+AVX-512 and AVX2 builds, bf16 and float32 pools) the second term is small at these contexts; where
+it gathers each sequence's context into a padded copy per layer and calls SDPA (the portable torch
+path: no kernel, or DSPARK_ATTENTION_KERNEL=torch), it can dominate the step. This benchmark times the engine's decode forward as the
 server runs it (`--dtype auto`, compiled step, plain decoding) on dummy inputs, for a grid of
 (sequences, context length); each point is the median of `--reps` calls, and the slope per
 sequence and context token is what the attention costs.
@@ -114,10 +114,10 @@ def main(argv=None) -> int:
 
 
 def _attention(runner) -> str:
-    """Which attention the decode step runs (models/attention.py's rule: the kernel serves bf16 pools)."""
-    from dspark_serve.models.attention import paged_kernel
+    """Which attention the decode step runs (models/attention.py's rule)."""
+    from dspark_serve.models.attention import kernel_serves
 
-    if runner.kv.dtype == torch.bfloat16 and paged_kernel():
+    if kernel_serves(runner.kv.dtype, runner.kv.shape[-1]):
         return "paged-attention kernel"
     return "gather + SDPA (torch)"
 

@@ -12,7 +12,7 @@ their slots, gathers each sequence's context into a padded batch and runs one
 SDPA call per group of sequences with similar query lengths, with a boolean mask
 carrying causality, padding and sliding windows.
 
-On a CPU with our kernels (models/kernels) and a bf16 pool, the group of small queries
+On a CPU with our kernels (models/kernels: AVX-512 or AVX2) and a bf16 or float32 pool, the group of small queries
 (decodes, verification blocks, short chunks) and the compiled decode step read the pool
 directly instead (`paged_kernel`, ``torch.ops.dspark.paged_attention``): one pass over each
 sequence's own context, no gathered copy, no padding to the longest context of the batch.
@@ -74,8 +74,8 @@ _PAGED: list[bool] = []  # resolved once: whether the paged-attention kernel ser
 
 
 def paged_kernel() -> bool:
-    """Whether ``torch.ops.dspark.paged_attention`` serves the small-query attention of bf16 pools
-    here (models/kernels builds on AVX-512 CPUs with a C++ compiler).
+    """Whether ``torch.ops.dspark.paged_attention`` serves the small-query attention of bf16 and
+    float32 pools here (models/kernels builds on AVX-512 and AVX2 CPUs with a C++ compiler).
     ``DSPARK_ATTENTION_KERNEL=torch`` keeps the gather-then-matmul path (the reference)."""
     if not _PAGED:
         ok = False
@@ -87,12 +87,20 @@ def paged_kernel() -> bool:
     return _PAGED[0]
 
 
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # the pool dtypes the paged-attention kernel reads
+
+
+def kernel_serves(dtype: torch.dtype, head_dim: int, device: torch.device | str = "cpu") -> bool:
+    """Whether the paged-attention kernel serves a pool of this dtype and head size here."""
+    return (torch.device(device).type == "cpu" and dtype in KERNEL_DTYPES and head_dim % 16 == 0
+            and head_dim <= 256 and paged_kernel())
+
+
 def _takes_kernel(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16
-            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and paged_kernel())
+    return q.dtype == k_cache.dtype and kernel_serves(k_cache.dtype, q.shape[-1], q.device)
 
 
-_NONE = torch.empty(0, dtype=torch.bfloat16)  # "the pool already holds the new tokens' K/V"
+_NONE = {dt: torch.empty(0, dtype=dt) for dt in KERNEL_DTYPES}  # "the pool already holds the new tokens' K/V"
 
 
 class TorchAttentionBackend:
@@ -194,7 +202,7 @@ class TorchAttentionBackend:
             qg = q if g["tokens"] is None else q.index_select(0, g["tokens"])
             if g["max_q"] <= self.SMALL_QUERY and _takes_kernel(q, k_cache):
                 res = torch.ops.dspark.paged_attention(qg, k_cache, v_cache, g["gather"], g["clens"], g["qlens"],
-                                                       _NONE, _NONE, scale, window or 0)
+                                                       _NONE[q.dtype], _NONE[q.dtype], scale, window or 0)
             else:
                 res = self._attend(qg, k_cache, v_cache, g, self._mask(meta, g, gi, window), scale)
             if out is None:

@@ -3,9 +3,9 @@
 paged KV pool; models/attention.py).
 
 They need a C++ compiler (the one torch.compile uses: g++ or $CXX) and a CPU with AVX-512 VNNI (Intel
-Cascade Lake and later, AMD Zen 4 and later: both kernels) or AVX2 with FMA and F16C (Intel Haswell
-and later, AMD Zen 1-3: the quantized matmul only, with AVX2's integer dot products, for float32
-activations; attention keeps the torch path there). `isa()` says which build this CPU takes
+Cascade Lake and later, AMD Zen 4 and later) or AVX2 with FMA and F16C (Intel Haswell and later, AMD
+Zen 1-3: the quantized matmul with AVX2's integer dot products, for float32 activations, and the
+paged attention with 8-float vectors). Paged attention serves bf16 and float32 pools on both builds. `isa()` says which build this CPU takes
 (DSPARK_KERNEL_ISA=avx2 forces the AVX2 build, =none none). It is built once per source, ISA,
 torch version and compiler into ``$DSPARK_CACHE_DIR/kernels`` (about 10 s), under a file lock so that concurrent
 processes build it once, and loaded with ``torch.ops.load_library``. Where it cannot be built or
@@ -141,10 +141,10 @@ def load() -> bool:
                 def _(x, w, consts, n, bits):
                     return x.new_empty((x.shape[0], n))
 
-                if target == "avx512":
-                    @torch.library.register_fake("dspark::paged_attention")
-                    def _(q, k_cache, v_cache, gather, context_lens, query_lens, k_new, v_new, scale, window):
-                        return q.new_empty(q.shape)
+                @torch.library.register_fake("dspark::paged_attention")
+                def _(q, k_cache, v_cache, gather, context_lens, query_lens, k_new, v_new, scale, window):
+                    return q.new_empty(q.shape)
+
                 _state["isa"] = target
             except Exception as e:  # a broken toolchain must not stop the server: torch's kernels serve
                 reason = f"the build or load failed: {e}"
@@ -155,8 +155,8 @@ def load() -> bool:
 
 
 def paged_attention_available() -> bool:
-    """Whether ``torch.ops.dspark.paged_attention`` was built (the AVX-512 build only)."""
-    return load() and _state.get("isa") == "avx512"
+    """Whether ``torch.ops.dspark.paged_attention`` was built (both builds have it)."""
+    return load()
 
 
 def unavailable_reason() -> str | None:

@@ -1,6 +1,7 @@
 """The compiled decode step (engine/compiled_step.py): four graphs cover every decode and
 verification step without recompiling and compute the eager function (to bf16 rounding: the float32
-sums inside softmax and RMSNorm run in another order); the engine serves with them."""
+sums inside RMSNorm run in another order), give a token the same bits in each of them, and the
+engine serves with them."""
 
 from __future__ import annotations
 
@@ -90,6 +91,40 @@ def test_engine_output_equals_enforce_eager(compiled_llm, tiny_llama_dir, tiny_d
     want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
     assert got == want
     assert compiled_llm.engine.stats.snapshot()["spec_num_drafts"] > 0  # verification blocks ran compiled
+
+
+@needs_compiler
+def test_a_tokens_logits_have_the_same_bits_in_every_graph(compiled_llm):
+    """What greedy speculation's exactness rests on in the compiled step: a token computed alone, in
+    a batch of decodes, as the first query of a verification block or inside a batch of blocks
+    (four graphs) gives the same logits bits. Attention through the paged-attention kernel is
+    batch-invariant by construction; the packed linears are per row; what remains is inductor's
+    own code for the norms, which must not depend on the graph either."""
+    from dspark_serve.models.attention import kernel_serves
+
+    step = compiled_llm.engine.runner.decode_step
+    kv = step.kv
+    if not kernel_serves(kv.dtype, kv.shape[-1]):
+        pytest.skip("the paged-attention kernel does not serve this pool here (the torch path is not batch-invariant)")
+    g = torch.Generator().manual_seed(3)
+    ctx = [37, 60, 21]  # sequence 0's decode at position 36 is the first query of its block below
+    tables = [torch.randperm(kv.shape[2] // BS, generator=g)[: -(-(c + 3) // BS)].tolist() for c in ctx]
+    tok = torch.randint(0, 400, (3, 3), generator=g)  # three tokens fed per sequence in a block
+
+    def logits(query_lens, clens, seqs):
+        ids = torch.cat([tok[s, :q] for s, q in zip(seqs, query_lens)])
+        inputs = decode_inputs(query_lens, clens, [tables[s] for s in seqs], BS, kv.device)
+        return step(ids, inputs, torch.arange(len(ids)))[0]
+
+    with torch.compiler.set_stance("fail_on_recompile"):
+        alone = logits([1], [ctx[0]], [0])  # single-decode
+        batch = logits([1, 1, 1], ctx, [0, 1, 2])  # batch-decode
+        block = logits([3], [ctx[0] + 2], [0])  # single-verify: row 0 is the same token at the same position
+        blocks = logits([3, 3, 3], [c + 2 for c in ctx], [0, 1, 2])  # batch-verify
+    assert torch.equal(alone[0], batch[0])
+    assert torch.equal(alone[0], block[0])
+    assert torch.equal(block, blocks[:3])
+    assert not torch.equal(alone[0], batch[1])  # another sequence's token: these rows do differ
 
 
 def test_dense_models_run_the_pure_forward_eagerly(tiny_llama_dir):

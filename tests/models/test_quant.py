@@ -1,6 +1,8 @@
 """Packed (weight-only quantized) linears: exact Q4_1 recovery, batch invariance, the row split,
 what `--quantization` packs, and greedy output with packed weights through the engine."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,7 +77,8 @@ def test_vnni_kernel_computes_the_q8_activation_product(kind):
 def test_the_avx2_build_computes_the_same_product(tmp_path):
     """The AVX2 build of quant_mm (CPUs without AVX-512 VNNI; forced with DSPARK_KERNEL_ISA so an
     AVX-512 machine tests it too) passes this file's kernel tests: the float64 reference of the
-    kernel's arithmetic and batch invariance, int4 and int8, float32 and bf16 activations."""
+    kernel's arithmetic and batch invariance, int4 and int8, float32 and bf16 activations; and its
+    paged attention passes tests/models/test_paged_attention_kernel.py (bf16 and float32 pools)."""
     import os
     import subprocess
     import sys
@@ -86,10 +89,14 @@ def test_the_avx2_build_computes_the_same_product(tmp_path):
                           "*(quant.PackedWeight.quantize(torch.randn(32, 64), 'int4', dt).layout "
                           "for dt in (torch.float32, torch.bfloat16)))"],
                          capture_output=True, text=True, timeout=300, env=env)
-    # no paged attention in it; it serves float32 activations, bf16 ones keep torch's kernels
-    assert isa.stdout.split() == ["True", "avx2", "False", "vnni", "torch"], isa.stderr[-2000:]
+    # paged attention in it; it serves float32 activations, bf16 ones keep torch's kernels
+    assert isa.stdout.split() == ["True", "avx2", "True", "vnni", "torch"], isa.stderr[-2000:]
     tests = [f"{__file__}::test_vnni_kernel_computes_the_q8_activation_product", f"{__file__}::test_packed_matmul_is_batch_invariant"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "vnni", *tests],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0 and " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
+    attention = str(Path(__file__).with_name("test_paged_attention_kernel.py"))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", attention],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0 and " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
 
