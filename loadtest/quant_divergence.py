@@ -41,15 +41,13 @@ def _timed(engine, reqs) -> tuple[dict, float]:
 
 
 def default_spec() -> dict:
-    """The speculative configuration `dspark serve` gives the default model (server/cli.py's
-    default_speculative_config: the embedded drafter, every other setting its default). An
+    """The speculative configuration `dspark serve` gives the default model (as server/cli.py's
+    default_speculative_config does: the embedded drafter, every other setting its default). An
     EngineConfig without one decodes plainly, which is what this script used to compare with
     plain decoding until 2026-12-07 (its earlier files measured plain against plain)."""
-    from dspark_serve.server.cli import default_speculative_config
-
-    spec = default_speculative_config(None, None)
-    assert spec is not None and spec.get("model"), "this install has no embedded drafter"
-    return spec
+    path = loader.default_drafter_path()
+    assert path, "this install has no embedded drafter"
+    return {"method": "dspark", "model": path}
 
 
 FIXED7 = {"num_speculative_tokens": 7, "verification": "fixed", "draft_skipping": False, "prompt_lookup_max": 0}
