@@ -75,8 +75,8 @@ class ModelRunner:
         features for every fed token, into the slots of the row's block table.
         """
         # Rows are laid out prompt tokens first: packed linears run those through their dense
-        # weight and the generated tokens through the packed kernel (up to
-        # quant.max_rows of them; models/quant.py). A row
+        # weight (bf16; float32 on our kernel packs them too) and the generated tokens through the
+        # packed kernel (up to quant.max_rows of them; models/quant.py). A row
         # that crosses the prompt's end (a recompute after preemption) is split into two
         # segments of the same sequence; the second attends to the first's KV, written first.
         prompt_segs, other_segs = [], []

@@ -354,6 +354,8 @@ class SpeculativeDecoder:
         self.draft_failures = 0  # steps whose drafting raised and fell back to plain decoding
         self._verdict = None  # this step's plan, for DraftBudget: judged once the step ends (end_step)
         self._drafted = False  # whether the drafter ran this step
+        self._decoding = 0  # decoding requests of this step (caps)
+        self._window_level = None  # the load level of the drafted steps in _drafted_steps
         # speed floors (scheduler/sla.py): requests below theirs weigh more in the plan (Algorithm 1's
         # policy only)
         self.floors = floors
@@ -372,7 +374,14 @@ class SpeculativeDecoder:
             return {}
         self.stats.spec_num_decode_steps += len(decoding)
         # load-aware drafting: how many positions this step drafts (0: the recent plans say it does not pay)
-        positions = self.budget.positions() if self.budget is not None else self.gamma
+        positions = self.gamma
+        self._decoding = len(decoding)  # the load the step's verdict is of
+        if self.budget is not None:
+            positions = self.budget.positions(len(decoding))
+            level = self.budget.level(len(decoding))
+            if positions and level != self._window_level:  # the window's verdicts were of another load
+                self._drafted_steps.clear()
+                self._window_level = level
         if token_budget is not None and positions:
             prefill = sum(s.num_pending_tokens for s in running if s.num_pending_tokens > 1)
             seats = len(waiting) if max_num_seqs is None else max(0, max_num_seqs - len(running))
@@ -481,7 +490,8 @@ class SpeculativeDecoder:
                 self.stats.spec_last_sps = float(step_rate(self.cost_table, plan.num_tokens, self._draft_seconds))
             self.stats.spec_capacity = int(getattr(self.policy, "capacity", 0) or 0)
             if self.budget is not None:  # judged once the step has ended (end_step)
-                self._verdict = {"r": len(seqs), "base": base_tokens, "other": other_tokens, "tokens": plan.num_tokens,
+                self._verdict = {"r": len(seqs), "batch": self._decoding, "base": base_tokens,
+                                 "prefill": sum(r.pending for r in rows if r.seq.num_pending_tokens > 1), "other": other_tokens, "tokens": plan.num_tokens,
                                  "longest": max(lengths),
                                  "undrafted": sum(1 for l in lengths if l <= 0)}
         else:
@@ -635,15 +645,21 @@ class SpeculativeDecoder:
         r, base, other = v["r"], v["base"], v["other"]
         realised = self.stats.spec_last_realised_tokens + v["undrafted"]
         t = self.cost_table
-        plain = self._plain_steps.seconds(r + base, lambda a, b: t.profiled_sps(a) / t.profiled_sps(b))
+        shape = lambda a, b: t.profiled_sps(a) / t.profiled_sps(b)  # noqa: E731 (seconds(b) / seconds(a))
+        plain = self._plain_steps.seconds(r + base, shape)
         measured = plain is not None
         if not measured:
             overhead = max(0.0, seconds - v["draft_seconds"] - v["forward_seconds"])
             plain = v["forward_seconds"] * t.profiled_sps(v["tokens"]) / t.profiled_sps(r + base) + overhead
+        unit = None  # a decode step's seconds per token: the plain step's own, unless a prompt chunk rode along
+        if v["prefill"] > 0:
+            batch = max(1, v["batch"])
+            decode = self._plain_steps.seconds(batch, shape)
+            unit = (decode if decode is not None else plain * shape(r + base, batch)) / batch
         # the whole step's output, the rows that did not draft included, both ways; priced from
         # the profile, the next step decodes plainly to measure the alternative
-        paid = self._drafted_steps.record(realised + other, seconds, r + other, plain)
-        self.budget.record(v["longest"], paid, measure_plain=not measured)
+        paid = self._drafted_steps.record(realised + other, seconds, r + other, plain, unit=unit)
+        self.budget.record(v["longest"], paid, measure_plain=not measured, batch=v["batch"])
 
     def calibration_report(self) -> dict:
         """Live calibration quality, for metrics and /v1/dspark/calibration."""

@@ -25,12 +25,22 @@ Other formats (Q4_0, K-quants, float checkpoints) are quantized at load with the
 int4 through torch's aten operator, so it adds nothing here (docs/benchmarks/quantization.md).
 
 Both kernels are batch-invariant: a row's result does not depend on the other rows of the call
-(tests/models/test_quant.py checks it). They are fastest for few rows (a decode step reads the
-weights once); with many rows (prefill chunks) a dense GEMM is faster. A target linear therefore
-keeps its dense weight beside the packed one and splits its rows by role: the leading
-``dense_rows`` rows of a forward (prompt tokens, `AttentionMetadata.dense_rows`) take the dense
-GEMM and the generated tokens' rows (decodes, verification blocks) the packed kernel, unless they
-are more than `max_rows` (the layout's limit), where the dense GEMM is faster for them too.
+(tests/models/test_quant.py checks it). With bf16 activations they are fastest for few rows (a
+decode step reads the weights once); with many rows (prefill chunks) a dense bf16 GEMM is faster.
+A target linear therefore keeps its dense weight beside the packed one and splits its rows by
+role: the leading ``dense_rows`` rows of a forward (prompt tokens, `AttentionMetadata.dense_rows`)
+take the dense GEMM and the generated tokens' rows (decodes, verification blocks) the packed
+kernel, unless they are more than `max_rows` (the layout's limit), where the dense GEMM is faster
+for them too.
+
+With float32 activations our kernel serves every row (`PackedWeight.all_rows`): its int8 dot
+products do four multiply-adds per lane where a float32 GEMM's FMA does one, so no float32 dense
+GEMM catches up with it as rows grow. Measured on a 2-core AVX2 EPYC (the default model, whole
+eager forwards, `python -m dspark_serve.loadtest.bench_prefill`): prompt chunks of 16-512 tokens
+1.1-3.2x faster than through the dense float32 weights, a 64-token chunk beside 15 decodes 1.8x
+(docs/benchmarks/prefill-packed-avx2.md). The prompt's activations are then quantized to int8 as
+the generated tokens' are (llama.cpp's arithmetic for its prompts as well): the teacher-forced
+perplexity of 12 ShareGPT texts went from 28.54 to 28.51.
 """
 
 from __future__ import annotations
@@ -44,8 +54,8 @@ from torch import nn
 MODES = ("auto", "none", "int4", "int8")
 INT4_GROUP = 32
 VNNI_BLOCK = 16  # output channels per block of the vnni layout
-# The packed kernels win up to about this many rows on a 2-core Zen 4 and lose to a dense bf16 GEMM
-# beyond: torch's int4 is 0.90x dense at 16 rows and 1.22x at 32 (docs/benchmarks/quantization.md);
+# With bf16 activations the packed kernels win up to about this many rows on a 2-core Zen 4 and
+# lose to a dense bf16 GEMM beyond (float32 activations on our kernel have no limit: `all_rows`): torch's int4 is 0.90x dense at 16 rows and 1.22x at 32 (docs/benchmarks/quantization.md);
 # our VNNI kernel stays ahead up to about 64 (docs/benchmarks/quantization-kernels.md). A forward
 # whose generated rows exceed the limit runs them dense too (and so does the drafter's head). That
 # choice depends on the batch: at a near-tie a token computed in a large step can differ from the
@@ -98,9 +108,12 @@ class PackedWeight:
     """
 
     def __init__(self, kind: str, packed: torch.Tensor, params: torch.Tensor, shape: tuple[int, int],
-                 layout: str = "torch"):
+                 layout: str = "torch", all_rows: bool = False):
         self.kind = kind
         self.layout = layout
+        # every row of a call through the packed kernel, prompt rows and any number of them: our
+        # kernel with float32 activations, which no float32 dense GEMM beats (the module's docstring)
+        self.all_rows = all_rows
         self.packed = packed  # torch int4: the kernel's layout; torch int8: [N, K] codes; vnni: uint8 blocks
         self.params = params  # torch int4: [K / 32, N, 2]; torch int8: [N] scales; vnni: fp16 [N/16, K/32, 2, 16]
         self.shape = shape
@@ -122,7 +135,7 @@ class PackedWeight:
                 from dspark_serve.models import kernels
 
                 raise RuntimeError(f"the vnni layout's kernel is not available: {kernels.unavailable_reason()}")
-            return cls._quantize_vnni(w, kind)
+            return cls._quantize_vnni(w, kind, all_rows=dtype == torch.float32)
         if kind == "int4":
             if k % INT4_GROUP:
                 raise ValueError(f"int4 needs an input dimension divisible by {INT4_GROUP}, got {k}")
@@ -142,7 +155,7 @@ class PackedWeight:
         return cls("int8", codes, scale.to(dtype), (n, k))
 
     @classmethod
-    def _quantize_vnni(cls, w: torch.Tensor, kind: str) -> PackedWeight:
+    def _quantize_vnni(cls, w: torch.Tensor, kind: str, all_rows: bool = False) -> PackedWeight:
         n, k = w.shape
         if n % VNNI_BLOCK or k % INT4_GROUP:
             raise ValueError(f"the vnni layout needs N % {VNNI_BLOCK} == 0 and K % {INT4_GROUP} == 0, got {n} x {k}")
@@ -168,7 +181,7 @@ class PackedWeight:
             packed = codes.view(nb, VNNI_BLOCK, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(-1)
         params = torch.stack((d.view(nb, VNNI_BLOCK, -1), second.view(nb, VNNI_BLOCK, -1)), 0)
         params = params.permute(1, 3, 0, 2).contiguous()  # [block][group][d | m-or-d][channel]
-        return cls(kind, packed, params, (n, k), layout="vnni")
+        return cls(kind, packed, params, (n, k), layout="vnni", all_rows=all_rows)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 [N, K] weight this packs (tests and the dense copy's reference)."""
@@ -211,8 +224,11 @@ def packed_of(layer: nn.Module) -> PackedWeight | None:
 
 
 def max_rows(packed: PackedWeight) -> int:
-    """Most rows of one call that go through `packed` rather than the dense weight."""
-    return PACKED_MAX_ROWS if PACKED_MAX_ROWS is not None else LAYOUT_MAX_ROWS[packed.layout]
+    """Most rows of one call that go through `packed` rather than the dense weight
+    (DSPARK_PACKED_MAX_ROWS, else unbounded for an `all_rows` weight, else the layout's limit)."""
+    if PACKED_MAX_ROWS is not None:
+        return PACKED_MAX_ROWS
+    return 1 << 62 if packed.all_rows else LAYOUT_MAX_ROWS[packed.layout]
 
 
 def takes_packed(packed: PackedWeight | None, rows: int) -> bool:
@@ -223,9 +239,12 @@ def takes_packed(packed: PackedWeight | None, rows: int) -> bool:
 
 def linear(x: torch.Tensor, layer: nn.Linear, dense_rows: int = 0) -> torch.Tensor:
     """``layer(x)`` with the rows split by role: the first `dense_rows` rows through the dense
-    weight, the others through the packed one (all dense when the layer has none). `x` may have
-    leading dimensions beyond the rows' (they are flattened)."""
+    weight (unless the packed weight serves all rows), the others through the packed one (all
+    dense when the layer has none). `x` may have leading dimensions beyond the rows' (they are
+    flattened)."""
     packed = packed_of(layer)
+    if packed is not None and packed.all_rows:
+        dense_rows = 0  # prompt rows too (the module's docstring)
     if x.dim() != 2:
         if not takes_packed(packed, x.numel() // x.shape[-1] - dense_rows):
             return F.linear(x, layer.weight, layer.bias)
@@ -241,7 +260,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, dense_rows: int = 0) -> torch.Tens
 
 def pack_linear(layer: nn.Linear, kind: str, dtype: torch.dtype) -> PackedWeight:
     """Attach a packed copy of `layer`'s weight for activations of `dtype` (the dense one stays,
-    for prompt rows)."""
+    for prompt rows where the packed weight does not serve them)."""
     packed = PackedWeight.quantize(layer.weight, kind, dtype)
     layer.packed_weight = packed
     return packed

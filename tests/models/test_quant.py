@@ -155,6 +155,14 @@ def test_int8_error_is_bounded_by_half_a_step(layout):
     assert ((packed.dequantize() - w).abs() <= step / 2 + 1e-6).all()
 
 
+def _pack_split(layer: torch.nn.Linear) -> "quant.PackedWeight":
+    """A packed weight that splits rows by role (torch's layout: not `all_rows`)."""
+    packed = quant.PackedWeight.quantize(layer.weight, "int4", torch.float32, layout="torch")
+    assert not packed.all_rows
+    layer.packed_weight = packed
+    return packed
+
+
 def test_linear_splits_rows_by_role():
     """The first dense_rows rows take the dense weight, the rest the packed kernel; no packed
     weight, or all rows dense, is exactly F.linear."""
@@ -162,12 +170,30 @@ def test_linear_splits_rows_by_role():
     x = torch.randn(10, 64)
     with torch.no_grad():
         assert torch.equal(quant.linear(x, layer, 3), F.linear(x, layer.weight, layer.bias))
-        packed = quant.pack_linear(layer, "int4", torch.float32)
+        packed = _pack_split(layer)
         out = quant.linear(x, layer, 3)
         assert torch.equal(out[:3], F.linear(x[:3], layer.weight, layer.bias))
         assert torch.equal(out[3:], packed.mm(x[3:]) + layer.bias)
         assert torch.equal(quant.linear(x, layer, 10), F.linear(x, layer.weight, layer.bias))
         assert not torch.equal(out[3:], F.linear(x[3:], layer.weight, layer.bias))  # the packed path really ran
+
+
+@needs_vnni
+def test_float32_on_our_kernel_packs_every_row(monkeypatch):
+    """float32 activations on our kernel: prompt rows and any number of generated rows take the
+    packed kernel (no float32 dense GEMM is faster); bf16 activations still split by role."""
+    layer = torch.nn.Linear(64, 48, bias=False)
+    x = torch.randn(200, 64)
+    with torch.no_grad():
+        packed = quant.pack_linear(layer, "int4", torch.float32)
+        assert packed.layout == "vnni" and packed.all_rows and quant.max_rows(packed) > 10**9
+        assert torch.equal(quant.linear(x, layer, 150), packed.mm(x))  # 150 prompt rows + 50: all packed
+        assert not torch.equal(packed.mm(x[:150]), F.linear(x[:150], layer.weight))
+        monkeypatch.setattr(quant, "PACKED_MAX_ROWS", 4)  # DSPARK_PACKED_MAX_ROWS still bounds it
+        assert torch.equal(quant.linear(x[:7], layer, 2), F.linear(x[:7], layer.weight))
+        if quant.kernel_serves(torch.bfloat16):
+            bf = quant.PackedWeight.quantize(layer.weight, "int4", torch.bfloat16)
+            assert bf.layout == "vnni" and not bf.all_rows
 
 
 def test_gguf_kinds():
@@ -208,7 +234,7 @@ def test_many_generated_rows_take_the_dense_weight(monkeypatch):
     """Beyond PACKED_MAX_ROWS generated rows the dense GEMM is faster: every row takes it."""
     layer = torch.nn.Linear(64, 48, bias=False)
     with torch.no_grad():
-        packed = quant.pack_linear(layer, "int4", torch.float32)
+        packed = _pack_split(layer)
         monkeypatch.setattr(quant, "PACKED_MAX_ROWS", 4)
         x = torch.randn(7, 64)
         assert torch.equal(quant.linear(x, layer, 2), F.linear(x, layer.weight))  # 5 generated rows: dense

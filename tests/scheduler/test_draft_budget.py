@@ -80,3 +80,51 @@ def test_drafted_steps_judge_the_realised_rate_of_a_window_against_plain():
     assert d.record(tokens=1, seconds=0.015, plain_tokens=1, plain_seconds=0.010) is False
     with pytest.raises(ValueError):
         DraftedSteps(window=0)
+
+
+def test_a_step_with_a_prompt_chunk_is_weighed_in_seconds_not_by_its_bulk():
+    """Measured in the engine at c = 16: a drafted step that carried a prompt chunk realised 32
+    tokens in 789 ms against a plain step's 16 in 668 ms. As a ratio of sums its bulk judged the
+    losing decode steps after it paid; in seconds, its 16 extra tokens were worth 60 ms of plain
+    decoding (3.75 ms per token) and cost 121 ms, and the window says drafting lost."""
+    from dspark_serve.scheduler import DraftedSteps
+
+    d = DraftedSteps(window=4)
+    assert d.record(tokens=32, seconds=0.789, plain_tokens=16, plain_seconds=0.668, unit=0.060 / 16) is False
+    assert d.record(tokens=20, seconds=0.110, plain_tokens=16, plain_seconds=0.057) is False
+    ratio_of_sums = (32 + 20) / (0.789 + 0.110) > (16 + 16) / (0.668 + 0.057)
+    assert ratio_of_sums  # what the former verdict said: paid
+    d.clear()
+    # a step that gains more than its extra seconds still pays, prompt chunk or not
+    assert d.record(tokens=40, seconds=0.700, plain_tokens=16, plain_seconds=0.668, unit=0.060 / 16) is True
+
+
+def test_backoff_is_kept_per_load_level():
+    """A verdict holds for the load it was measured at: drafting that kept failing at 16 requests
+    backs off to 128 steps there; at 8 requests (a lighter level) the next step probes at once,
+    and when the load comes back to 16 the long backoff is still there. A failure at a light load
+    holds for heavier ones; a paying step clears its level and the lighter ones."""
+    b = DraftBudget(gamma=4, max_backoff=128)
+    assert b.level(15) == b.level(16) == b.level(17) and b.level(12) < b.level(16) < b.level(18)
+    for _ in range(8):  # drafting keeps failing at 16 requests: the backoff grows to 128
+        assert b.positions(16) > 0
+        b.record(1, paid=False, batch=16)
+        while b._state(b.level(16))[1] > b._step + 1:
+            assert b.positions(16) == 0
+    assert b._state(b.level(16))[0] == 128
+    assert b.positions(16) > 0
+    b.record(1, paid=False, batch=16)
+    assert b.positions(15) == 0  # the same level: still backing off
+    assert b.positions(8) == 2  # a lighter load probes at once
+    b.record(1, paid=True, batch=8)
+    assert b.positions(8) == 2 and b.positions(16) == 0  # pays at 8; 16 keeps its backoff
+    b.record(1, paid=False, batch=8)  # loses at 8: at 8 and at every heavier load
+    assert b.positions(8) == 0 and b.positions(4) == 2
+    b.record(1, paid=True, batch=24)  # pays at 24: clears 24 and every lighter level
+    assert b.positions(8) == 2 and b.positions(16) == 2
+
+
+def test_an_unknown_load_is_one_level():
+    b = DraftBudget(gamma=4)
+    b.record(2, paid=False)  # no batch: level 0, the lightest, holds for every load
+    assert b.positions() == 0 and b.positions(16) == 3
