@@ -28,7 +28,9 @@ def server(tmp_path_factory):
     srv = ServerProcess(SERVER_ARGS, tmp_path_factory.mktemp("deploy-server") / "server.log",
                         read_only_pod=read_only_sandbox_available())
     try:
-        srv.wait_ready(120)
+        # the sandboxed pod starts with an empty cache (an emptyDir, as in the chart), so it builds the
+        # CPU kernels from source before it is ready: over a minute on one busy core
+        srv.wait_ready(300)
         yield srv
     finally:
         srv.stop()
