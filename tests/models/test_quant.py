@@ -83,6 +83,8 @@ def test_the_avx2_build_computes_the_same_product(tmp_path):
     import subprocess
     import sys
 
+    if kernels.isa() == "avx2":
+        pytest.skip("this CPU's own build is the AVX2 one: this file and test_paged_attention_kernel.py ran it in-process")
     env = {**os.environ, "DSPARK_CACHE_DIR": str(tmp_path), "DSPARK_KERNEL_ISA": "avx2"}
     isa = subprocess.run([sys.executable, "-c", "from dspark_serve.models import kernels, quant; import torch; "
                           "print(kernels.load(), kernels.isa(), kernels.paged_attention_available(), "
@@ -95,8 +97,6 @@ def test_the_avx2_build_computes_the_same_product(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "vnni", *tests],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0 and " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]
-    if kernels.isa() == "avx2":
-        return  # this CPU's own build: test_paged_attention_kernel.py ran it in this process already
     attention = str(Path(__file__).with_name("test_paged_attention_kernel.py"))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", attention],
                           capture_output=True, text=True, timeout=600, env=env)
