@@ -577,6 +577,7 @@ class LLMEngine:
         if step is not None and step.all_ready and self._table_pending() and not self.has_unfinished_requests():
             self._table_compiled = True
             self.speculative.cost_table.replace(self._cost_table())
+            self.speculative.step_changed()  # the draft budget's measurements were of eager steps
             log.info("cost table refreshed for the compiled decode step")
 
     def _profile_forward(self, num_tokens: int) -> float:
@@ -784,6 +785,9 @@ class EngineStats:
     spec_num_proposed_tokens: int = 0  # tokens drafted
     spec_num_decode_steps: int = 0  # decoding requests summed over steps: proposed / this = positions drafted per request per step
     spec_num_draft_tokens: int = 0  # drafted tokens sent to verification
+    spec_drafted_steps: int = 0  # engine steps that ran the drafting pass
+    spec_budget_plain_steps: int = 0  # steps with decoding requests that the draft budget kept from drafting
+    spec_budget_verdicts: dict = field(default_factory=dict)  # "paid"/"lost" -> drafted steps judged so
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: list = field(default_factory=list)  # index k: accepted at draft position k+1
     spec_lookup_num_drafts: int = 0  # of the rounds above, those that verified a draft copied from the context
@@ -817,4 +821,5 @@ class EngineStats:
         d["finished"] = dict(self.finished)
         d["spec_accepted_per_pos"] = list(self.spec_accepted_per_pos)
         d["spec_verify_length_counts"] = dict(self.spec_verify_length_counts)
+        d["spec_budget_verdicts"] = dict(self.spec_budget_verdicts)
         return d

@@ -379,6 +379,8 @@ class SpeculativeDecoder:
         if self.budget is not None:
             positions = self.budget.positions(len(decoding))
             level = self.budget.level(len(decoding))
+            if not positions:
+                self.stats.spec_budget_plain_steps += 1
             if positions and level != self._window_level:  # the window's verdicts were of another load
                 self._drafted_steps.clear()
                 self._window_level = level
@@ -464,6 +466,7 @@ class SpeculativeDecoder:
         d = self.proposer.propose(seqs, block_size, gamma, choice_rows=list(copies))
         self._draft_seconds = time.perf_counter() - t0
         self._drafted = True
+        self.stats.spec_drafted_steps += 1
         conf = self.confidences(d.confidence_logits, seqs)
         if d.forced is not None:
             # a forced draft is the only token the masked target can give: accepted for certain
@@ -599,6 +602,16 @@ class SpeculativeDecoder:
         if self.skipper is not None:
             self.skipper.forget(seq.request_id)
 
+    def step_changed(self) -> None:
+        """The step got faster or slower for good (its graphs compiled): what the draft budget
+        learnt from the former step's times (plain prices, verdicts, backoffs) no longer holds."""
+        from dspark_serve.scheduler import DraftBudget, DraftedSteps, PlainSteps
+
+        if self.budget is not None:
+            self.budget = DraftBudget(self.gamma, max_backoff=self.budget.max_backoff)
+        self._plain_steps, self._drafted_steps = PlainSteps(), DraftedSteps()
+        self._window_level = None
+
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """After the forward (and the plain rows' sampling): the cost table and the skipper learn
         the step's cost."""
@@ -660,6 +673,11 @@ class SpeculativeDecoder:
         # the profile, the next step decodes plainly to measure the alternative
         paid = self._drafted_steps.record(realised + other, seconds, r + other, plain, unit=unit)
         self.budget.record(v["longest"], paid, measure_plain=not measured, batch=v["batch"])
+        verdicts = self.stats.spec_budget_verdicts
+        verdicts["paid" if paid else "lost"] = verdicts.get("paid" if paid else "lost", 0) + 1
+        log.debug("draft verdict %s: batch %d, drafting %d, prefill %d, %d tokens in %.1f ms against %d in "
+                  "%.1f ms plainly (%s)", "paid" if paid else "lost", v["batch"], r, v["prefill"],
+                  realised + other, 1e3 * seconds, r + other, 1e3 * plain, "measured" if measured else "profiled")
 
     def calibration_report(self) -> dict:
         """Live calibration quality, for metrics and /v1/dspark/calibration."""

@@ -94,6 +94,10 @@ def spec_decode_stats(d: Samples) -> dict | None:
         # positions the drafter drafted per decoding request per step (load-aware drafting shrinks it)
         "mean_drafted_positions": proposed / decode_steps if decode_steps else None,
         "mean_verify_length_when_verifying": draft_tokens / rounds if rounds else None,
+        # load-aware drafting: steps that drafted, steps the draft budget kept plain, its verdicts
+        "drafted_steps": _value(d, PREFIX + "drafted_steps_total"),
+        "budget_plain_steps": _value(d, PREFIX + "budget_plain_steps_total"),
+        "budget_verdicts": {o: _value(d, PREFIX + "budget_verdicts_total", outcome=o) for o in ("paid", "lost")},
         "acceptance_per_position": per_position,
     }
 

@@ -206,6 +206,17 @@ class EngineCollector:
         yield counter("dspark_spec_decode_num_decode_steps", "Decoding requests summed over engine steps (each "
                       "could have drafted): num_proposed_tokens / this = positions drafted per request per step",
                       s.get("spec_num_decode_steps", 0))
+        yield counter("dspark_spec_decode_drafted_steps", "Engine steps that ran the drafting pass",
+                      s.get("spec_drafted_steps", 0))
+        yield counter("dspark_spec_decode_budget_plain_steps", "Engine steps with decoding requests that the "
+                      "load-aware draft budget kept from drafting (recent drafted steps did not pay)",
+                      s.get("spec_budget_plain_steps", 0))
+        verdicts = CounterMetricFamily("dspark_spec_decode_budget_verdicts", "Drafted steps judged by the draft "
+                                       "budget, by whether drafting beat the same rows decoded plainly",
+                                       labels=["outcome"])
+        for outcome in ("paid", "lost"):
+            verdicts.add_metric([outcome], s.get("spec_budget_verdicts", {}).get(outcome, 0))
+        yield verdicts
         yield counter("dspark_spec_decode_num_draft_tokens", "Drafted tokens sent to verification",
                       s.get("spec_num_draft_tokens", 0))
         yield counter("dspark_spec_decode_num_accepted_tokens", "Drafted tokens accepted by verification",

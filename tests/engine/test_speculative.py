@@ -317,11 +317,17 @@ def test_load_aware_drafting_stops_drafting_where_it_does_not_pay(tiny_pair, mon
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
     st = eng.stats
     per_step = st.spec_num_proposed_tokens / st.spec_num_decode_steps
+    # the /metrics counters: steps kept plain, drafted steps, verdicts (one per drafted step judged)
+    assert st.spec_budget_plain_steps == spec.budget.plain_steps
+    verdicts = st.spec_budget_verdicts
+    assert 0 < sum(verdicts.values()) <= st.spec_drafted_steps < st.steps
     if pays:
         # one plain step measures the alternative (the first verdict had only the profile to price it)
         assert spec.budget.plain_steps <= 1 and per_step > 2.0
+        assert verdicts.get("lost", 0) == 0
     else:
         assert spec.budget.plain_steps > 0.6 * st.steps and per_step < 1.0
+        assert verdicts["lost"] > verdicts.get("paid", 0)
 
 
 def test_a_drafted_step_is_judged_against_measured_plain_steps_not_the_profile(tiny_pair, monkeypatch):

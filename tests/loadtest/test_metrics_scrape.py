@@ -24,6 +24,11 @@ def exposition(drafts, draft_tokens, accepted, proposed, per_pos: dict, verify_c
                     ("num_draft_tokens", draft_tokens), ("num_accepted_tokens", accepted)):
         lines += [f"# HELP dspark_spec_decode_{name}_total x", f"# TYPE dspark_spec_decode_{name}_total counter",
                   f"dspark_spec_decode_{name}_total {float(v)}"]
+    for name, v in (("drafted_steps", drafts // 2), ("budget_plain_steps", drafts)):
+        lines += [f"# TYPE dspark_spec_decode_{name}_total counter", f"dspark_spec_decode_{name}_total {float(v)}"]
+    lines += ["# TYPE dspark_spec_decode_budget_verdicts_total counter",
+              f'dspark_spec_decode_budget_verdicts_total{{outcome="paid"}} {float(drafts // 5)}',
+              f'dspark_spec_decode_budget_verdicts_total{{outcome="lost"}} {float(drafts // 10)}']
     lines += ["# HELP dspark_spec_decode_num_accepted_tokens_per_pos_total x",
               "# TYPE dspark_spec_decode_num_accepted_tokens_per_pos_total counter"]
     lines += [f'dspark_spec_decode_num_accepted_tokens_per_pos_total{{position="{k}"}} {float(v)}'
@@ -53,6 +58,8 @@ def test_tau_budget_and_acceptance_per_position_of_a_point():
     assert s["rounds_scheduled"] == 22
     assert s["mean_verify_budget"] == pytest.approx(70 / 22)  # the histogram's mean, l_r = 0 rounds included
     assert s["mean_verify_length_when_verifying"] == pytest.approx(70 / 20)
+    assert (s["drafted_steps"], s["budget_plain_steps"]) == (10, 20)  # 15 - 5, 30 - 10
+    assert s["budget_verdicts"] == {"paid": 4, "lost": 2}
     per = {p["position"]: p for p in s["acceptance_per_position"]}
     assert sorted(per) == [1, 2, 3, 4]
     assert [per[k]["accepted"] for k in range(1, 5)] == [18, 13, 7, 2]
@@ -95,7 +102,9 @@ def test_parse_matches_the_real_exporter():
                       "spec_num_drafts": drafts, "spec_num_proposed_tokens": 7 * drafts,
                       "spec_num_draft_tokens": sum(k * v for k, v in counts.items()),
                       "spec_num_accepted_tokens": accepted, "spec_accepted_per_pos": per_pos,
-                      "spec_verify_length_counts": counts}
+                      "spec_verify_length_counts": counts, "spec_drafted_steps": drafts // 2,
+                      "spec_budget_plain_steps": drafts,
+                      "spec_budget_verdicts": {"paid": drafts // 5, "lost": drafts // 10}}
 
         def stats(self):
             return self.s
