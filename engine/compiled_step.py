@@ -17,9 +17,14 @@ per layer; inductor fuses them into one graph per shape class (docs/benchmarks/c
   in float32 (what `--dtype auto` serves packed on CPUs without fast bf16) compiled and eager
   differ in the last bits. What exactness needs holds within the graphs: a token has the same
   bits in all four (tests/engine/test_compiled_step.py), so speculation on and off give the same
-  greedy output (`quant_divergence --compiled`). Compiled and eager steps mix freely (prefill
-  chunks run eager). Only models with packed weights compile: dense float32, the parity
-  reference, never does.
+  greedy output (`quant_divergence --compiled`). Compiled and eager steps mix freely. Prefill
+  chunks run eager, except where no row has a role of its own (float32 on our packed kernel with
+  the paged-attention kernel: `ModelRunner.prompts_in_step`): there a prompt chunk is a long
+  query like a verification block's, and steps that carry chunks of bounded attention
+  (`model_runner.PROMPT_PAIRS_IN_STEP`) take these graphs too, with no mask in their inputs and
+  their sampled rows padded to the class's smallest count (a compiler treats sizes 0 and 1 as
+  constants). Only models with packed weights compile: dense float32, the parity reference,
+  never does.
 - Start-up. Compiling takes 20-30 s per graph with a warm cache and 80-130 s cold on two cores.
   The engine does not wait: a background thread compiles the classes one by one (it runs each once
   on dummy inputs that read the pool and write nothing) while the engine serves eagerly, and a step
@@ -64,8 +69,11 @@ class CompiledStep:
     `ready` (thread-safe to read) lists the classes compiled so far."""
 
     def __init__(self, model, kv: torch.Tensor, aux_layer_ids: tuple[int, ...], block_size: int,
-                 enforce_eager: bool = False, context=None):
+                 enforce_eager: bool = False, context=None, attention_mask: bool = True):
         self.model = model
+        # whether the inputs carry the torch path's attention mask (not when the paged-attention
+        # kernel attends: it masks by position itself); the dummy inputs are built the same way
+        self.attention_mask = attention_mask
         self.kv = kv
         self.aux_layer_ids = tuple(aux_layer_ids)
         # With a drafter: context(aux hidden states, positions) -> the drafter context entries of the
@@ -141,11 +149,17 @@ class CompiledStep:
         ctx = 3 * self.block_size // 2 + 7
         nblk = -(-ctx // self.block_size)
         tables = [list(range(nblk)) for _ in range(nseq)]
-        inputs = decode_inputs([q] * nseq, [ctx] * nseq, tables, self.block_size, self.kv.device)
+        inputs = self.inputs([q] * nseq, [ctx] * nseq, tables)
         ids = torch.zeros(nseq * q, dtype=torch.long, device=self.kv.device)
         return ids, inputs, torch.arange(nseq * q, device=self.kv.device)
 
     # ------------------------------------------------------------ running
+
+    def inputs(self, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]]) -> DecodeInputs:
+        """The `DecodeInputs` of a step for these graphs (with the attention mask only where the
+        torch path reads it: a graph is guarded on the mask's shape)."""
+        return decode_inputs(query_lens, context_lens, block_tables, self.block_size, self.kv.device,
+                             with_mask=self.attention_mask)
 
     def _forward(self, input_ids: torch.Tensor, inputs: DecodeInputs, kv: torch.Tensor, logits_indices: torch.Tensor):
         """What is compiled: the model's pure decode forward, then (with a drafter) the drafter
@@ -157,10 +171,20 @@ class CompiledStep:
     def __call__(self, input_ids: torch.Tensor, inputs: DecodeInputs, logits_indices: torch.Tensor):
         """-> (logits of `logits_indices`, the drafter context entries of the fed tokens (None
         without a drafter), their new target K/V); the caller writes both at `inputs.slots`."""
-        compiled = inputs.shape_class in self.ready and input_ids.shape[0] <= self.max_rows
+        cls = inputs.shape_class
+        compiled = cls in self.ready and input_ids.shape[0] <= self.max_rows
+        n = logits_indices.shape[0]
+        # A compiler treats a size of 0 or 1 as a constant. Decode and verification steps sample every
+        # token, but a step of prompt chunks may sample one row or none (a chunk that ends before its
+        # prompt does): pad the rows to the class's smallest (as its dummy inputs have them) instead
+        # of recompiling in the middle of serving, and return the rows asked for.
+        pad = max(0, (1 if cls == (False, False) else 2) - n) if compiled else 0
+        if pad:
+            logits_indices = torch.cat([logits_indices, logits_indices.new_zeros(pad)])
         fn = self._compiled if compiled else self._forward
         with torch.inference_mode():
-            return fn(input_ids, inputs, self.kv, logits_indices)
+            logits, ctx, new_kv = fn(input_ids, inputs, self.kv, logits_indices)
+        return (logits[:n] if pad else logits), ctx, new_kv
 
     def describe(self) -> dict:
         return {"eager": self.why_eager, "graphs_ready": len(self.ready),

@@ -6,7 +6,8 @@ import logging
 
 import torch
 
-from dspark_serve.models.attention import AttentionMetadata, TorchAttentionBackend, decode_inputs
+from dspark_serve.models import quant
+from dspark_serve.models.attention import AttentionMetadata, TorchAttentionBackend, kernel_serves
 from dspark_serve.models.loader import LoadedModel
 
 from .batcher import StepRow
@@ -16,6 +17,21 @@ from .speculative import DraftProposer
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
+
+
+# The most (query, key) pairs that the long queries (prompt chunks) of a step may attend for the
+# step to take the compiled forward. The paged-attention kernel runs each query row on its own:
+# for a long chunk it is slower than SDPA's tiles, and past about this many pairs the difference
+# outweighs the eager dispatch it saves. A step of 15 decodes and one prompt chunk on two cores
+# (default model, float32 packed): 16 tokens 99 against 121 ms eager, 128 tokens 336 against 389,
+# 256 tokens (32,896 pairs) 811 against 731, 512 tokens 1,830 against 1,238.
+PROMPT_PAIRS_IN_STEP = 1 << 14
+
+
+def long_query_pairs(query_lens: list[int], context_lens: list[int]) -> int:
+    """(query, key) pairs that the step's queries longer than a verification block attend (causal)."""
+    small = TorchAttentionBackend.SMALL_QUERY
+    return sum(q * (c - q) + q * (q + 1) // 2 for q, c in zip(query_lens, context_lens) if q > small)
 
 
 class ModelRunner:
@@ -50,10 +66,22 @@ class ModelRunner:
         # Steps of decodes and verification blocks take the model's pure forward, compiled in the
         # background unless enforce_eager (LLMEngine starts it); None: the model has no such forward.
         self.decode_step = None
+        # Prompt chunks take that forward too (prefill and mixed steps, compiled like the others)
+        # where nothing in it depends on a row's role: every linear takes prompt rows through the
+        # packed kernel (float32 activations on our kernel: quant.PackedWeight.all_rows) and the
+        # paged-attention kernel attends (its causal loop takes a query of any length; the torch
+        # path's mask would be [sequences, 1, longest query, longest context]). Eagerly, a step
+        # that carries a prompt chunk paid the dispatch of every op of its decode rows as well:
+        # 30-60 ms beyond its tokens at 16 requests on two cores (docs/benchmarks/README.md).
+        self.prompts_in_step = False
         if supported(self.model, device):
             aux_ids = tuple(self.proposer.layer_ids) if self.proposer is not None else ()
+            packed = [quant.packed_of(layer) for _, layer in self.model.linears()] + [getattr(self.model, "head_packed", None)]
+            self.prompts_in_step = (all(p is not None and p.all_rows for p in packed)
+                                    and kernel_serves(self.dtype, cfg.head_dim, device))
             self.decode_step = CompiledStep(self.model, self.kv, aux_ids, block_size, enforce_eager=enforce_eager,
-                                            context=self.proposer.context_entries if self.proposer is not None else None)
+                                            context=self.proposer.context_entries if self.proposer is not None else None,
+                                            attention_mask=not kernel_serves(self.dtype, cfg.head_dim, device))
         log.info(
             "KV cache: %d blocks x %d tokens (%.2f GiB, %s)",
             self.num_blocks, block_size, self.num_blocks * bytes_per_block / GiB, self.dtype,
@@ -85,7 +113,7 @@ class ModelRunner:
             start = seq.num_computed_tokens
             toks = seq.token_ids[start:start + row.pending]
             cut = min(len(toks), max(0, seq.num_prompt_tokens - start))
-            if cut and not row.draft:
+            if cut and not row.draft and not self.prompts_in_step:
                 prompt_segs.append((row, start, toks[:cut], cut == len(toks)))
             else:
                 cut = 0
@@ -111,12 +139,13 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         sel = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
         aux_ids = self.proposer.layer_ids if self.proposer is not None else ()
-        if self.decode_step is not None and not prompt_segs and len(logits_rows) == len(ids) \
-                and max(qlens) <= TorchAttentionBackend.SMALL_QUERY:
-            # Decodes and verification blocks only, every token sampled: the pure forward and the
-            # drafter context entries (compiled once its shape class is; engine/compiled_step.py),
-            # then one write to each pool.
-            inputs = decode_inputs(qlens, clens, tables, self.block_size, self.device)
+        if self.decode_step is not None and (
+                (not prompt_segs and len(logits_rows) == len(ids) and max(qlens) <= TorchAttentionBackend.SMALL_QUERY)
+                or (self.prompts_in_step and long_query_pairs(qlens, clens) <= PROMPT_PAIRS_IN_STEP)):
+            # Decodes and verification blocks (and prompt chunks where `prompts_in_step`): the pure
+            # forward and the drafter context entries (compiled once its shape class is;
+            # engine/compiled_step.py), then one write to each pool.
+            inputs = self.decode_step.inputs(qlens, clens, tables)
             logits, ctx, new_kv = self.decode_step(input_ids, inputs, sel)
             self.kv.index_copy_(2, inputs.slots, new_kv.to(self.kv.dtype))
             if ctx is not None:

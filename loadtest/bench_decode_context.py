@@ -29,7 +29,6 @@ from dspark_serve.loadtest.bench_engine import OUT_DIR, _machine, write_results
 def time_point(runner, nseq: int, ctx: int, reps: int) -> float | None:
     """Median seconds of the decode forward for `nseq` sequences of `ctx` context tokens (None when
     the pool is too small)."""
-    from dspark_serve.models.attention import decode_inputs
 
     step = runner.decode_step
     bs = step.block_size
@@ -37,7 +36,7 @@ def time_point(runner, nseq: int, ctx: int, reps: int) -> float | None:
     if nseq * nblk > runner.kv.shape[2] // bs:
         return None
     tables = [list(range(i * nblk, (i + 1) * nblk)) for i in range(nseq)]
-    inputs = decode_inputs([1] * nseq, [ctx] * nseq, tables, bs, step.kv.device)
+    inputs = step.inputs([1] * nseq, [ctx] * nseq, tables)
     ids, sel = torch.zeros(nseq, dtype=torch.long), torch.arange(nseq)
     times = []
     for _ in range(reps):

@@ -284,10 +284,12 @@ class DecodeInputs:
 
 
 def decode_inputs(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
-                  block_size: int, device: torch.device) -> DecodeInputs:
+                  block_size: int, device: torch.device, with_mask: bool = True) -> DecodeInputs:
     """`DecodeInputs` of one step. The mask, gather and padding are the ones
     `TorchAttentionBackend` builds for a single group of small queries, so the two paths attend
-    over the same numbers in the same shapes."""
+    over the same numbers in the same shapes. `with_mask=False` (where the paged-attention
+    kernel attends, which masks by position itself) leaves the mask empty, [S, 1, Q, 0]: a prompt
+    chunk's would be [S, 1, longest query, longest context]."""
     paged_kernel()  # resolved here, outside any compiled graph that reads it
     qlens = torch.tensor(query_lens, dtype=torch.long)
     clens = torch.tensor(context_lens, dtype=torch.long)
@@ -302,9 +304,12 @@ def decode_inputs(query_lens: list[int], context_lens: list[int], block_tables: 
     slots = table[seq, positions // block_size] * block_size + positions % block_size
     j = torch.arange(max_ctx)
     gather = table[:, j // block_size] * block_size + j % block_size
-    qpos = (clens - qlens).unsqueeze(1) + torch.arange(max_q).unsqueeze(0)
-    qvalid = torch.arange(max_q).unsqueeze(0) < qlens.unsqueeze(1)
-    mask = attention_mask(j.unsqueeze(0).expand(nseq, -1), qpos, clens, qvalid, None)
+    if with_mask:
+        qpos = (clens - qlens).unsqueeze(1) + torch.arange(max_q).unsqueeze(0)
+        qvalid = torch.arange(max_q).unsqueeze(0) < qlens.unsqueeze(1)
+        mask = attention_mask(j.unsqueeze(0).expand(nseq, -1), qpos, clens, qvalid, None)
+    else:
+        mask = torch.empty(nseq, 1, max_q, 0, dtype=torch.bool)
     return DecodeInputs(
         positions=positions.to(device), slots=slots.to(device), gather=gather.to(device),
         scatter=(seq * max_q + offset).to(device), overlay=(seq * max_ctx + positions).to(device),

@@ -13,7 +13,6 @@ import torch
 
 from dspark_serve.engine import LLM, SamplingParams
 from dspark_serve.engine.compiled_step import SHAPE_CLASSES
-from dspark_serve.models.attention import decode_inputs
 
 BS = 16
 # inductor builds C++ kernels (g++ by default); without a compiler the engine serves eagerly (tested below)
@@ -50,10 +49,11 @@ def test_every_class_compiles_once_and_computes_the_eager_function(compiled_llm)
     seen, exact = set(), 0
     # Sizes unlike the warm-up's: a guard on any of them would recompile, which this refuses.
     with torch.compiler.set_stance("fail_on_recompile"):
-        for query_lens in ([1], [6], [8], [1, 1], [1] * 11, [2, 7, 1], [8, 8, 8], [5] * 4):
+        # ... and prompt chunks: one alone, and one among decodes (a mixed step)
+        for query_lens in ([1], [6], [8], [1, 1], [1] * 11, [2, 7, 1], [8, 8, 8], [5] * 4, [40], [1, 33, 1]):
             ctx = [q + int(torch.randint(2, 60, (1,), generator=g)) for q in query_lens]
             tables = [torch.randperm(kv.shape[2] // BS, generator=g)[: -(-c // BS)].tolist() for c in ctx]
-            inputs = decode_inputs(query_lens, ctx, tables, BS, kv.device)
+            inputs = step.inputs(query_lens, ctx, tables)
             ids = torch.randint(0, 400, (sum(query_lens),), generator=g)
             sel = torch.arange(len(ids))
             got = step(ids, inputs, sel)
@@ -113,7 +113,7 @@ def test_a_tokens_logits_have_the_same_bits_in_every_graph(compiled_llm):
 
     def logits(query_lens, clens, seqs):
         ids = torch.cat([tok[s, :q] for s, q in zip(seqs, query_lens)])
-        inputs = decode_inputs(query_lens, clens, [tables[s] for s in seqs], BS, kv.device)
+        inputs = step.inputs(query_lens, clens, [tables[s] for s in seqs])
         return step(ids, inputs, torch.arange(len(ids)))[0]
 
     with torch.compiler.set_stance("fail_on_recompile"):
@@ -125,6 +125,59 @@ def test_a_tokens_logits_have_the_same_bits_in_every_graph(compiled_llm):
     assert torch.equal(alone[0], block[0])
     assert torch.equal(block, blocks[:3])
     assert not torch.equal(alone[0], batch[1])  # another sequence's token: these rows do differ
+
+
+@needs_compiler
+def test_prompt_chunks_ride_in_the_graphs_where_no_row_has_a_role(compiled_llm, tiny_llama_dir):
+    """Float32 on our packed kernel with the paged-attention kernel: a prompt row is computed like
+    any other (no dense split, no mask), so prefill and mixed steps take the compiled forward too,
+    without a graph of their own, and answer as the eager engine does."""
+    from dspark_serve.models.attention import kernel_serves
+
+    runner = compiled_llm.engine.runner
+    step = runner.decode_step
+    kernel = kernel_serves(runner.dtype, runner.config.head_dim)
+    packs_all = all(getattr(p, "all_rows", False) for p in
+                    [getattr(layer, "packed_weight", None) for _, layer in step.model.linears()])
+    assert runner.prompts_in_step == (kernel and packs_all)
+    assert step.attention_mask == (not kernel)
+    if not runner.prompts_in_step:
+        pytest.skip(f"{runner.dtype}: prompt rows are split by role here (bf16, or no kernel)")
+    fed = []
+
+    class Counting:  # the step, counting the longest query of each call
+        def __getattr__(self, name):
+            return getattr(step, name)
+
+        def __call__(self, ids, inputs, sel):
+            fed.append(int(inputs.query_lens.max()))
+            return step(ids, inputs, sel)
+
+    # steps of prompt chunks alone sample one row or none (a chunk that ends before its prompt):
+    # the step pads them rather than recompile (a compiler specialises on sizes 0 and 1)
+    g = torch.Generator().manual_seed(5)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for query_lens, sampled in (([40], [39]), ([40], []), ([30, 20], [49]), ([30, 20], []), ([1, 1], [0])):
+            ctx = [q + 7 for q in query_lens]
+            tables = [torch.randperm(step.kv.shape[2] // BS, generator=g)[: -(-c // BS)].tolist() for c in ctx]
+            ids = torch.randint(0, 400, (sum(query_lens),), generator=g)
+            out = step(ids, step.inputs(query_lens, ctx, tables), torch.tensor(sampled, dtype=torch.long))
+            assert out[0].shape[0] == len(sampled)
+            if sampled:
+                every = step(ids, step.inputs(query_lens, ctx, tables), torch.arange(len(ids)))[0]
+                assert torch.equal(out[0], every[sampled])
+    prompts = [list(range(3, 43)), [9] * 25]  # 40 and 25 tokens: prompt chunks longer than any block
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    runner.decode_step = Counting()
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            got = [o.outputs[0].token_ids for o in compiled_llm.generate(prompts, params)]
+    finally:
+        runner.decode_step = step
+    assert max(fed) >= 25  # the prefill step ran in the graph
+    eager = LLM(tiny_llama_dir, dtype="float32", quantization="int4", num_threads=2, block_size=BS,
+                speculative_config={"method": "none"}, enforce_eager=True, enable_prefix_caching=False)
+    assert got == [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
 
 
 def test_dense_models_run_the_pure_forward_eagerly(tiny_llama_dir):
@@ -186,8 +239,14 @@ def test_idle_engine_reprofiles_its_cost_table_on_the_compiled_step(tiny_llama_d
     before = table.points
     assert eng.runner.decode_step.wait(900)
     assert eng.warming_up  # compiled, but the table is still the eager one
+    spec = eng.speculative
+    spec._plain_steps.observe(4, 1.7)  # what the draft budget learnt of eager steps (while compiling)
+    spec.budget.record(3, False, batch=4)
+    assert spec.budget.positions(4) == 0
     eng.idle()
     assert not eng.warming_up and eng.speculative.cost_table is table and table.points != before
+    # ... is forgotten with the eager table: the next step at that load drafts again, priced afresh
+    assert spec.budget.positions(4) == spec.gamma and spec._plain_steps.seconds(4, lambda a, b: 1.0) is None
     saved = [p.name for p in (cache_dir() / "cost_tables").glob("*")]
     assert any(n.endswith("-compiled-g7.json") for n in saved) and any("-eager-g" in n for n in saved), saved
 
