@@ -85,7 +85,7 @@ class CompiledStep:
         self.ready: set[tuple[bool, bool]] = set()
         # The packed kernels serve at most quant.max_rows rows (models/quant.py); a graph is
         # guarded on that, so larger steps run eager rather than compile another graph.
-        packed = [quant.packed_of(layer) for _, layer in model.linears()] + [getattr(model, "head_packed", None)]
+        packed = packed_weights(model)
         self.max_rows = min((quant.max_rows(p) for p in packed if p is not None), default=0)
         # Only models whose every linear is packed (the packed kernels stay extern calls, ATen's own
         # bits): inductor decomposes a dense matmul of a few rows into its own loops, another
@@ -190,6 +190,11 @@ class CompiledStep:
         return {"eager": self.why_eager, "graphs_ready": len(self.ready),
                 "graphs": len(SHAPE_CLASSES), "compile_seconds": {_name(c): round(s, 1) for c, s in self.compile_seconds.items()},
                 "failed": self.failed}
+
+
+def packed_weights(model) -> list:
+    """The packed weight of every linear and of the head (None where one has none)."""
+    return [quant.packed_of(layer) for _, layer in model.linears()] + [getattr(model, "head_packed", None)]
 
 
 def _all_packed(model) -> bool:

@@ -6,12 +6,11 @@ import logging
 
 import torch
 
-from dspark_serve.models import quant
 from dspark_serve.models.attention import AttentionMetadata, TorchAttentionBackend, kernel_serves
 from dspark_serve.models.loader import LoadedModel
 
 from .batcher import StepRow
-from .compiled_step import CompiledStep, supported
+from .compiled_step import CompiledStep, packed_weights, supported
 from .speculative import DraftProposer
 
 log = logging.getLogger(__name__)
@@ -72,16 +71,15 @@ class ModelRunner:
         # paged-attention kernel attends (its causal loop takes a query of any length; the torch
         # path's mask would be [sequences, 1, longest query, longest context]). Eagerly, a step
         # that carries a prompt chunk paid the dispatch of every op of its decode rows as well:
-        # 30-60 ms beyond its tokens at 16 requests on two cores (docs/benchmarks/README.md).
+        # 30-60 ms beyond its tokens at 16 requests on two cores (docs/benchmarks/mixed-step-avx2.md).
         self.prompts_in_step = False
         if supported(self.model, device):
             aux_ids = tuple(self.proposer.layer_ids) if self.proposer is not None else ()
-            packed = [quant.packed_of(layer) for _, layer in self.model.linears()] + [getattr(self.model, "head_packed", None)]
-            self.prompts_in_step = (all(p is not None and p.all_rows for p in packed)
-                                    and kernel_serves(self.dtype, cfg.head_dim, device))
+            kernel = kernel_serves(self.dtype, cfg.head_dim, device)
+            self.prompts_in_step = kernel and all(p is not None and p.all_rows for p in packed_weights(self.model))
             self.decode_step = CompiledStep(self.model, self.kv, aux_ids, block_size, enforce_eager=enforce_eager,
                                             context=self.proposer.context_entries if self.proposer is not None else None,
-                                            attention_mask=not kernel_serves(self.dtype, cfg.head_dim, device))
+                                            attention_mask=not kernel)
         log.info(
             "KV cache: %d blocks x %d tokens (%.2f GiB, %s)",
             self.num_blocks, block_size, self.num_blocks * bytes_per_block / GiB, self.dtype,
