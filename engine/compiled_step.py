@@ -218,9 +218,30 @@ def _configure() -> None:
     fx_config.use_duck_shape = False
 
 
+def code_fingerprint() -> str:
+    """A digest of what a compiled graph is traced from: torch's version and the source of the
+    models package, of this module and of engine/speculative.py (the drafter context entries).
+    Inductor's caches restore a graph with the guards of the compile that made it, keyed by the
+    traced graph and not by the Python around it: an entry made by an earlier version, whose code
+    took a branch on a size (the packed kernels' former 64-row limit), came back with that bound,
+    and a step of 68 tokens recompiled in the middle of serving (15 s). So graphs of another
+    version of the code are not reused."""
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256(torch.__version__.encode())
+    models = Path(quant.__file__).parent
+    here = Path(__file__)  # this module, and the drafter context entries traced into the graphs
+    for path in sorted([*models.rglob("*.py"), *models.rglob("*.cpp"), here, here.with_name("speculative.py")]):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _use_dspark_inductor_cache() -> None:
     """Keep inductor's compiled kernels in the dspark cache directory (persistent across starts;
-    /tmp is not in a container) unless the user chose a directory."""
+    /tmp is not in a container), one directory per version of the traced code
+    (`code_fingerprint`), unless the user chose a directory."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     # torch writes its default into the variable the first time it asks: that is not a choice.
@@ -228,6 +249,6 @@ def _use_dspark_inductor_cache() -> None:
     if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
         from dspark_serve.models.loader import cache_dir
 
-        path = cache_dir() / "inductor"
+        path = cache_dir() / "inductor" / code_fingerprint()
         path.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
 import os
+import statistics
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -529,7 +531,7 @@ class LLMEngine:
         key = {"model": self.loaded.path, "dtype": str(self.runner.dtype), "quantization": self.loaded.model.quantization,
                "kernel": quant.kernel_of(self.loaded.model),
                "device": str(self.device), "step": "compiled" if step is not None and step.all_ready else "eager",
-               "threads": torch.get_num_threads(), "gamma": self.gamma, "measures": "verify-forward"}
+               "threads": torch.get_num_threads(), "gamma": self.gamma, "measures": "verify-forward+draft-pass"}
         path = self.config.cost_table
         if path is None:
             slug = "".join(c if c.isalnum() else "-" for c in f"{self.model_name}-{key['dtype']}-{key['quantization']}-{key['kernel']}-{key['device']}-t{key['threads']}-{key['step']}")
@@ -542,6 +544,11 @@ class LLMEngine:
         t0 = time.monotonic()
         max_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * (self.gamma + 1))
         table = profile_cost_table(self._profile_forward, max_tokens=max_tokens, repeats=2, smooth=True)
+        # the drafting pass by the sequences it drafts for (1, 2, 4, ... and the most a step holds,
+        # up to 64; linear beyond): the draft budget's forecast charges it before a step drafts
+        most = min(self.config.max_num_seqs, 64)
+        table = CostTable(table.points, alpha=table.alpha,
+                          draft={n: self._profile_draft(n) for n in sorted({1 << i for i in range(7) if 1 << i <= most} | {most})})
         log.info("cost table profiled in %.1fs over %d points", time.monotonic() - t0, len(table.points))
         try:
             table.save(path, key)
@@ -580,6 +587,28 @@ class LLMEngine:
             self.speculative.step_changed()  # the draft budget's measurements were of eager steps
             log.info("cost table refreshed for the compiled decode step")
 
+    @contextlib.contextmanager
+    def _profile_sequences(self, queries: list[int]):
+        """Decoding requests at a realistic context, one per entry of `queries` (the tokens each
+        feeds), with their KV blocks; freed on exit."""
+        block = max(queries)
+        room = self.kv.num_free_blocks * self.kv.block_size // len(queries) - 2 * self.kv.block_size
+        ctx = max(2, min(256, self.max_model_len - block - 1, room - block))
+        seqs = []
+        try:
+            for i, q in enumerate(queries):
+                # a prompt of ctx - 1 tokens and one generated token, the anchor the step feeds: a
+                # decode row (packed weights, the compiled step), not a prompt row (dense weights)
+                seq = Sequence(f"__profile{i}", [0] * (ctx - 1), SamplingParams(temperature=0), None, device=self.device)
+                seq.token_ids.append(0)
+                self.kv.grow(seq.block_table, ctx + q)
+                seq.num_computed_tokens = ctx - 1
+                seqs.append((seq, q))
+            yield seqs
+        finally:
+            for s, _ in seqs:
+                self.kv.free(s.block_table)
+
     def _profile_forward(self, num_tokens: int) -> float:
         """Seconds of the verification forward of one speculative step with `num_tokens` tokens:
         decoding requests at a realistic context, each verifying up to gamma + 1. They draft first
@@ -587,29 +616,26 @@ class LLMEngine:
         forward alone: the engine adds each step's measured drafting seconds when it plans."""
         block = self.gamma + 1
         nreq = max(1, -(-num_tokens // block))
-        room = self.kv.num_free_blocks * self.kv.block_size // nreq - 2 * self.kv.block_size
-        ctx = max(2, min(256, self.max_model_len - block - 1, room - block))
-        seqs = []
-        try:
-            for i in range(nreq):
-                # a prompt of ctx - 1 tokens and one generated token, the anchor the step feeds: a
-                # decode row (packed weights, the compiled step), not a prompt row (dense weights)
-                seq = Sequence(f"__profile{i}", [0] * (ctx - 1), SamplingParams(temperature=0), None, device=self.device)
-                seq.token_ids.append(0)
-                q = min(block, num_tokens - i * block) if i < nreq - 1 else num_tokens - (nreq - 1) * block
-                q = max(1, q)
-                self.kv.grow(seq.block_table, ctx + q)
-                seq.num_computed_tokens = ctx - 1
-                seqs.append((seq, q))
+        queries = [block] * (nreq - 1) + [max(1, num_tokens - (nreq - 1) * block)]
+        with self._profile_sequences(queries) as seqs:
             self.proposer.propose([s for s, _ in seqs], self.kv.block_size, self.gamma)
             self._sync()
             t0 = time.perf_counter()
             self.runner.execute([StepRow(s, q, 1, draft=[0] * (q - 1)) for s, q in seqs])
             self._sync()
             return time.perf_counter() - t0
-        finally:
-            for s, _ in seqs:
-                self.kv.free(s.block_table)
+
+    def _profile_draft(self, num_seqs: int, repeats: int = 2) -> float:
+        """Seconds of one drafting pass (gamma positions) for `num_seqs` decoding requests: the
+        median of `repeats` after one untimed pass."""
+        with self._profile_sequences([1] * num_seqs) as seqs:
+            times = []
+            for i in range(repeats + 1):
+                t0 = time.perf_counter()
+                self.proposer.propose([s for s, _ in seqs], self.kv.block_size, self.gamma)
+                self._sync()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times[1:])
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -787,6 +813,7 @@ class EngineStats:
     spec_num_draft_tokens: int = 0  # drafted tokens sent to verification
     spec_drafted_steps: int = 0  # engine steps that ran the drafting pass
     spec_budget_plain_steps: int = 0  # steps with decoding requests that the draft budget kept from drafting
+    spec_budget_forecast_steps: int = 0  # ... of which its forecast refused (no acceptance seen could pay)
     spec_budget_verdicts: dict = field(default_factory=dict)  # "paid"/"lost" -> drafted steps judged so
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: list = field(default_factory=list)  # index k: accepted at draft position k+1

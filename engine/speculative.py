@@ -323,8 +323,8 @@ class SpeculativeDecoder:
                  cost_table=None, drafter_dir: str | None = None, record_path: str | None = None, floors=None):
         from pathlib import Path
 
-        from dspark_serve.scheduler import (DraftBudget, DraftedSteps, DraftSkipper, OnlineCalibrator, PlainSteps,
-                                            STSCalibrator, make_policy)
+        from dspark_serve.scheduler import (DraftBudget, DraftedSteps, DraftForecast, DraftSkipper, OnlineCalibrator,
+                                            PlainSteps, STSCalibrator, make_policy)
 
         self.spec = spec
         self.proposer = proposer
@@ -343,7 +343,10 @@ class SpeculativeDecoder:
                        for mode in CALIBRATION_MODES} if spec.online_calibration else None
         self.skipper = DraftSkipper() if spec.draft_skipping else None
         # load-aware drafting (scheduler/draft_budget.py) for the policies that weigh costs
-        self.budget = DraftBudget(gamma) if cost_table is not None and hasattr(self.policy, "plan_with_stats") else None
+        load_aware = cost_table is not None and hasattr(self.policy, "plan_with_stats")
+        # ... and its forecast: the best case of the acceptance so far, priced from the profile
+        self.forecast = DraftForecast(gamma, cost_table) if load_aware else None
+        self.budget = DraftBudget(gamma, forecast=self.forecast.may_pay) if load_aware else None
         self._plain_steps = PlainSteps()  # what a drafted step is judged against
         self._drafted_steps = DraftedSteps()  # the realised side of the verdict
         self.lookup = LookupStats(spec.prompt_lookup_max, gamma) if spec.prompt_lookup_max else None
@@ -381,6 +384,7 @@ class SpeculativeDecoder:
             level = self.budget.level(len(decoding))
             if not positions:
                 self.stats.spec_budget_plain_steps += 1
+            self.stats.spec_budget_forecast_steps = self.budget.forecast_steps
             if positions and level != self._window_level:  # the window's verdicts were of another load
                 self._drafted_steps.clear()
                 self._window_level = level
@@ -573,6 +577,8 @@ class SpeculativeDecoder:
         st.spec_num_draft_tokens += num_verified
         st.spec_num_accepted_tokens += num_accepted
         st.spec_last_realised_tokens += num_accepted + 1
+        if self.forecast is not None:
+            self.forecast.record(num_verified, num_accepted)
         if len(st.spec_accepted_per_pos) < num_verified:
             st.spec_accepted_per_pos.extend([0] * (num_verified - len(st.spec_accepted_per_pos)))
         for k in range(num_accepted):
@@ -607,8 +613,9 @@ class SpeculativeDecoder:
         learnt from the former step's times (plain prices, verdicts, backoffs) no longer holds."""
         from dspark_serve.scheduler import DraftBudget, DraftedSteps, PlainSteps
 
-        if self.budget is not None:
-            self.budget = DraftBudget(self.gamma, max_backoff=self.budget.max_backoff)
+        if self.budget is not None:  # the forecast's acceptance history still holds; its table is re-profiled
+            self.budget = DraftBudget(self.gamma, max_backoff=self.budget.max_backoff, forecast=self.budget.forecast,
+                                      explore=self.budget.explore)
         self._plain_steps, self._drafted_steps = PlainSteps(), DraftedSteps()
         self._window_level = None
 
@@ -624,6 +631,8 @@ class SpeculativeDecoder:
             verify_seconds = seconds - self._draft_seconds
             if verify_seconds > 0:
                 self.cost_table.observe(num_tokens, verify_seconds)
+            if self._draft_seconds > 0 and self._verdict is not None:
+                self.cost_table.observe_draft(self._verdict["r"], self._draft_seconds)
         if self.skipper is not None and self._draft_seconds and seconds > 0:
             # Drafting pays for a request when its accepted drafts per round exceed r / (1 - r),
             # r = the drafter's share of the step time: the bar the skipper holds requests to.

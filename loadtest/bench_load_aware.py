@@ -78,6 +78,49 @@ def _run(llm, texts: list[str], new_tokens: int) -> dict:
             "outputs": [o.outputs[0].token_ids for o in outs]}
 
 
+def lockstep(engines: dict, prompt_ids: list[list[int]], concurrency: int, new_tokens: int) -> dict[str, dict]:
+    """One round in LOCKSTEP: each engine serves all of `prompt_ids` in its own closed loop (`concurrency`
+    in flight, a finished request replaced at once), and the engines step alternately, one step
+    each. Machine noise (a neighbour, frequency changes) then falls on both alike, where separate
+    rounds of the same point differed by up to 2x on a 2-core machine. Each engine's tok/s is its
+    output tokens over its own summed step seconds."""
+    from dspark_serve.engine import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    state = {}
+    for name, eng in engines.items():
+        budget = eng.speculative.budget if eng.speculative is not None else None
+        state[name] = {"eng": eng, "queue": list(enumerate(prompt_ids)), "inflight": 0, "seconds": 0.0, "tokens": 0,
+                       "outputs": {}, "before": eng.stats.snapshot(),
+                       "plain_before": budget.plain_steps if budget else 0, "budget": budget}
+    tag = f"ls{time.monotonic_ns()}"
+    while any(st["queue"] or st["inflight"] for st in state.values()):
+        for name, st in state.items():
+            eng = st["eng"]
+            while st["queue"] and st["inflight"] < concurrency:
+                i, ids = st["queue"].pop(0)
+                eng.add_request(f"{tag}-{i}", prompt_token_ids=ids, params=params)
+                st["inflight"] += 1
+            if not st["inflight"]:
+                continue
+            t0 = time.perf_counter()
+            outs = eng.step()
+            st["seconds"] += time.perf_counter() - t0
+            for o in outs:
+                if o.finished:
+                    st["inflight"] -= 1
+                    st["tokens"] += len(o.outputs[0].token_ids)
+                    st["outputs"][int(o.request_id.rsplit("-", 1)[1])] = o.outputs[0].token_ids
+    res = {}
+    for name, st in state.items():
+        after = st["eng"].stats.snapshot()
+        d = {k: after.get(k, 0) - st["before"].get(k, 0) for k in STATS}
+        res[name] = {"tok_s": st["tokens"] / st["seconds"], "seconds": st["seconds"], "tokens": st["tokens"], **d,
+                     "budget_plain_steps": (st["budget"].plain_steps - st["plain_before"]) if st["budget"] else 0,
+                     "outputs": [st["outputs"][i] for i in sorted(st["outputs"])]}
+    return res
+
+
 def _kernel(llm) -> str:
     from dspark_serve.models import kernels, quant
 
@@ -110,8 +153,12 @@ def markdown(res: dict) -> str:
         f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, torch {res['machine']['torch']}, "
         f"commit {res['machine']['commit']}; {res['threads']} torch threads, "
         f"dtype {res.get('dtype', 'bfloat16')}, packed kernels {res.get('kernel', '?')}. Prompts: {res.get('dataset', 'chat')} "
-        f"(the first `concurrency` of a seeded draw, the same in every round), {res['new_tokens']} "
-        f"tokens each (EOS ignored, greedy), all requests of a point at once; {res['rounds']} interleaved rounds.",
+        + (f"(the first {res['lockstep']} of a seeded draw, the same in every round), {res['new_tokens']} tokens each (EOS "
+           f"ignored, greedy), each engine serving them in a closed loop of `concurrency` in flight, the two engines "
+           f"stepping alternately (lockstep: tok/s = output tokens over the engine's own step seconds); "
+           f"{res['rounds']} rounds." if res.get("lockstep") else
+           f"(the first `concurrency` of a seeded draw, the same in every round), {res['new_tokens']} "
+           f"tokens each (EOS ignored, greedy), all requests of a point at once; {res['rounds']} interleaved rounds."),
         "",
         "| concurrency | plain tok/s (rounds) | default tok/s (rounds) | default / plain: per round | median | "
         "drafted positions / request / step | drafted rows | tau of drafted rows | steps kept plain by the budget | same output |",
@@ -162,28 +209,41 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", default="chat",
                     help="chat (fixed prompts), sharegpt, or an eval set (gsm8k, humaneval, ... or a .jsonl path)")
     ap.add_argument("--dtype", default="auto", help="both engines' dtype (default auto, the server's default)")
-    ap.add_argument("--out", default=None, help="default: docs/benchmarks/load-aware-engine[-DATASET].json")
+    ap.add_argument("--out", default=None, help="default: docs/benchmarks/load-aware-engine[-DATASET][-lockstep].json")
+    ap.add_argument("--lockstep", type=int, default=0, metavar="N",
+                    help="N > 0: each round serves N requests per engine in a closed loop of `concurrency`, the "
+                         "two engines stepping alternately (lockstep), instead of one wave of `concurrency` "
+                         "requests per engine in turn")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     from dspark_serve.models.loader import default_drafter_path
 
     grid = [int(x) for x in args.concurrency_grid.split(",")]
-    texts = prompts(args.dataset, max(grid))
+    texts = prompts(args.dataset, max(max(grid), args.lockstep))
+    from dspark_serve.engine.llm import apply_chat_template
     engines = {"plain": _engine({"method": "none"}, args.threads, dtype=args.dtype),
                "default": _engine({"method": "dspark", "model": default_drafter_path()}, args.threads, dtype=args.dtype)}
     res = {"command": "python -m dspark_serve.loadtest.bench_load_aware " + " ".join(sys.argv[1:] if argv is None else argv), "machine": _machine(),
            "threads": args.threads, "dtype": str(engines["default"].engine.runner.dtype).replace("torch.", ""),
            "kernel": _kernel(engines["default"]), "new_tokens": args.new_tokens, "rounds": args.rounds, "dataset": args.dataset,
-           "points": []}
+           "lockstep": args.lockstep, "points": []}
+    tok = engines["plain"].engine.tokenizer
+    ids = [apply_chat_template(tok, [{"role": "user", "content": t}]) for t in texts[:args.lockstep]]
     for c in grid:
         runs: dict[str, list[dict]] = {"plain": [], "default": []}
         for r in range(args.rounds):
-            for name in (("plain", "default") if r % 2 == 0 else ("default", "plain")):
+            order = ("plain", "default") if r % 2 == 0 else ("default", "plain")
+            if args.lockstep:
+                got = lockstep({name: engines[name].engine for name in order}, ids, c, args.new_tokens)
+                for name in order:
+                    runs[name].append(got[name])
+                continue
+            for name in order:
                 runs[name].append(_run(engines[name], texts[:c], args.new_tokens))
         point = summarise(c, runs)
         res["points"].append(point)
         print({k: v for k, v in point.items()}, flush=True)
-    suffix = "" if args.dataset == "chat" else "-" + Path(args.dataset).stem
+    suffix = ("" if args.dataset == "chat" else "-" + Path(args.dataset).stem) + ("-lockstep" if args.lockstep else "")
     out = Path(args.out) if args.out else OUT_DIR / f"load-aware-engine{suffix}.json"
     write_results(out, res, markdown, plot)
     return 0

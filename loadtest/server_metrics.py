@@ -97,6 +97,7 @@ def spec_decode_stats(d: Samples) -> dict | None:
         # load-aware drafting: steps that drafted, steps the draft budget kept plain, its verdicts
         "drafted_steps": _value(d, PREFIX + "drafted_steps_total"),
         "budget_plain_steps": _value(d, PREFIX + "budget_plain_steps_total"),
+        "budget_forecast_steps": _value(d, PREFIX + "budget_forecast_steps_total"),
         "budget_verdicts": {o: _value(d, PREFIX + "budget_verdicts_total", outcome=o) for o in ("paid", "lost")},
         "acceptance_per_position": per_position,
     }

@@ -134,7 +134,8 @@ def point_line(name: str, c: int, point: dict) -> str:
     if spec.get("drafted_steps") or spec.get("budget_plain_steps"):
         v = spec.get("budget_verdicts") or {}
         tau += (f", steps drafted {spec['drafted_steps']:.0f} / kept plain {spec['budget_plain_steps']:.0f}"
-                f" (verdicts {v.get('paid', 0):.0f} paid, {v.get('lost', 0):.0f} lost)")
+                f" ({spec.get('budget_forecast_steps') or 0:.0f} by the forecast; verdicts {v.get('paid', 0):.0f} paid,"
+                f" {v.get('lost', 0):.0f} lost)")
     return (f"[{name}] c={c}: {s['requests_completed']} ok / {s['requests_failed']} failed, "
             f"{s['output_token_throughput']:.1f} tok/s, {fmt(s['tokens_per_s_per_user']['mean'])} tok/s/user, "
             f"TTFT p50 {fmt(s['ttft_s']['p50'], 1000)} ms{tau}")

@@ -7,7 +7,7 @@
 
 from .calibration import OnlineCalibrator, STSCalibrator, ece, reliability
 from .cost_table import CostTable, default_grid, profile_cost_table
-from .draft_budget import DraftBudget, DraftedSteps, PlainSteps
+from .draft_budget import DraftBudget, DraftedSteps, DraftForecast, PlainSteps
 from .policies import FixedPolicy, OffPolicy, VerifyPolicy, make_policy
 from .prefix import AsyncPrefixScheduler, PlanResult, PrefixScheduler, ThresholdPolicy
 from .skipping import DraftSkipper
@@ -27,6 +27,7 @@ __all__ = [
     "DraftSkipper",
     "DraftBudget",
     "DraftedSteps",
+    "DraftForecast",
     "PlainSteps",
     # helpers
     "PlanResult",

@@ -41,7 +41,8 @@ def _interpolate(xs: list[float], ys: list[float], num_tokens: float) -> float:
 class CostTable:
     """SPS(B) as a piecewise-linear curve over measured points (B ascending)."""
 
-    def __init__(self, points: Mapping[float, float], alpha: float = 0.1, spread: float = 0.0):
+    def __init__(self, points: Mapping[float, float], alpha: float = 0.1, spread: float = 0.0,
+                 draft: Mapping[float, float] | None = None):
         if not points:
             raise ValueError("a cost table needs at least one (B, steps_per_second) point")
         if not 0.0 < alpha <= 1.0:
@@ -60,6 +61,13 @@ class CostTable:
         self._xs = [b for b, _ in items]
         self._ys = [s for _, s in items]
         self._start = list(self._ys)  # the shape `spread` keeps (the values given at construction)
+        # The drafting pass's seconds by the sequences it drafts for ({} when not profiled): what
+        # the draft budget's forecast charges a step for drafting before it has drafted.
+        self._draft: dict[float, float] = {}
+        for n, sec in (draft or {}).items():
+            if not (float(n) > 0 and math.isfinite(float(n)) and float(sec) > 0 and math.isfinite(float(sec))):
+                raise ValueError(f"draft seconds need positive sequences and seconds, got {n}: {sec}")
+            self._draft[float(n)] = float(sec)
         # One writer (the engine thread calling observe) and any number of readers:
         # observe replaces floats in place (one bucket, or every bucket with a spread); the lock keeps
         # save/points consistent, and a reader between two replacements sees a mix of two valid tables.
@@ -68,9 +76,10 @@ class CostTable:
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def from_points(cls, points: Mapping[float, float], alpha: float = 0.1, spread: float = 0.0) -> "CostTable":
+    def from_points(cls, points: Mapping[float, float], alpha: float = 0.1, spread: float = 0.0,
+                    draft: Mapping[float, float] | None = None) -> "CostTable":
         """The table through `points` = {B: steps_per_second}, used as given."""
-        return cls(points, alpha=alpha, spread=spread)
+        return cls(points, alpha=alpha, spread=spread, draft=draft)
 
     @classmethod
     def constant(cls, steps_per_second: float = 1.0) -> "CostTable":
@@ -78,7 +87,7 @@ class CostTable:
         return cls({1: steps_per_second})
 
     def copy(self) -> "CostTable":
-        return CostTable(self.points, alpha=self.alpha, spread=self.spread)
+        return CostTable(self.points, alpha=self.alpha, spread=self.spread, draft=self.draft_points)
 
     # ------------------------------------------------------------ queries
 
@@ -108,6 +117,39 @@ class CostTable:
         """Seconds per step at `num_tokens` (1 / SPS)."""
         return 1.0 / self.sps(num_tokens)
 
+    # ------------------------------------------------------------ the drafting pass
+
+    @property
+    def draft_points(self) -> dict[float, float]:
+        """A snapshot {sequences: drafting seconds}, empty when the drafting pass was not profiled."""
+        with self._lock:
+            return dict(sorted(self._draft.items()))
+
+    def draft_seconds(self, num_seqs: float) -> float | None:
+        """Seconds of one drafting pass for `num_seqs` sequences: linear between the profiled points,
+        the first point's below them and proportional to the sequences beyond the last (the pass is
+        a batch of `num_seqs` blocks); None when the pass was not profiled."""
+        with self._lock:
+            if not self._draft:
+                return None
+            xs = sorted(self._draft)
+            ys = [self._draft[x] for x in xs]
+        if num_seqs > xs[-1]:
+            return ys[-1] * num_seqs / xs[-1]
+        return _interpolate(xs, ys, num_seqs)
+
+    def observe_draft(self, num_seqs: float, seconds: float) -> None:
+        """Fold a live drafting pass's seconds into the nearest profiled point (EMA, `alpha`), when
+        it is within a factor 4/3 of it in sequences."""
+        if not (seconds > 0 and math.isfinite(seconds)) or not num_seqs > 0:
+            return
+        with self._lock:
+            if not self._draft:
+                return
+            n = min(self._draft, key=lambda x: abs(math.log(x / num_seqs)))
+            if abs(math.log(n / num_seqs)) <= math.log(4 / 3):
+                self._draft[n] = (1.0 - self.alpha) * self._draft[n] + self.alpha * seconds
+
     # ------------------------------------------------------------ cleaning / refresh
 
     def smoothed(self) -> "CostTable":
@@ -131,13 +173,14 @@ class CostTable:
         # Pooled means can differ from their neighbours by rounding in the last bit; force the order.
         for i in range(1, len(fitted)):
             fitted[i] = min(fitted[i], fitted[i - 1])
-        return CostTable(dict(zip(xs, fitted)), alpha=self.alpha, spread=self.spread)
+        return CostTable(dict(zip(xs, fitted)), alpha=self.alpha, spread=self.spread, draft=self.draft_points)
 
     def replace(self, other: "CostTable") -> None:
         """Take `other`'s points in place (every holder of this table sees them): a re-profile after
         the step got faster, e.g. once its compiled graphs are ready."""
         with self._lock:
             self._xs, self._ys, self._start = list(other._xs), list(other._ys), list(other._start)
+            self._draft = other.draft_points
 
     def nearest_bucket(self, num_tokens: float) -> float:
         """The measured B closest to `num_tokens` (the smaller one on a tie)."""
@@ -181,7 +224,10 @@ class CostTable:
     def to_dict(self, key: Mapping | None = None) -> dict:
         with self._lock:
             pts = [[b, s] for b, s in zip(self._xs, self._ys)]
+            draft = [[n, sec] for n, sec in sorted(self._draft.items())]
         d = {"format": FORMAT, "version": VERSION, "alpha": self.alpha, "points": pts}
+        if draft:
+            d["draft"] = draft
         if key is not None:
             d["key"] = _normalise_key(key)
         return d
@@ -219,9 +265,10 @@ class CostTable:
             return None
         try:
             points = {float(b): float(s) for b, s in d["points"]}
+            draft = {float(n): float(sec) for n, sec in d.get("draft", [])}
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: malformed points ({e})") from None
-        return cls(points, alpha=float(d.get("alpha", 0.1)))
+        return cls(points, alpha=float(d.get("alpha", 0.1)), draft=draft)
 
     def __repr__(self) -> str:
         pts = ", ".join(f"{b:g}: {s:.4g}" for b, s in self.points.items())

@@ -44,14 +44,79 @@ from collections import deque
 from typing import Callable
 
 
+class DraftForecast:
+    """Can drafting pay at a load at all? The best case of the verification rounds so far: every
+    request verifies L drafts, accepted with the conditional acceptance measured at each position
+    (decayed counts, so it follows the workload), against the drafting pass and the verification
+    forward of the profile. `may_pay(n)` is False when, for every L, that step's tokens per second
+    stay under `margin` times plain decoding's (n tokens in a forward of n)."""
+
+    def __init__(self, gamma: int, cost_table, margin: float = 1.0, min_rounds: int = 16,
+                 memory: int = 2000):
+        if gamma < 1 or not 0.0 < margin or min_rounds < 1 or memory < 1:
+            raise ValueError("gamma, min_rounds and memory must be >= 1 and margin > 0")
+        self.gamma = gamma
+        self.table = cost_table
+        self.margin = margin
+        self.min_rounds = min_rounds
+        self.decay = 1.0 - 1.0 / memory  # per recorded round
+        self.rounds = 0
+        self._reached = [0.0] * gamma  # index k: rounds that verified position k + 1 with k accepted before it
+        self._accepted = [0.0] * gamma  # ... and accepted it
+
+    def record(self, verified: int, accepted: int) -> None:
+        """One verification round of one request: `verified` drafts, the first `accepted` accepted."""
+        d = self.decay
+        self._reached = [x * d for x in self._reached]
+        self._accepted = [x * d for x in self._accepted]
+        for k in range(min(verified, accepted + 1, self.gamma)):
+            self._reached[k] += 1.0
+            if k < accepted:
+                self._accepted[k] += 1.0
+        self.rounds += 1
+
+    def survival(self) -> list[float]:
+        """P(the first k drafts are all accepted), k = 1..gamma. A position seldom verified leans on
+        the one before it (a prior of weight 2 at that position's estimate)."""
+        out, p, s = [], 1.0, 1.0
+        for acc, reached in zip(self._accepted, self._reached):
+            p = (acc + 2.0 * p) / (reached + 2.0)
+            s *= p
+            out.append(s)
+        return out
+
+    def best_ratio(self, n: int) -> float | None:
+        """The best step's tokens per second with drafts over plain decoding's, for `n` decoding
+        requests; None while there is no history or no profiled drafting pass to price it."""
+        draft = self.table.draft_seconds(n) if n > 0 else None
+        if self.rounds < self.min_rounds or draft is None:
+            return None
+        plain = n * self.table.sps(n)
+        best, expected = 0.0, float(n)
+        for L, s in enumerate(self.survival(), start=1):
+            expected += n * s
+            best = max(best, expected / (draft + self.table.seconds(n * (1 + L))))
+        return best / plain
+
+    def may_pay(self, n: int) -> bool:
+        ratio = self.best_ratio(n)
+        return ratio is None or ratio >= self.margin
+
+
 class DraftBudget:
     LEVEL_RATIO = 4 / 3  # load levels: decoding requests a factor of this apart share a verdict
 
-    def __init__(self, gamma: int, history: int = 8, max_backoff: int = 128):
-        if gamma < 1 or history < 1 or max_backoff < 1:
-            raise ValueError("gamma, history and max_backoff must be >= 1")
+    def __init__(self, gamma: int, history: int = 8, max_backoff: int = 128,
+                 forecast: Callable[[int], bool] | None = None, explore: int = 256):
+        if gamma < 1 or history < 1 or max_backoff < 1 or explore < 1:
+            raise ValueError("gamma, history, max_backoff and explore must be >= 1")
         self.gamma = gamma
         self.max_backoff = max_backoff
+        self.forecast = forecast  # may drafting pay at this many decoding requests? (DraftForecast.may_pay)
+        self.explore = explore  # one forecast refusal in this many drafts anyway
+        self.forecast_steps = 0  # steps the forecast kept plain (a metric)
+        self._refusals = 0  # the forecast's refusals, those that explored included
+        self._paid: set[int] = set()  # load levels whose last verdict paid
         self._lengths: deque[int] = deque(maxlen=history)  # longest verified draft of recent drafted steps
         self._step = 0  # positions() calls so far
         # load level -> (backoff after its last unpaid step, the step its next probe may draft at)
@@ -72,9 +137,17 @@ class DraftBudget:
         """Positions to draft this step (0: decode plainly) for `batch` decoding requests (None: the
         load is not known). Call once per step, before drafting."""
         self._step += 1
-        if self._step < self._state(self.level(batch))[1]:
+        level = self.level(batch)
+        if self._step < self._state(level)[1]:
             self.plain_steps += 1
             return 0
+        if (self.forecast is not None and batch is not None and not any(lv >= level for lv in self._paid)
+                and not self.forecast(batch)):
+            self._refusals += 1
+            if self._refusals % self.explore:
+                self.forecast_steps += 1
+                self.plain_steps += 1
+                return 0
         if not self._lengths:
             return self.gamma
         return min(self.gamma, max(self._lengths) + 1)
@@ -86,10 +159,12 @@ class DraftBudget:
         self._lengths.append(max(0, int(longest)))
         level = self.level(batch)
         if paid:
+            self._paid.add(level)
             self._levels = {lv: v for lv, v in self._levels.items() if lv > level}
             if measure_plain:
                 self._levels[level] = (0, self._step + 2)
         else:
+            self._paid = {lv for lv in self._paid if lv < level}
             backoff = min(self.max_backoff, max(1, 2 * self._state(level)[0]))
             self._levels[level] = (backoff, self._step + backoff + 1)
 

@@ -209,8 +209,12 @@ class EngineCollector:
         yield counter("dspark_spec_decode_drafted_steps", "Engine steps that ran the drafting pass",
                       s.get("spec_drafted_steps", 0))
         yield counter("dspark_spec_decode_budget_plain_steps", "Engine steps with decoding requests that the "
-                      "load-aware draft budget kept from drafting (recent drafted steps did not pay)",
+                      "load-aware draft budget kept from drafting (recent drafted steps did not pay, or its "
+                      "forecast said drafting could not)",
                       s.get("spec_budget_plain_steps", 0))
+        yield counter("dspark_spec_decode_budget_forecast_steps", "Steps the draft budget's forecast kept from "
+                      "drafting: at this load no acceptance seen so far could pay for the drafting pass",
+                      s.get("spec_budget_forecast_steps", 0))
         verdicts = CounterMetricFamily("dspark_spec_decode_budget_verdicts", "Drafted steps judged by the draft "
                                        "budget, by whether drafting beat the same rows decoded plainly",
                                        labels=["outcome"])

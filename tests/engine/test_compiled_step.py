@@ -274,3 +274,25 @@ def test_a_failed_compile_leaves_the_engine_serving_eagerly(tiny_llama_dir, monk
     with torch.inference_mode():
         want = runner.model.forward_decode(ids, inputs, runner.kv, sel, ())
     assert torch.equal(got[0], want[0])
+
+
+def test_the_inductor_cache_is_one_directory_per_version_of_the_traced_code(tmp_path, monkeypatch):
+    """A graph cached by another version of the code can come back with that version's guards
+    (a stale size bound recompiled a step mid-serving): the cache directory is keyed by torch's
+    version and the traced source; a directory the user chose is kept."""
+    from dspark_serve.engine import compiled_step
+
+    fp = compiled_step.code_fingerprint()
+    assert re.fullmatch(r"[0-9a-f]{16}", fp) and compiled_step.code_fingerprint() == fp
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    assert compiled_step.code_fingerprint() != fp
+    monkeypatch.undo()
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    compiled_step._use_dspark_inductor_cache()
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor" / fp)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compiled_step._use_dspark_inductor_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

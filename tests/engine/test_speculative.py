@@ -228,7 +228,9 @@ def test_the_cost_table_holds_the_verify_forward_and_the_plan_adds_the_drafting_
     path = tmp_path / "table.json"
     eng = _engine(model, drafter, gamma=4, verification="scheduled", cost_table=str(path))
     stored = json.loads(path.read_text())
-    assert stored["key"]["measures"] == "verify-forward"
+    assert stored["key"]["measures"] == "verify-forward+draft-pass"
+    # ... which is profiled apart, by the sequences it drafts for (the draft budget's forecast)
+    assert [n for n, _ in stored["draft"]][:3] == [1, 2, 4] and min(sec for _, sec in stored["draft"]) >= slow
     # with the sleeps in, every SPS would be < 1 / slow = 20; the tiny forward at B <= 16 takes a few ms
     assert min(sps for b, sps in stored["points"] if b <= 16) > 1 / slow
 
@@ -419,3 +421,29 @@ def test_verification_slots_never_take_the_token_budget_a_prefill_needs(tiny_pai
     assert all(slots == 0 or prefill + decodes + slots <= 48 for prefill, decodes, slots in steps)
     assert any(prefill > 0 and slots == 0 for prefill, _, slots in steps)  # the 60-token prompt's steps
     assert any(prefill == 0 and slots > 0 for prefill, _, slots in steps)  # drafting before and after it
+
+
+def test_the_forecast_keeps_steps_plain_where_no_acceptance_seen_pays_for_drafting(tiny_pair, monkeypatch):
+    """Every verification round reaches the draft budget's forecast; once it has seen enough, a
+    drafting pass priced far above what any accepted draft brings keeps the steps plain without
+    probes (counted for /metrics), and greedy output is plain decoding's."""
+    from dspark_serve.scheduler import CostTable, DraftBudget, DraftForecast, PrefixScheduler
+
+    model, drafter = tiny_pair
+    reqs = _reqs(n=3, max_tokens=40)
+    ref = drive(_engine(model), reqs)
+    eng = _engine(model, drafter, gamma=4)
+    spec = eng.speculative
+    spec.cost_table = CostTable.from_points({1: 1.0, 64: 1.0}, draft={1: 10.0})  # a 10 s drafting pass
+    monkeypatch.setattr(spec.cost_table, "observe", lambda n, s: None)  # keep the table as given
+    monkeypatch.setattr(spec.cost_table, "observe_draft", lambda n, s: None)
+    spec.policy = PrefixScheduler(spec.cost_table)
+    spec.forecast = DraftForecast(4, spec.cost_table, min_rounds=3)
+    spec.budget = DraftBudget(4, forecast=spec.forecast.may_pay)
+    got = drive(eng, reqs)
+    for rid, _, _ in reqs:
+        assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids
+    st = eng.stats
+    assert spec.forecast.rounds == st.spec_num_drafts >= 3
+    assert st.spec_budget_forecast_steps == spec.budget.forecast_steps > 0.6 * st.steps
+    assert st.spec_drafted_steps <= 3  # the steps before the forecast had its history

@@ -24,7 +24,7 @@ def exposition(drafts, draft_tokens, accepted, proposed, per_pos: dict, verify_c
                     ("num_draft_tokens", draft_tokens), ("num_accepted_tokens", accepted)):
         lines += [f"# HELP dspark_spec_decode_{name}_total x", f"# TYPE dspark_spec_decode_{name}_total counter",
                   f"dspark_spec_decode_{name}_total {float(v)}"]
-    for name, v in (("drafted_steps", drafts // 2), ("budget_plain_steps", drafts)):
+    for name, v in (("drafted_steps", drafts // 2), ("budget_plain_steps", drafts), ("budget_forecast_steps", drafts // 4)):
         lines += [f"# TYPE dspark_spec_decode_{name}_total counter", f"dspark_spec_decode_{name}_total {float(v)}"]
     lines += ["# TYPE dspark_spec_decode_budget_verdicts_total counter",
               f'dspark_spec_decode_budget_verdicts_total{{outcome="paid"}} {float(drafts // 5)}',
@@ -58,7 +58,7 @@ def test_tau_budget_and_acceptance_per_position_of_a_point():
     assert s["rounds_scheduled"] == 22
     assert s["mean_verify_budget"] == pytest.approx(70 / 22)  # the histogram's mean, l_r = 0 rounds included
     assert s["mean_verify_length_when_verifying"] == pytest.approx(70 / 20)
-    assert (s["drafted_steps"], s["budget_plain_steps"]) == (10, 20)  # 15 - 5, 30 - 10
+    assert (s["drafted_steps"], s["budget_plain_steps"], s["budget_forecast_steps"]) == (10, 20, 5)  # 15 - 5, 30 - 10, 7 - 2
     assert s["budget_verdicts"] == {"paid": 4, "lost": 2}
     per = {p["position"]: p for p in s["acceptance_per_position"]}
     assert sorted(per) == [1, 2, 3, 4]
@@ -103,7 +103,7 @@ def test_parse_matches_the_real_exporter():
                       "spec_num_draft_tokens": sum(k * v for k, v in counts.items()),
                       "spec_num_accepted_tokens": accepted, "spec_accepted_per_pos": per_pos,
                       "spec_verify_length_counts": counts, "spec_drafted_steps": drafts // 2,
-                      "spec_budget_plain_steps": drafts,
+                      "spec_budget_plain_steps": drafts, "spec_budget_forecast_steps": drafts // 4,
                       "spec_budget_verdicts": {"paid": drafts // 5, "lost": drafts // 10}}
 
         def stats(self):

@@ -233,3 +233,28 @@ def test_the_profiled_shape_stays_while_live_steps_refresh_the_table():
     assert t.sps(8) == pytest.approx(40.0, rel=1e-3)
     assert t.profiled_sps(8) == 80.0 and t.profiled_sps(4.5) == pytest.approx(90.0)
     assert t.profiled_sps(64) / t.profiled_sps(8) == pytest.approx(0.25)
+
+
+def test_the_drafting_pass_curve_interpolates_extrapolates_learns_and_round_trips(tmp_path):
+    t = CostTable({1: 50.0, 16: 10.0}, alpha=0.5, draft={1: 0.01, 4: 0.016, 16: 0.046})
+    assert t.draft_seconds(1) == pytest.approx(0.01)
+    assert t.draft_seconds(2) == pytest.approx(0.012)  # linear between 1 and 4
+    assert t.draft_seconds(0.5) == pytest.approx(0.01)  # held below the first point
+    assert t.draft_seconds(32) == pytest.approx(0.092)  # proportional beyond the last: a batch of blocks
+    t.observe_draft(15, 0.056)  # within 4/3 of 16: EMA at 16
+    assert t.draft_points[16] == pytest.approx(0.051)
+    t.observe_draft(8, 1.0)  # 8 is a factor 2 from 4 and 16: no point learns it
+    assert t.draft_points == {1: 0.01, 4: 0.016, 16: pytest.approx(0.051)}
+    assert t.smoothed().draft_points == t.draft_points and t.copy().draft_points == t.draft_points
+    key = {"model": "m", "dtype": "float32", "device": "cpu", "threads": 2}
+    t.save(tmp_path / "t.json", key)
+    back = CostTable.load(tmp_path / "t.json", key)
+    assert back.draft_points == t.draft_points
+    plain = CostTable({1: 50.0})
+    assert plain.draft_seconds(4) is None and "draft" not in plain.to_dict()
+    plain.observe_draft(4, 0.1)  # nothing profiled: nothing to learn into
+    assert plain.draft_points == {}
+    plain.replace(t)
+    assert plain.draft_points == t.draft_points
+    with pytest.raises(ValueError):
+        CostTable({1: 50.0}, draft={0: 0.1})

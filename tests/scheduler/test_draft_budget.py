@@ -128,3 +128,69 @@ def test_an_unknown_load_is_one_level():
     b = DraftBudget(gamma=4)
     b.record(2, paid=False)  # no batch: level 0, the lightest, holds for every load
     assert b.positions() == 0 and b.positions(16) == 3
+
+
+def _table():
+    """A two-core CPU's shape: a forward costs 18 ms + 4.5 ms per token (compute-bound), the
+    drafting pass 6 ms + 2.5 ms per sequence."""
+    from dspark_serve.scheduler import CostTable
+
+    return CostTable({b: 1.0 / (0.018 + 0.0045 * b) for b in (1, 2, 4, 8, 16, 32, 64, 128)},
+                     draft={n: 0.006 + 0.0025 * n for n in (1, 2, 4, 8, 16, 32)})
+
+
+def test_the_forecast_prices_the_best_case_of_the_acceptance_seen():
+    from dspark_serve.scheduler import DraftForecast
+
+    t = _table()
+    f = DraftForecast(gamma=4, cost_table=t, margin=1.0, min_rounds=4)
+    assert f.may_pay(16) and f.best_ratio(16) is None  # no history yet: drafting may pay
+    for _ in range(200):  # the first draft accepted 3 times in 4, the second half the time it is reached
+        f.record(2, 0)
+        for _ in range(3):
+            f.record(2, 1)
+        f.record(2, 2)
+        f.record(2, 2)
+    s = f.survival()
+    assert s[0] == pytest.approx(5 / 6, abs=0.01) and s[1] == pytest.approx(5 / 6 * 2 / 5, abs=0.01)
+    assert s[2] < s[1] and s[3] < s[2]  # never verified beyond 2: leans on the positions before
+    # at n = 1: the best L of (1 + S_1 + ... + S_L) / (drafting 8.5 ms + a forward of 1 + L) against
+    # 1 / (a forward of 1, 22.5 ms)
+    by_hand = max((1 + sum(s[:L])) / (0.0085 + t.seconds(1 + L)) for L in range(1, 5)) * 0.0225
+    assert f.best_ratio(1) == pytest.approx(by_hand)
+    assert f.best_ratio(1) > 1.0 and f.may_pay(1)  # one request: the forward's fixed cost makes drafts cheap
+    assert f.best_ratio(16) < 0.8 and not f.may_pay(16)  # 16: every verified token costs a decode token
+    f2 = DraftForecast(gamma=4, cost_table=_table(), margin=1.0, min_rounds=4)
+    for _ in range(50):
+        f2.record(4, 4)  # a workload the drafter copies perfectly (a lookup of repeated text)
+    assert f2.may_pay(16)
+
+
+def test_the_forecast_keeps_steps_plain_without_probes_and_still_explores():
+    """Where the forecast says no, the step decodes plainly and no probe is paid; one refusal in
+    `explore` drafts anyway. A level whose last verdict paid (or a heavier one's) drafts without
+    asking it; a loss there hands the level back to it."""
+    said = {"pay": False}
+    b = DraftBudget(gamma=4, forecast=lambda n: said["pay"], explore=10)
+    drafted = [b.positions(16) for _ in range(30)]
+    assert [i for i, n in enumerate(drafted) if n] == [9, 19, 29]  # exploration only
+    assert b.forecast_steps == 27 and b.plain_steps == 27
+    b.record(1, paid=True, batch=16)
+    assert all(b.positions(n) for n in (16, 8, 4))  # paid at 16: 16 and lighter loads draft
+    assert b.positions(32) == 0  # a heavier load asks the forecast
+    b.record(1, paid=False, batch=8)  # a loss at 8: 8 and heavier back off, then ask the forecast again
+    while b._state(b.level(8))[1] > b._step + 1:
+        b.positions(8)
+    assert b.positions(8) == 0 and b.forecast_steps > 28
+    said["pay"] = True
+    assert b.positions(8) == 2
+
+
+def test_a_table_without_a_profiled_drafting_pass_never_refuses():
+    """A cost table saved before the drafting pass was profiled: the forecast cannot price a draft
+    and never refuses (the verdicts alone decide, as before)."""
+    from dspark_serve.scheduler import CostTable, DraftForecast
+
+    f = DraftForecast(gamma=3, cost_table=CostTable({1: 50.0}), min_rounds=1)
+    f.record(3, 1)
+    assert f.rounds == 1 and f.best_ratio(4) is None and f.may_pay(4)
