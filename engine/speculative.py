@@ -380,11 +380,13 @@ class SpeculativeDecoder:
         positions = self.gamma
         self._decoding = len(decoding)  # the load the step's verdict is of
         if self.budget is not None:
+            refused = self.budget.forecast_steps
             positions = self.budget.positions(len(decoding))
             level = self.budget.level(len(decoding))
             if not positions:
                 self.stats.spec_budget_plain_steps += 1
-            self.stats.spec_budget_forecast_steps = self.budget.forecast_steps
+            # counted here, not copied: a counter on /metrics, and step_changed starts a new budget
+            self.stats.spec_budget_forecast_steps += self.budget.forecast_steps - refused
             if positions and level != self._window_level:  # the window's verdicts were of another load
                 self._drafted_steps.clear()
                 self._window_level = level
