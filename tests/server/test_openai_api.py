@@ -96,6 +96,12 @@ def test_stream_without_include_usage_has_no_usage_field(client):
 
 def test_streamed_text_equals_non_streamed_text_for_the_same_seed(client):
     kw = dict(content="Write one sentence about the sea.", temperature=1.0, seed=1234, max_tokens=24)
+    # The first time, the prompt is prefilled whole; afterwards its blocks come from the prefix cache and
+    # only the rest is computed, in a chunk of another size. Where the prompt's matmuls are not
+    # batch-invariant (dense float32 on MKL, bf16) the logits then differ in their last bits, and a
+    # seeded sample at a near-tie with them (docs/reliability.md). This test is about the stream, so
+    # both requests below see the same cache state.
+    _chat(client, **kw)
     whole = _chat(client, **kw)["choices"][0]["message"]["content"]
     streamed = _streamed_text(stream_events(client, "/v1/chat/completions", chat_body(**kw)))[0]
     assert streamed == whole
