@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model file or directory the peers load (default: the embedded SmolLM2 GGUF)")
     g.add_argument("--peer-threads", type=int, default=None, help="CPU threads of the peers (default: all cores)")
     g.add_argument("--peer-dtype", default=None, help="transformers' dtype (default: what ours picks on this CPU)")
+    g.add_argument("--peer-args", default="",
+                   help="extra flags appended to every peer's command line, one string (e.g. \"--no-repack\" for "
+                        "llama-server where its AMX repacking crashes: docs/benchmarks/README.md)")
     g.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to get ready")
     g.add_argument("--log-dir", default=None, help="server logs (default: a new folder under /tmp)")
     add_endpoint_args(p, base_url_default=None)
@@ -116,7 +119,13 @@ def server_specs(args) -> list[ServerSpec]:
     specs = []
     for c in args.configs or []:
         if "peer" in c:
-            specs.append(peers_mod.peer(c["peer"], args.model_path, args.peer_threads, args.peer_dtype))
+            import shlex
+
+            spec = peers_mod.peer(c["peer"], args.model_path, args.peer_threads, args.peer_dtype)
+            if args.peer_args:
+                spec.argv += shlex.split(args.peer_args)
+                spec.note += f" (extra flags: {args.peer_args})"
+            specs.append(spec)
         elif "server_command" in c:
             import shlex
 

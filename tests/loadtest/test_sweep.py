@@ -88,6 +88,10 @@ def test_configuration_flags_pair_up():
     assert off[1:4] == ["-m", "dspark_serve.server.cli", "serve"] and off[off.index("--port") + 1] == "1234"
     assert off[-4:] == ["--speculative-config", '{"method": "none"}', "--max-num-seqs", "8"]
     assert specs[0].env["HF_HUB_OFFLINE"] == "1"
+    assert "--no-repack" not in specs[2].command(1)
+    extra = server_specs(build_parser().parse_args(["--peer", "llama-cpp-python", "--model-path", "/m/x.gguf",
+                                                    "--peer-args", "--no-repack --foo 'a b'"]))[0]
+    assert extra.command(1)[-3:] == ["--no-repack", "--foo", "a b"] and "--no-repack" in extra.note
 
 
 def test_peer_commands_load_the_same_file_offline(tmp_path, monkeypatch):
