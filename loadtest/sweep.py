@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--peer-threads", type=int, default=None, help="CPU threads of the peers (default: all cores)")
     g.add_argument("--peer-dtype", default=None, help="transformers' dtype (default: what ours picks on this CPU)")
     g.add_argument("--peer-args", default="",
-                   help="extra flags appended to every peer's command line, one string (e.g. \"--no-repack\" for "
+                   help="extra flags appended to every peer's command line, one string (--peer-args=\"--no-repack\" for "
                         "llama-server where its AMX repacking crashes: docs/benchmarks/README.md)")
     g.add_argument("--startup-timeout", type=float, default=600.0, help="seconds a server may take to get ready")
     g.add_argument("--log-dir", default=None, help="server logs (default: a new folder under /tmp)")

@@ -90,7 +90,7 @@ def test_configuration_flags_pair_up():
     assert specs[0].env["HF_HUB_OFFLINE"] == "1"
     assert "--no-repack" not in specs[2].command(1)
     extra = server_specs(build_parser().parse_args(["--peer", "llama-cpp-python", "--model-path", "/m/x.gguf",
-                                                    "--peer-args", "--no-repack --foo 'a b'"]))[0]
+                                                    "--peer-args=--no-repack --foo 'a b'"]))[0]
     assert extra.command(1)[-3:] == ["--no-repack", "--foo", "a b"] and "--no-repack" in extra.note
 
 
