@@ -357,6 +357,7 @@ class SpeculativeDecoder:
         self.draft_failures = 0  # steps whose drafting raised and fell back to plain decoding
         self._verdict = None  # this step's plan, for DraftBudget: judged once the step ends (end_step)
         self._drafted = False  # whether the drafter ran this step
+        self._expected = 0.0  # this step's rounds: tokens their verified lengths yield on average (the verdict's)
         self._decoding = 0  # decoding requests of this step (caps)
         self._window_level = None  # the load level of the drafted steps in _drafted_steps
         # speed floors (scheduler/sla.py): requests below theirs weigh more in the plan (Algorithm 1's
@@ -468,6 +469,7 @@ class SpeculativeDecoder:
         caps = [r.scheduled - 1 for r in dec]
         gamma = max(caps)
         copies = self._copies(seqs, gamma) if self.lookup is not None else {}
+        self._expected = 0.0
         t0 = time.perf_counter()
         d = self.proposer.propose(seqs, block_size, gamma, choice_rows=list(copies))
         self._draft_seconds = time.perf_counter() - t0
@@ -580,6 +582,8 @@ class SpeculativeDecoder:
         st.spec_num_accepted_tokens += num_accepted
         st.spec_last_realised_tokens += num_accepted + 1
         if self.forecast is not None:
+            # the verdict's tokens: this round's verified length at the acceptance seen before it
+            self._expected += self.forecast.expected_tokens(num_verified)
             self.forecast.record(num_verified, num_accepted)
         if len(st.spec_accepted_per_pos) < num_verified:
             st.spec_accepted_per_pos.extend([0] * (num_verified - len(st.spec_accepted_per_pos)))
@@ -667,7 +671,10 @@ class SpeculativeDecoder:
         if "forward_seconds" not in v or v["forward_seconds"] <= 0 or seconds <= 0:
             return
         r, base, other = v["r"], v["base"], v["other"]
-        realised = self.stats.spec_last_realised_tokens + v["undrafted"]
+        # what the drafting rows yield: at the acceptance measured over many rounds once there are
+        # enough of them, not this step's own luck (DraftedSteps); the step's seconds stay measured
+        drafted = self._expected if self.forecast is not None and self.forecast.ready else self.stats.spec_last_realised_tokens
+        realised = drafted + v["undrafted"]
         t = self.cost_table
         shape = lambda a, b: t.profiled_sps(a) / t.profiled_sps(b)  # noqa: E731 (seconds(b) / seconds(a))
         plain = self._plain_steps.seconds(r + base, shape)
@@ -686,7 +693,7 @@ class SpeculativeDecoder:
         self.budget.record(v["longest"], paid, measure_plain=not measured, batch=v["batch"])
         verdicts = self.stats.spec_budget_verdicts
         verdicts["paid" if paid else "lost"] = verdicts.get("paid" if paid else "lost", 0) + 1
-        log.debug("draft verdict %s: batch %d, drafting %d, prefill %d, %d tokens in %.1f ms against %d in "
+        log.debug("draft verdict %s: batch %d, drafting %d, prefill %d, %.1f tokens in %.1f ms against %d in "
                   "%.1f ms plainly (%s)", "paid" if paid else "lost", v["batch"], r, v["prefill"],
                   realised + other, 1e3 * seconds, r + other, 1e3 * plain, "measured" if measured else "profiled")
 

@@ -366,6 +366,44 @@ def test_a_drafted_step_is_judged_against_measured_plain_steps_not_the_profile(t
     assert spec.budget.plain_steps > 0.6 * eng.stats.steps
 
 
+@pytest.mark.parametrize("history", [True, False])
+def test_a_drafted_step_is_judged_by_the_acceptance_seen_not_its_own_luck(tiny_pair, monkeypatch, history):
+    """Three requests verify 4 drafts each and this step accepts none of them, while the rounds
+    before accepted almost everything. Judged by what its verified lengths yield at the acceptance
+    seen (about 13 tokens for 3), the step paid: 10 ms beyond a measured 10 ms plain step of 3
+    tokens buys about 10 extra tokens at 3.3 ms each. Judged by its own 3 tokens (too few rounds
+    seen yet: the mutation), it lost."""
+    from types import SimpleNamespace
+
+    from dspark_serve.scheduler import CostTable, DraftBudget, DraftedSteps, DraftForecast, PlainSteps, PrefixScheduler
+
+    model, drafter = tiny_pair
+    spec = _engine(model, drafter, gamma=4).speculative
+    spec.cost_table = CostTable.from_points({1: 1.0, 64: 1.0}, draft={1: 0.004})
+    monkeypatch.setattr(spec.cost_table, "observe", lambda n, s: None)
+    monkeypatch.setattr(spec.cost_table, "observe_draft", lambda n, s: None)
+    spec.policy = PrefixScheduler(spec.cost_table)
+    spec.forecast = DraftForecast(4, spec.cost_table, min_rounds=10 if history else 10**6)
+    spec.budget, spec._plain_steps, spec._drafted_steps = DraftBudget(4), PlainSteps(), DraftedSteps()
+    for _ in range(30):
+        spec.forecast.record(4, 4)
+    spec._plain_steps.observe(3, 0.010)  # a measured plain step of the same 3 rows
+    # one drafted step: 3 rows verify 4 drafts each; 4 ms drafting, a 12 ms forward, 20 ms in all
+    spec._verdict = {"r": 3, "batch": 3, "base": 0, "prefill": 0, "other": 0, "tokens": 15, "longest": 4,
+                     "undrafted": 0}
+    spec._drafted, spec._expected, spec._draft_seconds = True, 0.0, 0.004
+    spec.stats.spec_last_realised_tokens = 0
+    spec.observe_step(15, 0.016)
+    for i in range(3):
+        spec.record_round(SimpleNamespace(request_id=f"r{i}"), 4, 0, {"lookup": 0, "logits": None})
+    # each round's expectation is taken before it is recorded: about 4.9, 4.9 and 4.8 tokens
+    assert 13.0 < spec._expected < 15.0 and spec.stats.spec_last_realised_tokens == 3
+    assert spec.forecast.expected_tokens(0) == 1.0
+    spec.end_step(15, 0.020)
+    assert spec.stats.spec_budget_verdicts == ({"paid": 1} if history else {"lost": 1})
+    assert spec.budget.positions(3) == (4 if history else 0)  # a loss backs off
+
+
 def test_greedy_and_sampled_rounds_have_calibrators_of_their_own(tiny_pair):
     """A greedy round accepts a draft when it is the argmax, a sampled one with probability
     min(1, p/q): each acceptance rule is calibrated on its own rounds and applied to its own rows."""
@@ -440,6 +478,9 @@ def test_the_forecast_keeps_steps_plain_where_no_acceptance_seen_pays_for_drafti
     spec.policy = PrefixScheduler(spec.cost_table)
     spec.forecast = DraftForecast(4, spec.cost_table, min_rounds=3)
     spec.budget = DraftBudget(4, forecast=spec.forecast.may_pay)
+    # the forecast alone: the steps' measured milliseconds (not the table's 10 s) could make a
+    # verdict pay, and a paid level bypasses the forecast
+    monkeypatch.setattr(spec._drafted_steps, "record", lambda *a, **k: False)
     got = drive(eng, reqs)
     for rid, _, _ in reqs:
         assert got[rid].outputs[0].token_ids == ref[rid].outputs[0].token_ids

@@ -159,6 +159,10 @@ def test_the_forecast_prices_the_best_case_of_the_acceptance_seen():
     by_hand = max((1 + sum(s[:L])) / (0.0085 + t.seconds(1 + L)) for L in range(1, 5)) * 0.0225
     assert f.best_ratio(1) == pytest.approx(by_hand)
     assert f.best_ratio(1) > 1.0 and f.may_pay(1)  # one request: the forward's fixed cost makes drafts cheap
+    # a round's expected yield (the verdict's tokens): 1 + S_1 + ... + S_L, whatever it accepted itself
+    assert f.ready and f.expected_tokens(2) == pytest.approx(1 + s[0] + s[1])
+    assert f.expected_tokens(9) == pytest.approx(1 + sum(s)) and f.expected_tokens(0) == 1.0
+    assert not DraftForecast(gamma=4, cost_table=t, min_rounds=4).ready
     assert f.best_ratio(16) < 0.8 and not f.may_pay(16)  # 16: every verified token costs a decode token
     f2 = DraftForecast(gamma=4, cost_table=_table(), margin=1.0, min_rounds=4)
     for _ in range(50):
