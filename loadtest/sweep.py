@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -119,16 +120,12 @@ def server_specs(args) -> list[ServerSpec]:
     specs = []
     for c in args.configs or []:
         if "peer" in c:
-            import shlex
-
             spec = peers_mod.peer(c["peer"], args.model_path, args.peer_threads, args.peer_dtype)
             if args.peer_args:
                 spec.argv += shlex.split(args.peer_args)
                 spec.note += f" (extra flags: {args.peer_args})"
             specs.append(spec)
         elif "server_command" in c:
-            import shlex
-
             specs.append(ServerSpec(c["name"], shlex.split(c["server_command"]), dict(peers_mod.OFFLINE_ENV),
                                     args.health_path))
         else:
