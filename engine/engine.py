@@ -527,11 +527,15 @@ class LLMEngine:
 
         from dspark_serve.models.loader import cache_dir
 
+        from .compiled_step import code_fingerprint
+
         step = self.runner.decode_step
         key = {"model": self.loaded.path, "dtype": str(self.runner.dtype), "quantization": self.loaded.model.quantization,
                "kernel": quant.kernel_of(self.loaded.model),
                "device": str(self.device), "step": "compiled" if step is not None and step.all_ready else "eager",
                "threads": torch.get_num_threads(), "gamma": self.gamma, "measures": "verify-forward+draft-pass"}
+        if key["step"] == "compiled":  # graphs of another version of the code run at other speeds
+            key["code"] = code_fingerprint()
         path = self.config.cost_table
         if path is None:
             slug = "".join(c if c.isalnum() else "-" for c in f"{self.model_name}-{key['dtype']}-{key['quantization']}-{key['kernel']}-{key['device']}-t{key['threads']}-{key['step']}")

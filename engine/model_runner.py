@@ -10,7 +10,7 @@ from dspark_serve.models.attention import AttentionMetadata, TorchAttentionBacke
 from dspark_serve.models.loader import LoadedModel
 
 from .batcher import StepRow
-from .compiled_step import CompiledStep, packed_weights, supported
+from .compiled_step import CompiledDraft, CompiledStep, packed_weights, supported
 from .speculative import DraftProposer
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,14 @@ class ModelRunner:
             aux_ids = tuple(self.proposer.layer_ids) if self.proposer is not None else ()
             kernel = kernel_serves(self.dtype, cfg.head_dim, device)
             self.prompts_in_step = kernel and all(p is not None and p.all_rows for p in packed_weights(self.model))
+            draft = None
+            if self.proposer is not None:  # the drafter's pass compiles with the target's step
+                draft = CompiledDraft(self.proposer, gamma, block_size)
             self.decode_step = CompiledStep(self.model, self.kv, aux_ids, block_size, enforce_eager=enforce_eager,
                                             context=self.proposer.context_entries if self.proposer is not None else None,
-                                            attention_mask=not kernel)
+                                            attention_mask=not kernel, draft=draft)
+            if draft is not None and self.decode_step.why_eager is None:
+                self.proposer.compiled = draft
         log.info(
             "KV cache: %d blocks x %d tokens (%.2f GiB, %s)",
             self.num_blocks, block_size, self.num_blocks * bytes_per_block / GiB, self.dtype,

@@ -135,6 +135,9 @@ class DraftProposer:
         self.layer_ids = list(cfg.target_layer_ids)
         self.pool = torch.zeros(cfg.num_hidden_layers, 2, num_slots, cfg.num_key_value_heads, cfg.head_dim,
                                 dtype=dtype, device=device)
+        # `draft_pass` compiled per shape class (engine/compiled_step.py: CompiledDraft), set by the
+        # model runner where the target's decode step compiles; None: eager
+        self.compiled = None
 
     @staticmethod
     def bytes_per_token(drafter: DSparkDrafter, dtype: torch.dtype) -> int:
@@ -156,11 +159,10 @@ class DraftProposer:
         """Cache the drafter's context K/V of every fed target position."""
         self.write_entries(slots, self.context_entries(aux_hidden, positions))
 
-    @torch.inference_mode()
-    def propose(self, seqs: list, block_size: int, gamma: int, choice_rows=()) -> Drafts:
-        """Draft `gamma` tokens for each sequence (all in pure decode: one pending token, the anchor).
-        For the rows in `choice_rows` the drafter's argmax path is followed too, for `choice_logits`."""
-        dev = self.pool.device
+    def pass_inputs(self, seqs: list, block_size: int):
+        """The drafter pass's index tensors for `seqs` (all in pure decode: one pending token, the
+        anchor): (anchors [R], their positions [R], the pool slot of every context entry a block sees
+        [R * C] (padding: slot 0, masked), the mask [R, C]), C the longest context seen."""
         r = len(seqs)
         ctx_lens = [s.num_computed_tokens for s in seqs]
         window = self.drafter.config.draft_context_window
@@ -174,17 +176,54 @@ class DraftProposer:
             blocks = torch.tensor(s.block_table.blocks, dtype=torch.long)
             q = j[:used[i]] + starts[i]
             gather[i, :used[i]] = blocks[q // block_size] * block_size + q % block_size
-        gather = gather.to(dev)
+        dev = self.pool.device
         mask = (j[None, :] < torch.tensor(used)[:, None]).to(dev)
-        flat = gather.reshape(-1)
-        shape = (r, max_ctx, *self.pool.shape[3:])
-        ctx = [(self.pool[i, 0].index_select(0, flat).view(shape), self.pool[i, 1].index_select(0, flat).view(shape))
-               for i in range(self.pool.shape[0])]
         anchors = torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.long, device=dev)
         anchor_pos = torch.tensor(ctx_lens, dtype=torch.long, device=dev)
+        return anchors, anchor_pos, gather.reshape(-1).to(dev), mask
+
+    def draft_pass(self, pool: torch.Tensor, anchors: torch.Tensor, anchor_pos: torch.Tensor, flat: torch.Tensor,
+                   mask: torch.Tensor, gamma: int, chain: bool):
+        """The drafter's pass, a pure function of tensors (engine/compiled_step.py compiles it): the
+        block's hidden states over the gathered context, the base logits U of its `gamma` positions,
+        and with `chain` the sequential stage along the argmax path (every row greedy and
+        unconstrained). -> (h [R, g, d], U [R, g, V'] float32, None, None) without `chain`, (None,
+        None, tokens [R, g] target ids, confidence logits [R, g] or None) with it."""
         d = self.drafter
+        shape = (*mask.shape, *pool.shape[3:])
+        ctx = [(pool[i, 0].index_select(0, flat).view(shape), pool[i, 1].index_select(0, flat).view(shape))
+               for i in range(pool.shape[0])]
         h = d.backbone(anchors, anchor_pos, ctx, mask, gamma)  # [R, g, d]
         base = d.base_logits(h).float()  # [R, g, V'] (V' = the draft vocabulary, V when unrestricted)
+        if not chain:
+            return h, base, None, None
+        prev, state, tokens, conf = anchors, None, [], []  # (h and U stay inside the pass)
+        for k in range(gamma):
+            bias, c, state = d.sequential_step(prev, h[:, k], state)
+            prev = d.to_target_ids((base[:, k] if bias is None else base[:, k] + bias.float()).argmax(dim=-1))
+            tokens.append(prev)
+            if c is not None:
+                conf.append(c.float())
+        return None, None, torch.stack(tokens, dim=1), torch.stack(conf, dim=1) if conf else None
+
+    @torch.inference_mode()
+    def propose(self, seqs: list, block_size: int, gamma: int, choice_rows=()) -> Drafts:
+        """Draft `gamma` tokens for each sequence (all in pure decode: one pending token, the anchor).
+        For the rows in `choice_rows` the drafter's argmax path is followed too, for `choice_logits`."""
+        dev = self.pool.device
+        r = len(seqs)
+        d = self.drafter
+        anchors, anchor_pos, flat, ctx_mask = self.pass_inputs(seqs, block_size)
+        # structured outputs: constrained rows draft under their grammar (masked draft logits, the
+        # grammar advanced along the drafted tokens, rolled back after the loop)
+        constrained = [i for i, s in enumerate(seqs) if getattr(s, "grammar", None) is not None
+                       and (self.mask_drafts or not s.params.greedy)]
+        # every row greedy and unconstrained (the common case): the pass drafts them whole
+        chain = not constrained and all(s.params.greedy for s in seqs)
+        run = self.compiled if self.compiled is not None else self.draft_pass
+        h, base, tokens, conf = run(self.pool, anchors, anchor_pos, flat, ctx_mask, gamma, chain)
+        if chain:
+            return Drafts(tokens, conf, None, conf)
         greedy = [s.params.greedy for s in seqs]
         stochastic = [i for i, g in enumerate(greedy) if not g]
         warp_args = sampling_tensors([seqs[i].params for i in stochastic], dev, base.shape[-1]) if stochastic else None
@@ -199,10 +238,6 @@ class DraftProposer:
         follow_conf = torch.zeros(len(follow), gamma, device=dev) if follow else None
         prev, state = anchors, None
         follow_prev, follow_state = anchors[follow], None
-        # structured outputs: constrained rows draft under their grammar (masked draft logits, the
-        # grammar advanced along the drafted tokens, rolled back after the loop)
-        constrained = [i for i, s in enumerate(seqs) if getattr(s, "grammar", None) is not None
-                       and (self.mask_drafts or not s.params.greedy)]
         valid = [gamma] * r if constrained else None
         advanced = {i: 0 for i in constrained}
         mask = torch.empty(vocab, dtype=torch.bool) if constrained else None
