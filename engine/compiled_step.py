@@ -232,8 +232,11 @@ class CompiledDraft:
     A call runs the graph of its class when it is ready and the call fits what the graph was
     specialised on (the drafter's own block size, of which it takes the positions asked for; a
     context of at least 2 entries; rows within the packed weights' limit, beyond which the linears
-    take their dense weights: another graph), else the eager pass. Drafts only steer speed (verification decides every token, the same whatever
-    the drafter computes), so inductor's arithmetic needs no comparison with eager's here."""
+    take their dense weights: another graph), else the eager pass. Which path runs depends only on
+    the rows, their context and the positions asked for, all fixed before anything is drafted.
+    Drafts only steer speed (verification decides every token, the same whatever the drafter
+    computes; a sampled row is verified against the very distributions it was drawn from), so
+    inductor's arithmetic needs no comparison with eager's here."""
 
     what = "drafter pass"
     # Up to this many rows a graph drafts the whole block even where the plan asks for fewer
